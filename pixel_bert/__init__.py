@@ -1,0 +1,1 @@
+"""Pixel-BERT (arXiv:2004.00849) in pure PyTorch."""
