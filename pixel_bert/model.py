@@ -1,0 +1,343 @@
+"""Pixel-BERT: a CNN over image pixels and a BERT over words and feature pixels (PAPER.md section 1).
+
+The file follows the paper's equations, one class per concept:
+
+    VisualEmbedding        eq. (1)  v̂_i = v_i + s_v            CNN -> conv -> 2x2 max-pool -> pixels
+    TextEmbedding          eq. (2)  ŵ_i = LayerNorm(w_i + p_i)  BERT's embedding layer
+    SelfAttention/Block    eq. (3)  every token attends to every token, text and pixels alike
+    PixelBert                       [CLS] ŵ_1..ŵ_n [SEP] v̂_1..v̂_k -> hidden states (B, L, H)
+
+With ``images=None`` PixelBert is exactly BERT (a BERT checkpoint is verified this way).
+Task heads live in `pixel_bert/heads.py`; weight loading in `pixel_bert/weights.py`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+import torchvision
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from .config import ModelConfig
+
+# -------------------------------------------------------------------------------------------------
+#                                        Backbone
+# -------------------------------------------------------------------------------------------------
+
+_TORCHVISION_RESNETS = {
+    "resnet18": (torchvision.models.resnet18, "ResNet18_Weights"),
+    "resnet34": (torchvision.models.resnet34, "ResNet34_Weights"),
+    "resnet50": (torchvision.models.resnet50, "ResNet50_Weights"),
+    "resnet101": (torchvision.models.resnet101, "ResNet101_Weights"),
+    "resnet152": (torchvision.models.resnet152, "ResNet152_Weights"),
+}
+
+
+def build_resnet(name: str) -> ResNet:
+    """An un-initialised torchvision ResNet. ResNeXt-152 32x8d is not in torchvision's zoo, so it
+    is built from torchvision's blocks: Bottleneck, [3, 8, 36, 3], 32 groups of width 8 [choice]."""
+    if name == "resnext152_32x8d":
+        return ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=8)
+    if name not in _TORCHVISION_RESNETS:
+        raise ValueError(f"unknown backbone {name!r}; choose from "
+                         f"{sorted(_TORCHVISION_RESNETS) + ['resnext152_32x8d']}")
+    return _TORCHVISION_RESNETS[name][0](weights=None)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and a learnable affine: y = (x - mean) / std * w + b.
+
+    Batches of padded, differently sized images would corrupt batch statistics, so the ImageNet
+    statistics are kept (as detection models do) while the affine still trains end to end.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.eps = bn.eps
+        self.weight = nn.Parameter(bn.weight.detach().clone())
+        self.bias = nn.Parameter(bn.bias.detach().clone())
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d below ``module`` by a FrozenBatchNorm2d holding its statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child))
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+class BackboneTrunk(nn.Module):
+    """The ResNet without avgpool/fc, cut after ``stages`` residual stages (4 = stride 32)."""
+
+    def __init__(self, resnet: ResNet, stages: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.stages = nn.Sequential(*[getattr(resnet, f"layer{i}") for i in range(1, stages + 1)])
+        last_block = self.stages[-1][-1]
+        self.out_channels = (last_block.bn3 if hasattr(last_block, "bn3") else last_block.bn2).num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(images))  # (B, C, H/stride, W/stride)
+
+
+# -------------------------------------------------------------------------------------------------
+#                                        Embeddings
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class VisualTokens:
+    """Feature pixels ready for the transformer.
+
+    embeddings: (B, K, H) v̂ of eq. (1); mask: (B, K) True on valid pixels;
+    positions: (B, K) index of each token in the flattened (grid_h * grid_w) feature grid,
+    so attention over sampled pixels can be put back on the grid; grid: (grid_h, grid_w).
+    """
+    embeddings: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    grid: Tuple[int, int]
+
+    def __getitem__(self, index) -> "VisualTokens":
+        """Select images (rows) — used to pair one image's features with many captions."""
+        return VisualTokens(self.embeddings[index], self.mask[index], self.positions[index], self.grid)
+
+
+class VisualEmbedding(nn.Module):
+    """Eq. (1): v̂_i = v_i + s_v, with v_i the feature pixels of the CNN.
+
+    CNN trunk -> conv to the transformer width -> 2x2 max-pool -> flatten -> + s_v. There is no
+    positional embedding and no LayerNorm on visual tokens: eq. (1) is all [paper]. The padding
+    mask of a batch of padded images is carried to the feature grid; ``sample_pixels=k`` keeps k
+    random valid pixels per image (random pixel sampling, section 2); it applies in training mode
+    only, since fine-tuning and testing use all pixels [paper].
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = BackboneTrunk(build_resnet(config.backbone), config.backbone_stages)
+        if config.freeze_backbone_bn:
+            freeze_batchnorm(self.backbone)
+        k = config.visual_proj_kernel
+        self.proj = nn.Conv2d(self.backbone.out_channels, config.hidden_size, k, padding=k // 2)
+        self.pool = nn.MaxPool2d(config.visual_pool) if config.visual_pool > 1 else nn.Identity()
+        self.semantic = nn.Parameter(torch.zeros(config.hidden_size))  # s_v, one vector for all pixels
+
+    def feature_mask(self, pixel_mask: Optional[torch.Tensor], batch: int, grid: Tuple[int, int],
+                     device) -> torch.Tensor:
+        """(B, gh*gw) validity of feature pixels. Images are padded bottom/right, so the valid
+        region is a rectangle: a feature cell is valid when it covers any valid input pixel."""
+        gh, gw = grid
+        if pixel_mask is None:
+            return torch.ones(batch, gh * gw, dtype=torch.bool, device=device)
+        H, W = pixel_mask.shape[-2:]
+        valid_h = pixel_mask.any(dim=2).sum(dim=1)  # (B,) valid rows
+        valid_w = pixel_mask.any(dim=1).sum(dim=1)  # (B,) valid columns
+        cells_h = torch.ceil(valid_h.float() * gh / H).long().clamp(min=1)
+        cells_w = torch.ceil(valid_w.float() * gw / W).long().clamp(min=1)
+        rows = torch.arange(gh, device=device)[None, :, None] < cells_h[:, None, None]
+        cols = torch.arange(gw, device=device)[None, None, :] < cells_w[:, None, None]
+        return (rows & cols).flatten(1)  # (B, gh*gw)
+
+    def forward(self, images: torch.Tensor, pixel_mask: Optional[torch.Tensor] = None,
+                sample_pixels: int = 0) -> VisualTokens:
+        x = self.pool(self.proj(self.backbone(images)))   # (B, H, gh, gw)
+        B, _, gh, gw = x.shape
+        pixels = x.flatten(2).transpose(1, 2)              # (B, gh*gw, H)
+        mask = self.feature_mask(pixel_mask, B, (gh, gw), x.device)
+        positions = torch.arange(gh * gw, device=x.device).expand(B, -1)
+        if sample_pixels and self.training and sample_pixels < gh * gw:
+            # Random pixel sampling: uniform scores on valid pixels, -1 on padding; the top-k are
+            # k valid pixels without replacement (padding is only picked if fewer than k are valid,
+            # and stays masked). One vectorised op for the whole batch.
+            scores = torch.rand(B, gh * gw, device=x.device).masked_fill(~mask, -1.0)
+            positions = scores.topk(sample_pixels, dim=1).indices  # (B, k)
+            pixels = pixels.gather(1, positions[..., None].expand(-1, -1, pixels.shape[-1]))
+            mask = mask.gather(1, positions)
+        return VisualTokens(pixels + self.semantic, mask, positions, (gh, gw))
+
+
+class TextEmbedding(nn.Module):
+    """Eq. (2): ŵ_i = LayerNorm(w_i + p_i + s_w), BERT's embedding layer.
+
+    s_w is BERT's token-type-0 vector (it folds into p_i as the paper notes), kept as a separate
+    table so that a BERT checkpoint loads unchanged [choice].
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        if T > self.position.num_embeddings:
+            raise ValueError(f"text of {T} tokens exceeds max_position_embeddings "
+                             f"{self.position.num_embeddings}; truncate it (max_text_len)")
+        positions = torch.arange(T, device=input_ids.device)[None]       # (1, T)
+        types = self.token_type.weight[0] if token_type_ids is None else self.token_type(token_type_ids)
+        x = self.word(input_ids) + self.position(positions) + types        # (B, T, H)
+        return self.dropout(self.norm(x))
+
+
+# -------------------------------------------------------------------------------------------------
+#                                  Cross-modality transformer
+# -------------------------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the joint sequence of eq. (3), with a key-padding mask.
+
+    One fused projection gives Q, K, V. The fast path is F.scaled_dot_product_attention; the manual
+    path computes the same numbers and also returns the attention probabilities (visualisation).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_dropout
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, manual: bool = False):
+        B, L, H = x.shape
+        q, k, v = self.qkv(x).split(H, dim=2)
+        q, k, v = (t.view(B, L, self.num_heads, H // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        # q, k, v: (B, nh, L, hs); key_mask: (B, L) True = attend
+        attn_mask = key_mask[:, None, None, :]  # (B, 1, 1, L), broadcast over heads and queries
+        dropout_p = self.dropout_p if self.training else 0.0
+        probs = None
+        if manual:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])          # (B, nh, L, L)
+            scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+            probs = scores.softmax(dim=-1)
+            y = F.dropout(probs, dropout_p, self.training) @ v                  # (B, nh, L, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, L, H)
+        return self.out(y), probs
+
+
+_ACTIVATIONS = {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}
+
+
+class TransformerBlock(nn.Module):
+    """One BERT layer (post-LayerNorm): x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = SelfAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, manual: bool = False):
+        a, probs = self.attention(x, key_mask, manual)
+        x = self.attention_norm(x + self.dropout(a))
+        x = self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
+        return x, probs
+
+
+@dataclass
+class PixelBertOutput:
+    """hidden: (B, L, H) over [CLS] w [SEP] (T text positions, padded) then K visual tokens;
+    mask: (B, L) True on real tokens; text_len: T; visual: the VisualTokens used (or None);
+    attentions: per layer (B, nh, L, L) when requested."""
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    text_len: int
+    visual: Optional[VisualTokens] = None
+    attentions: Optional[List[torch.Tensor]] = None
+
+    @property
+    def cls(self) -> torch.Tensor:
+        return self.hidden[:, 0]  # (B, H)
+
+
+class PixelBert(nn.Module):
+    """The whole model of PAPER.md section 1: eq. (1) + eq. (2) -> eq. (3) -> L BERT layers.
+
+    forward(input_ids, attention_mask, images, pixel_mask, sample_pixels) -> PixelBertOutput.
+    The two halves are also callable apart, so that the CNN runs once per image when one image is
+    paired with many texts (retrieval): ``visual = model.encode_image(images, pixel_mask)`` then
+    ``model(input_ids, attention_mask, visual=visual[rows])``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.text_embedding = TextEmbedding(config)
+        self.visual_embedding = VisualEmbedding(config)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module):
+        # BERT's initialisation [choice]: so that a model trained from scratch starts as BERT does.
+        # The CNN keeps torchvision's own initialisation (or its ImageNet weights, loaded later).
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, VisualEmbedding):
+            # the projection conv: same scale as the transformer's Linear layers; s_v starts at zero
+            nn.init.normal_(module.proj.weight, std=self.config.initializer_range)
+            nn.init.zeros_(module.proj.bias)
+            nn.init.zeros_(module.semantic)
+
+    def encode_image(self, images: torch.Tensor, pixel_mask: Optional[torch.Tensor] = None,
+                     sample_pixels: int = 0) -> VisualTokens:
+        """Eq. (1) for a batch of (padded) images (B, 3, H, W) -> VisualTokens."""
+        return self.visual_embedding(images, pixel_mask, sample_pixels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                images: Optional[torch.Tensor] = None, pixel_mask: Optional[torch.Tensor] = None,
+                sample_pixels: int = 0, visual: Optional[VisualTokens] = None,
+                token_type_ids: Optional[torch.Tensor] = None,
+                output_attentions: bool = False) -> PixelBertOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        x = self.text_embedding(input_ids, token_type_ids)                  # (B, T, H)
+        mask = attention_mask
+        if visual is None and images is not None:
+            visual = self.encode_image(images, pixel_mask, sample_pixels)
+        if visual is not None:
+            if visual.embeddings.shape[0] != x.shape[0]:
+                raise ValueError(f"{visual.embeddings.shape[0]} images for {x.shape[0]} texts")
+            x = torch.cat([x, visual.embeddings.to(x.dtype)], dim=1)       # (B, T+K, H), eq. (3)
+            mask = torch.cat([attention_mask, visual.mask], dim=1)          # (B, T+K)
+        manual = output_attentions or self.config.attention_impl == "manual"
+        attentions = [] if output_attentions else None
+        for layer in self.layers:
+            if self.config.gradient_checkpointing and self.training and not output_attentions:
+                x, probs = torch.utils.checkpoint.checkpoint(layer, x, mask, manual, use_reentrant=False)
+            else:
+                x, probs = layer(x, mask, manual)
+            if output_attentions:
+                attentions.append(probs)
+        return PixelBertOutput(x, mask, input_ids.shape[1], visual, attentions)

@@ -1,0 +1,102 @@
+"""WordPiece tokenisation for the language embedding (PAPER.md section 1, eq. 2).
+
+Pixel-BERT reads text with BERT's WordPiece vocabulary (bert-base-uncased, 30,522 pieces) so that a
+BERT checkpoint loads unchanged. This module wraps the `tokenizers` library's BERT WordPiece
+pipeline (lowercasing, accent stripping, CJK splitting, punctuation splitting, greedy longest-match
+WordPiece) and adds batch encoding into padded tensors.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+from tokenizers import BertWordPieceTokenizer
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+@dataclass
+class TextBatch:
+    """Padded token ids and their mask, both (B, T). mask is True on real tokens."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+class WordPieceTokenizer:
+    """BERT's uncased WordPiece tokeniser built from a vocab.txt (one piece a line, id = line number).
+
+    Encoding gives ``[CLS] w_1 .. w_n [SEP]`` (the text half of eq. 3), truncated to ``max_length``.
+    The literal string "[MASK]" inside a text is kept as the mask token, as in BERT.
+    """
+
+    def __init__(self, vocab_file: str, lowercase: bool = True):
+        if not os.path.isfile(vocab_file):
+            raise FileNotFoundError(
+                f"vocab file not found: {vocab_file!r}. Pass the vocab.txt of a BERT checkpoint "
+                "(e.g. bert-base-uncased/vocab.txt, see pixel_bert.weights.download_bert) or, for the "
+                "synthetic demo, one written by pixel_bert.synthetic.write_vocab().")
+        self.vocab_file = vocab_file
+        with open(vocab_file, encoding="utf-8") as f:
+            self.vocab = [line.rstrip("\n") for line in f]
+        missing = [t for t in SPECIAL_TOKENS if t not in self.vocab]
+        if missing:
+            raise ValueError(f"vocab file {vocab_file!r} lacks the special tokens {missing}; "
+                             f"a BERT vocabulary must contain all of {list(SPECIAL_TOKENS)}")
+        self._tok = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+        self.pad_id = self._tok.token_to_id("[PAD]")
+        self.unk_id = self._tok.token_to_id("[UNK]")
+        self.cls_id = self._tok.token_to_id("[CLS]")
+        self.sep_id = self._tok.token_to_id("[SEP]")
+        self.mask_id = self._tok.token_to_id("[MASK]")
+        self.special_ids = (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
+
+    @classmethod
+    def from_tokens(cls, tokens: Sequence[str], path: str, lowercase: bool = True) -> "WordPieceTokenizer":
+        """Write ``tokens`` (e.g. the ``vocab`` list stored in a pixel-bert checkpoint) as a vocab.txt
+        at ``path`` and load it, so a checkpoint carries its own vocabulary."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(tokens) + "\n")
+        return cls(path, lowercase)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str, max_length: int = 512) -> List[int]:
+        """Ids of ``[CLS] text [SEP]``, truncated so the whole fits in ``max_length``."""
+        ids = self._tok.encode(text).ids
+        if len(ids) > max_length:
+            ids = ids[: max_length - 1] + [self.sep_id]
+        return ids
+
+    def tokenize(self, text: str) -> List[str]:
+        """WordPiece strings of ``text`` without [CLS]/[SEP] (for display and attention labels)."""
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> List[str]:
+        return [self.vocab[i] for i in ids]
+
+    def token_to_id(self, token: str) -> int:
+        i = self._tok.token_to_id(token)
+        return self.unk_id if i is None else i
+
+    def __call__(self, texts: Sequence[str], max_length: int = 40) -> TextBatch:
+        """Encode a batch, pad to the longest (capped at ``max_length``), return (B, T) tensors."""
+        if isinstance(texts, str):
+            texts = [texts]
+        encoded = [e.ids for e in self._tok.encode_batch(list(texts))]
+        encoded = [ids if len(ids) <= max_length else ids[: max_length - 1] + [self.sep_id]
+                   for ids in encoded]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+        for row, ids in enumerate(encoded):  # one copy per sentence, not per token
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, : len(ids)] = True
+        return TextBatch(input_ids, mask)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids))

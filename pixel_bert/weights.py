@@ -1,0 +1,374 @@
+"""Loading weights: BERT checkpoints, ImageNet backbones, and pixel-bert's own checkpoints.
+
+Every loader reports what it loaded and what it left new, and refuses a shape mismatch with an
+error naming the tensor and both shapes: a fine-tuning run must never sit at chance because
+pre-trained weights silently failed to load (PAPER.md section 8).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig, config_from_dict, config_to_dict, model_config_from_bert
+
+HF_BERT_URL = "https://huggingface.co/{name}/resolve/main/{file}"
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixel_bert")
+
+
+@dataclass
+class LoadReport:
+    """What a loader did: ``loaded`` target names, ``missing`` target names left as initialised,
+    ``unused`` source names that had no place in the model."""
+    source: str
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        def grouped(names):
+            # "bert.visual_embedding.backbone.stem.0.weight" -> counted under "bert.visual_embedding"
+            groups: Dict[str, int] = {}
+            for n in names:
+                key = ".".join(n.split(".")[:2]) if n.startswith("bert.") else n.split(".")[0]
+                groups[key] = groups.get(key, 0) + 1
+            return ", ".join(f"{k} ({v})" for k, v in sorted(groups.items()))
+        lines = [f"loaded {len(self.loaded)} tensors from {self.source}"]
+        if self.missing:
+            lines.append(f"  left as initialised ({len(self.missing)}): {grouped(self.missing)}")
+        if self.unused:
+            lines.append(f"  unused in the checkpoint ({len(self.unused)}): {', '.join(self.unused[:10])}"
+                         + (" ..." if len(self.unused) > 10 else ""))
+        return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+#                                    Reading tensor files
+# -------------------------------------------------------------------------------------------------
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a PyTorch file, the latter loaded with
+    ``weights_only=True`` so a file that would run code on unpickling is refused."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to load: the file holds Python objects other than tensors, which could run "
+            f"code when unpickled. Re-save it as a plain state dict (or .safetensors). Details: {e}") from e
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]  # a pixel-bert or training checkpoint
+    elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
+    return obj
+
+
+def assign_tensors(module: nn.Module, tensors: Dict[str, torch.Tensor], source: str) -> List[str]:
+    """Copy ``tensors`` (target-name -> tensor) into ``module``; every shape is checked first so a
+    mismatch changes nothing. Returns the names loaded."""
+    targets = dict(module.state_dict(keep_vars=True))
+    for name, tensor in tensors.items():
+        if name not in targets:
+            raise KeyError(f"{source}: no parameter {name!r} in {type(module).__name__}")
+        if tuple(targets[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{source}: shape mismatch for {name!r}: checkpoint has "
+                             f"{tuple(tensor.shape)}, the model expects {tuple(targets[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            targets[name].copy_(tensor.to(targets[name].dtype))
+    return sorted(tensors)
+
+
+# -------------------------------------------------------------------------------------------------
+#                                     BERT checkpoints
+# -------------------------------------------------------------------------------------------------
+
+def _bert_files(path: str) -> Tuple[str, Optional[str]]:
+    """(weights file, config.json or None) for a HF directory or a single file."""
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(path, name)):
+                config = os.path.join(path, "config.json")
+                return os.path.join(path, name), config if os.path.isfile(config) else None
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"BERT weights not found: {path!r}. Give a Hugging Face BERT directory (config.json + "
+            "model.safetensors or pytorch_model.bin), a weights file, or call "
+            "pixel_bert.weights.download_bert('bert-base-uncased') where you have internet.")
+    config = os.path.join(os.path.dirname(path), "config.json")
+    return path, config if os.path.isfile(config) else None
+
+
+def bert_name_map(num_layers: int) -> Dict[str, str]:
+    """HF BERT name (without the ``bert.`` prefix) -> PixelBert name, for all but Q/K/V."""
+    m = {
+        "embeddings.word_embeddings.weight": "text_embedding.word.weight",
+        "embeddings.position_embeddings.weight": "text_embedding.position.weight",
+        "embeddings.token_type_embeddings.weight": "text_embedding.token_type.weight",
+        "embeddings.LayerNorm.weight": "text_embedding.norm.weight",
+        "embeddings.LayerNorm.bias": "text_embedding.norm.bias",
+    }
+    for i in range(num_layers):
+        hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
+        for a, b in [("attention.output.dense", "attention.out"), ("attention.output.LayerNorm", "attention_norm"),
+                     ("intermediate.dense", "ffn_in"), ("output.dense", "ffn_out"), ("output.LayerNorm", "ffn_norm")]:
+            for p in ("weight", "bias"):
+                m[f"{hf}{a}.{p}"] = f"{ours}{b}.{p}"
+    return m
+
+
+MLM_NAME_MAP = {
+    "cls.predictions.transform.dense.weight": "mlm.dense.weight",
+    "cls.predictions.transform.dense.bias": "mlm.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight": "mlm.norm.weight",
+    "cls.predictions.transform.LayerNorm.bias": "mlm.norm.bias",
+    "cls.predictions.bias": "mlm.bias",
+}
+
+
+def _normalise_hf_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Strip the ``bert.`` prefix and rename old TF-style LayerNorm gamma/beta."""
+    out = {}
+    for k, v in state.items():
+        k = k[len("bert."):] if k.startswith("bert.") else k
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        out[k] = v
+    return out
+
+
+def load_bert_weights(model: nn.Module, path: str, verbose: bool = True) -> LoadReport:
+    """Initialise ``model`` (a PixelBert, or a task model with ``.bert``) from a Hugging Face BERT
+    checkpoint: a directory or a weights file, with or without the ``bert.`` prefix, with or without
+    the pre-training heads ``cls.predictions.*`` (loaded into ``.mlm`` when the model has one).
+
+    Query, key and value are concatenated into our fused ``qkv`` projection. The CNN and the visual
+    embedding are left as they are (reported under ``missing``). Shape mismatches raise ValueError.
+    """
+    weights_file, _ = _bert_files(path)
+    state = _normalise_hf_names(read_state_dict(weights_file))
+    bert = model.bert if hasattr(model, "bert") else model
+    prefix = "bert." if bert is not model else ""
+    names = bert_name_map(bert.config.num_layers)
+    mapped: Dict[str, torch.Tensor] = {}
+    used = set()
+    for hf_name, our_name in names.items():
+        if hf_name in state:
+            mapped[prefix + our_name] = state[hf_name]
+            used.add(hf_name)
+    for i in range(bert.config.num_layers):
+        base = f"encoder.layer.{i}.attention.self."
+        for p in ("weight", "bias"):
+            parts = [f"{base}{n}.{p}" for n in ("query", "key", "value")]
+            if all(n in state for n in parts):
+                mapped[f"{prefix}layers.{i}.attention.qkv.{p}"] = torch.cat([state[n] for n in parts], dim=0)
+                used.update(parts)
+    if hasattr(model, "mlm"):
+        for hf_name, our_name in MLM_NAME_MAP.items():
+            if hf_name in state:
+                mapped[our_name] = state[hf_name]
+                used.add(hf_name)
+        decoder = "cls.predictions.decoder.weight"
+        if decoder in state:
+            used.add(decoder)
+            if not bert.config.tie_mlm_decoder:
+                mapped["mlm.decoder_weight"] = state[decoder]
+    if not any(k.endswith("text_embedding.word.weight") for k in mapped):
+        raise ValueError(f"{weights_file}: no BERT embedding weights found (expected "
+                         "'embeddings.word_embeddings.weight', optionally under 'bert.'); is this a BERT checkpoint?")
+    # A checkpoint with fewer layers than the model would leave transformer layers at random init.
+    for i in range(bert.config.num_layers):
+        if f"{prefix}layers.{i}.attention.qkv.weight" not in mapped:
+            raise ValueError(f"{weights_file}: has no weights for transformer layer {i}, but the model has "
+                             f"{bert.config.num_layers} layers; build the config with "
+                             "pixel_bert.config.model_config_from_bert(config.json)")
+    report = LoadReport(weights_file, assign_tensors(model, mapped, weights_file))
+    own = set(model.state_dict())
+    report.missing = sorted(own - set(mapped) - {"mlm.decoder_weight"}
+                            if bert.config.tie_mlm_decoder else own - set(mapped))
+    report.unused = sorted(set(state) - used)
+    if verbose:
+        print(report.summary())
+    return report
+
+
+def download_bert(name: str = "bert-base-uncased", cache_dir: str = CACHE_DIR) -> str:
+    """Download config.json, vocab.txt and model.safetensors of a Hugging Face BERT (needs internet);
+    returns the local directory, reused on later calls."""
+    target = os.path.join(cache_dir, name.replace("/", "--"))
+    os.makedirs(target, exist_ok=True)
+    for file in ("config.json", "vocab.txt", "model.safetensors"):
+        dest = os.path.join(target, file)
+        if os.path.isfile(dest):
+            continue
+        url = HF_BERT_URL.format(name=name, file=file)
+        try:
+            urllib.request.urlretrieve(url, dest + ".part")
+        except OSError as e:
+            raise RuntimeError(f"could not download {url} ({e}). Without internet, download {name} "
+                               f"elsewhere and pass its directory instead of the name.") from e
+        os.replace(dest + ".part", dest)
+    return target
+
+
+def resolve_bert(name_or_path: str) -> str:
+    """A local BERT directory for a path, or for a hub name (downloaded once)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    return download_bert(name_or_path)
+
+
+# -------------------------------------------------------------------------------------------------
+#                                     Backbone weights
+# -------------------------------------------------------------------------------------------------
+
+def torchvision_to_trunk_name(name: str) -> Optional[str]:
+    """torchvision ResNet name -> BackboneTrunk name (None for fc.* and other unused tensors)."""
+    for tv, ours in (("conv1.", "stem.0."), ("bn1.", "stem.1.")):
+        if name.startswith(tv):
+            return ours + name[len(tv):]
+    if name.startswith("layer"):
+        stage, rest = name[len("layer"):].split(".", 1)
+        return f"stages.{int(stage) - 1}.{rest}"
+    return None
+
+
+def load_backbone_weights(model: nn.Module, spec: str, verbose: bool = True) -> LoadReport:
+    """Initialise the CNN of ``model`` (PixelBert or a task model) from ImageNet weights.
+
+    ``spec`` is "imagenet" (torchvision's weights enum for the configured ResNet, downloaded to the
+    torch hub cache where there is internet) or a local state-dict file in torchvision's ResNet names.
+    """
+    bert = model.bert if hasattr(model, "bert") else model
+    trunk = bert.visual_embedding.backbone
+    name = bert.config.backbone
+    if spec == "imagenet":
+        from .model import _TORCHVISION_RESNETS
+        import torchvision.models as tvm
+        if name not in _TORCHVISION_RESNETS:
+            raise ValueError(f"torchvision ships no ImageNet weights for {name!r}; pass a state-dict file in "
+                             "torchvision's ResNet names as backbone_weights=/path/to/weights.pth")
+        weights = getattr(tvm, _TORCHVISION_RESNETS[name][1]).IMAGENET1K_V1
+        source = f"torchvision {weights}"
+        try:
+            state = weights.get_state_dict(progress=verbose)
+        except Exception as e:  # offline: URLError / OSError
+            raise RuntimeError(
+                f"could not download {source} ({e}). Offline, download it elsewhere "
+                f"({weights.url}) and pass the file as backbone_weights=/path/to/file.pth, or "
+                "backbone_weights=none to start the CNN from scratch.") from e
+    else:
+        source = spec
+        state = read_state_dict(spec)
+    mapped, unused = {}, []
+    trunk_names = set(trunk.state_dict())
+    for k, v in state.items():
+        ours = torchvision_to_trunk_name(k)
+        if ours is None or ours not in trunk_names:
+            unused.append(k)
+        else:
+            mapped[ours] = v
+    if not mapped:
+        raise ValueError(f"{source}: no tensor matches a torchvision ResNet name (conv1.*, layer1.*, ...)")
+    report = LoadReport(source, assign_tensors(trunk, mapped, source))
+    report.missing = sorted(trunk_names - set(mapped))
+    report.unused = sorted(k for k in unused if not k.endswith("num_batches_tracked"))
+    if verbose:
+        print("backbone: " + report.summary())
+    return report
+
+
+# -------------------------------------------------------------------------------------------------
+#                                pixel-bert's own checkpoints
+# -------------------------------------------------------------------------------------------------
+
+def save_model(model: nn.Module, path: str, extra: Optional[dict] = None):
+    """Weights + model config (+ ``extra``, e.g. an answer vocabulary), written atomically."""
+    bert = model.bert if hasattr(model, "bert") else model
+    payload = {"model": model.state_dict(), "model_config": config_to_dict(bert.config), **(extra or {})}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str) -> dict:
+    """A pixel-bert checkpoint as a dict (weights_only=True: tensors and plain Python values only)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to load: it holds Python objects other than tensors and plain "
+                         f"values, which could run code when unpickled ({e})") from e
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path}: not a pixel-bert checkpoint (expected keys 'model' and 'model_config')")
+    return ckpt
+
+
+def load_checkpoint_weights(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
+                            strict_bert: bool = True, verbose: bool = True) -> LoadReport:
+    """Load a pixel-bert state dict into a task model. Tensors are matched by name; the shared
+    ``bert.*`` part must be complete (``strict_bert``), heads absent from the checkpoint stay new
+    (e.g. a VQA head on a pre-training checkpoint) and heads absent from the model are reported."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own}
+    report = LoadReport(source, assign_tensors(model, usable, source))
+    report.missing = sorted(set(own) - set(usable))
+    report.unused = sorted(set(state) - set(own))
+    missing_bert = [k for k in report.missing if k.startswith("bert.")]
+    if strict_bert and missing_bert:
+        raise ValueError(f"{source}: the checkpoint lacks {len(missing_bert)} tensors of the shared network, "
+                         f"e.g. {missing_bert[:3]}; it does not match this model's configuration")
+    if verbose:
+        print(report.summary())
+    return report
+
+
+def load_model(path: str, task: Optional[str] = None, **config_overrides):
+    """Build the task model stored in (or asked of) a checkpoint and load its weights.
+
+    ``task`` None builds the checkpoint's own task (``ckpt['task']``, default "pretrain")."""
+    from .heads import TASK_MODELS
+    ckpt = read_checkpoint(path)
+    config = config_from_dict(ModelConfig, {**ckpt["model_config"], **config_overrides})
+    config.backbone_weights = None  # the checkpoint holds the CNN
+    task = task or ckpt.get("task", "pretrain")
+    if task not in TASK_MODELS:
+        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_MODELS)}")
+    model = TASK_MODELS[task](config)
+    load_checkpoint_weights(model, ckpt["model"], path, verbose=False)
+    return model, ckpt
+
+
+def create_model(config: ModelConfig, task: str = "pretrain", verbose: bool = True) -> nn.Module:
+    """A task model with the initialisation its config asks for: ImageNet weights for the CNN
+    (``backbone_weights``) and a BERT checkpoint for the transformer (``bert_weights``)."""
+    from .heads import TASK_MODELS
+    if task not in TASK_MODELS:
+        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_MODELS)}")
+    model = TASK_MODELS[task](config)
+    if config.backbone_weights not in (None, "", "none"):
+        load_backbone_weights(model, config.backbone_weights, verbose)
+    if config.bert_weights not in (None, "", "none"):
+        load_bert_weights(model, resolve_bert(config.bert_weights), verbose)
+    return model

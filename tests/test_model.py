@@ -1,0 +1,182 @@
+"""The model's modules: shapes, masking, pixel sampling, attention paths, gradients (PAPER.md section 1)."""
+import torch
+
+from pixel_bert.heads import (PixelBertForNLVR2, PixelBertForPreTraining, PixelBertForRetrieval,
+                              PixelBertForVQA)
+from pixel_bert.model import PixelBert, TextEmbedding, VisualEmbedding
+
+
+def _text(config, B=3, T=7):
+    ids = torch.randint(5, config.vocab_size, (B, T))
+    ids[:, 0] = 2
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if B > 1:  # the second sentence is shorter: padded
+        mask[1, 4:] = False
+        ids[1, 4:] = 0
+    return ids, mask
+
+
+def test_visual_embedding_shapes_and_grid(tiny_config):
+    emb = VisualEmbedding(tiny_config).eval()
+    images = torch.randn(2, 3, 96, 128)
+    v = emb(images)
+    assert tiny_config.feature_stride == 16
+    assert v.grid == (6, 8)
+    assert v.embeddings.shape == (2, 48, tiny_config.hidden_size)
+    assert v.mask.all() and v.positions.shape == (2, 48)
+
+
+def test_feature_mask_follows_padding(tiny_config):
+    emb = VisualEmbedding(tiny_config).eval()
+    images = torch.randn(2, 3, 96, 96)
+    pixel_mask = torch.ones(2, 96, 96, dtype=torch.bool)
+    pixel_mask[1, 50:, :] = False   # 50 valid rows -> ceil(50/16) = 4 feature rows
+    pixel_mask[1, :, 33:] = False   # 33 valid columns -> ceil(33/16) = 3 feature columns
+    v = emb(images, pixel_mask)
+    grid = v.mask.view(2, 6, 6)
+    assert grid[0].all()
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[:4, :3] = True
+    assert torch.equal(grid[1], expected)
+
+
+def test_pixel_sampling_k_valid_random_and_off_in_eval(tiny_config):
+    emb = VisualEmbedding(tiny_config).train()
+    images = torch.randn(2, 3, 96, 96)
+    pixel_mask = torch.ones(2, 96, 96, dtype=torch.bool)
+    pixel_mask[1, 48:, :] = False  # image 1: 3x6 = 18 valid pixels
+    a = emb(images, pixel_mask, sample_pixels=10)
+    b = emb(images, pixel_mask, sample_pixels=10)
+    assert a.embeddings.shape == (2, 10, tiny_config.hidden_size)
+    assert a.mask.all()  # 10 <= valid count: every sampled pixel is a valid one
+    assert (a.positions[1] < 18).all()  # valid pixels of image 1 are the first 3 rows
+    assert len(set(a.positions[0].tolist())) == 10  # without replacement
+    assert not torch.equal(a.positions, b.positions)  # a fresh sample each call
+    # fewer valid pixels than k: all of them are kept, the rest masked
+    c = emb(images, pixel_mask, sample_pixels=30)
+    assert c.mask[0].all() and c.mask[1].sum() == 18
+    assert set(c.positions[1][c.mask[1]].tolist()) == set(range(18))
+    # sampled tokens are exactly the full grid's tokens at those positions (BatchNorm held fixed)
+    emb.backbone.eval()
+    a = emb(images, pixel_mask, sample_pixels=10)
+    full = emb.eval()(images, pixel_mask)
+    picked = full.embeddings.gather(1, a.positions[..., None].expand(-1, -1, full.embeddings.shape[-1]))
+    assert torch.allclose(picked, a.embeddings, atol=1e-6)
+    # in eval mode sampling is off: fine-tuning and testing use all pixels
+    emb.eval()
+    d = emb(images, pixel_mask, sample_pixels=10)
+    assert d.embeddings.shape[1] == 36
+
+
+def test_text_embedding_shape_and_too_long(tiny_config):
+    emb = TextEmbedding(tiny_config)
+    ids, _ = _text(tiny_config)
+    assert emb(ids).shape == (3, 7, tiny_config.hidden_size)
+    too_long = torch.zeros(1, tiny_config.max_position_embeddings + 1, dtype=torch.long)
+    try:
+        emb(too_long)
+    except ValueError as e:
+        assert "max_position_embeddings" in str(e)
+    else:
+        raise AssertionError("an over-long text must be refused")
+
+
+def test_pixel_bert_sequence_layout(tiny_config):
+    model = PixelBert(tiny_config).eval()
+    ids, mask = _text(tiny_config)
+    out = model(ids, mask, torch.randn(3, 3, 96, 96))
+    assert out.hidden.shape == (3, 7 + 36, tiny_config.hidden_size)
+    assert out.text_len == 7 and out.mask.shape == (3, 43)
+    assert torch.equal(out.mask[:, :7], mask)
+    text_only = model(ids, mask)
+    assert text_only.hidden.shape == (3, 7, tiny_config.hidden_size) and text_only.visual is None
+
+
+def test_padded_text_does_not_change_valid_outputs(tiny_config):
+    model = PixelBert(tiny_config).eval()
+    images = torch.randn(2, 3, 96, 96)
+    ids = torch.randint(5, 64, (2, 9))
+    alone = model(ids[:1, :5], None, images[:1])
+    padded_ids = ids.clone()
+    padded_ids[0, 5:] = 0
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 5:] = False
+    batched = model(padded_ids, mask, images)
+    assert torch.allclose(batched.hidden[0, :5], alone.hidden[0, :5], atol=1e-5)
+    assert torch.allclose(batched.hidden[0, 9:], alone.hidden[0, 5:], atol=1e-5)  # visual tokens
+
+
+def test_padded_pixels_do_not_change_valid_outputs(tiny_config):
+    """Masked feature pixels (padding) are invisible: adding them changes no valid output."""
+    model = PixelBert(tiny_config).eval()
+    ids, mask = _text(tiny_config, B=1)
+    visual = model.encode_image(torch.randn(1, 3, 96, 96))
+    ref = model(ids, mask, visual=visual)
+    padded = type(visual)(torch.cat([visual.embeddings, torch.randn(1, 5, tiny_config.hidden_size) * 9], 1),
+                          torch.cat([visual.mask, torch.zeros(1, 5, dtype=torch.bool)], 1),
+                          torch.cat([visual.positions, torch.zeros(1, 5, dtype=torch.long)], 1), visual.grid)
+    out = model(ids, mask, visual=padded)
+    assert torch.allclose(out.hidden[:, : ref.hidden.shape[1]], ref.hidden, atol=1e-5)
+
+
+def test_sdpa_equals_manual_attention(tiny_config):
+    model = PixelBert(tiny_config).eval()
+    ids, mask = _text(tiny_config)
+    images = torch.randn(3, 3, 96, 96)
+    pixel_mask = torch.ones(3, 96, 96, dtype=torch.bool)
+    pixel_mask[2, :, 40:] = False
+    sdpa = model(ids, mask, images, pixel_mask)
+    manual = model(ids, mask, images, pixel_mask, output_attentions=True)
+    assert torch.allclose(sdpa.hidden, manual.hidden, atol=1e-5)
+    assert len(manual.attentions) == tiny_config.num_layers
+    probs = manual.attentions[0]
+    assert probs.shape == (3, tiny_config.num_heads, 43, 43)
+    assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+    assert (probs[..., ~manual.mask[0]][:1] == 0).all()  # no attention on padding
+
+
+def test_every_parameter_gets_a_gradient_in_pretraining(tiny_config):
+    model = PixelBertForPreTraining(tiny_config).train()
+    ids, mask = _text(tiny_config)
+    out, mlm_logits, itm_logits = model(ids, mask, torch.randn(3, 3, 96, 96), sample_pixels=12)
+    assert mlm_logits.shape == (3, 7, 64) and itm_logits.shape == (3,)
+    loss = mlm_logits.logsumexp(-1).mean() + itm_logits.sum()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+    assert model.mlm.decoder_weight is model.bert.text_embedding.word.weight  # tied
+
+
+def test_gradient_checkpointing_same_gradients(tiny_config):
+    torch.manual_seed(1)
+    plain = PixelBertForPreTraining(tiny_config).train()
+    tiny_config.gradient_checkpointing = True
+    ckpt = PixelBertForPreTraining(tiny_config).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ids, mask = _text(tiny_config)
+    images = torch.randn(3, 3, 96, 96)
+    for m in (plain, ckpt):
+        _, mlm_logits, itm = m(ids, mask, images)
+        (mlm_logits.square().mean() + itm.sum()).backward()
+    g1 = plain.bert.layers[0].attention.qkv.weight.grad
+    g2 = ckpt.bert.layers[0].attention.qkv.weight.grad
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_task_heads_shapes(tiny_config):
+    ids, mask = _text(tiny_config, B=2)
+    images = torch.randn(2, 3, 96, 96)
+    vqa = PixelBertForVQA(tiny_config).eval()
+    assert vqa(ids, mask, images).shape == (2, tiny_config.num_answers)
+    nlvr2 = PixelBertForNLVR2(tiny_config).eval()
+    right = torch.randn(2, 3, 80, 112)
+    logits = nlvr2(ids, mask, images, None, right, None)
+    assert logits.shape == (2, 2)
+    retrieval = PixelBertForRetrieval(tiny_config).eval()
+    visual = retrieval.bert.encode_image(images)
+    # one image's features reused for several captions give the same score as running the CNN
+    rows = torch.tensor([0, 0])
+    cached = retrieval(ids, mask, visual=visual[rows])
+    direct = retrieval(ids, mask, images[rows])
+    assert cached.shape == (2,) and torch.allclose(cached, direct, atol=1e-5)

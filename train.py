@@ -1,0 +1,207 @@
+"""Pre-train Pixel-BERT with MLM (eq. 4) + ITM (eq. 5) and random pixel sampling (PAPER.md section 2).
+
+    python train.py                                   # the synthetic CPU demo (tiny model, minutes)
+    torchrun --nproc_per_node=2 train.py              # the same demo in 2 processes
+    torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        train.py --config pretrain-r50 --coco-karpathy dataset_coco.json --coco-images COCO/ \\
+        --vg-regions region_descriptions.json --vg-image-data image_data.json --vg-images VG/
+
+Every ModelConfig / TrainConfig field is also a flag (``--lr 5e-5``); ``--help`` lists them all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+from torch.utils.data import BatchSampler, DistributedSampler
+
+from pixel_bert import data as D
+from pixel_bert import synthetic
+from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, apply_overrides, config_to_dict,
+                               make_model_config, make_train_config)
+from pixel_bert.engine import Trainer, all_reduce_mean, cleanup_distributed, setup_distributed, unwrap
+from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
+from pixel_bert.tokenizer import WordPieceTokenizer
+from pixel_bert.weights import create_model, resolve_bert
+
+# preset name -> (model preset, train preset, train overrides). The demo's recipe differs from the
+# paper's only where a tiny model trained from scratch for minutes needs it (higher lr, short
+# warm-up, few epochs); the paper's presets are the paper's recipe unchanged.
+PRESETS = {
+    "demo": ("tiny", "pretrain", dict(epochs=6, decay_epochs=(5,), batch_size=48, lr=1e-3, cnn_lr=0.05,
+                                      warmup_steps=60, num_workers=1, log_every=25, ckpt_every=200,
+                                      group_by_aspect_ratio=False)),
+    "pretrain-r50": ("r50", "pretrain", {}),
+    "pretrain-x152": ("x152", "pretrain", {}),
+}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo", choices=sorted(PRESETS),
+                        help="recipe preset: demo (tiny model, synthetic data, CPU), pretrain-r50 / "
+                             "pretrain-x152 (the paper's). Field flags below override it.")
+    parser.add_argument("--output-dir", default=None, help="run folder: config, checkpoints, metrics "
+                        "(default runs/<config>)")
+    parser.add_argument("--resume", default="auto", help="'auto': continue from the newest valid checkpoint "
+                        "in the run folder if any; a path: that checkpoint; 'none': start afresh")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
+                        "(for quick checks; the schedule still spans all epochs)")
+    data = parser.add_argument_group("data (default: the synthetic shapes world)")
+    data.add_argument("--coco-karpathy", help="Karpathy dataset_coco.json: COCO train + restval captions")
+    data.add_argument("--coco-images", help="COCO image root holding train2014/ and val2014/")
+    data.add_argument("--coco-captions", help="a COCO captions_*.json (e.g. one written by "
+                      "python -m pixel_bert.synthetic); images under --coco-captions-images")
+    data.add_argument("--coco-captions-images", help="image folder of --coco-captions")
+    data.add_argument("--vg-regions", help="Visual Genome region_descriptions.json")
+    data.add_argument("--vg-image-data", help="Visual Genome image_data.json (maps VG ids to COCO ids)")
+    data.add_argument("--vg-images", help="Visual Genome root holding VG_100K/ and VG_100K_2/")
+    data.add_argument("--synthetic-images", type=int, default=12000, help="synthetic training images")
+    data.add_argument("--synthetic-eval-images", type=int, default=1000, help="held-out synthetic images "
+                      "for the final ITM / MLM evaluation (0 = none)")
+    data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic world "
+                      "(held-out images use seed+1)")
+    add_config_arguments(parser, ModelConfig)
+    add_config_arguments(parser, TrainConfig)
+    return parser
+
+
+def build_configs(args):
+    model_preset, train_preset, train_overrides = PRESETS[args.config]
+    model_cfg = make_model_config(model_preset)
+    train_cfg = make_train_config(train_preset, **train_overrides)
+    apply_overrides(model_cfg, args)
+    apply_overrides(train_cfg, args)
+    return model_cfg, train_cfg
+
+
+def build_tokenizer(model_cfg: ModelConfig, out_dir: str, synthetic_data: bool) -> WordPieceTokenizer:
+    """The vocabulary: the config's vocab_file, else the synthetic one for synthetic data, else the
+    vocab.txt of the BERT checkpoint (bert_weights)."""
+    if model_cfg.vocab_file:
+        path = model_cfg.vocab_file
+    elif synthetic_data:
+        path = synthetic.write_vocab(os.path.join(out_dir, "vocab.txt"), pad_to=model_cfg.vocab_size)
+    elif model_cfg.bert_weights:
+        path = os.path.join(resolve_bert(model_cfg.bert_weights), "vocab.txt")
+    else:
+        raise ValueError("no vocabulary: give --vocab_file or --bert_weights")
+    tokenizer = WordPieceTokenizer(path)
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise ValueError(f"{path} has {tokenizer.vocab_size} entries but vocab_size is {model_cfg.vocab_size}; "
+                         "pass --vocab_size to match the vocabulary")
+    return tokenizer
+
+
+def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """(train dataset, group ids or None, held-out dataset or None, uses synthetic data)."""
+    transform = D.ImageTransform.from_config(model_cfg)
+    records: List[D.CaptionRecord] = []
+    if args.coco_karpathy:
+        if not args.coco_images:
+            raise ValueError("--coco-karpathy needs --coco-images (the folder holding train2014/ and val2014/)")
+        records += D.read_karpathy(args.coco_karpathy, args.coco_images, splits=("train", "restval"))
+    if args.coco_captions:
+        records += D.read_coco_captions(args.coco_captions, args.coco_captions_images or
+                                        os.path.join(os.path.dirname(args.coco_captions), "images"))
+    if args.vg_regions:
+        if not (args.vg_image_data and args.vg_images):
+            raise ValueError("--vg-regions needs --vg-image-data and --vg-images")
+        exclude = D.karpathy_coco_ids(args.coco_karpathy, ("val", "test")) if args.coco_karpathy else set()
+        if not exclude:
+            print("warning: no --coco-karpathy given, so Visual Genome images of the COCO Karpathy val/test "
+                  "splits cannot be excluded (retrieval evaluation would leak)", file=sys.stderr)
+        records += D.read_visual_genome(args.vg_regions, args.vg_image_data, args.vg_images, exclude)
+    if records:
+        dataset = D.CaptionDataset(records, transform, fatal_bad_samples=train_cfg.fatal_bad_samples)
+        groups = D.aspect_ratio_group_ids(records) if train_cfg.group_by_aspect_ratio else None
+        return dataset, groups, None, False
+    size = model_cfg.image_short_side
+    train = synthetic.SyntheticCaptions(args.synthetic_images, args.synthetic_seed, size, transform=transform)
+    held_out = (synthetic.SyntheticCaptions(args.synthetic_eval_images, args.synthetic_seed + 1, size,
+                                            transform=transform) if args.synthetic_eval_images else None)
+    return train, None, held_out, True
+
+
+def main(argv: Optional[List[str]] = None):
+    args = get_args_parser().parse_args(argv)
+    info = setup_distributed(args.device)
+    try:
+        return run(args, info)
+    finally:
+        cleanup_distributed()
+
+
+def run(args, info):
+    model_cfg, train_cfg = build_configs(args)
+    out_dir = args.output_dir or os.path.join("runs", args.config)
+    os.makedirs(out_dir, exist_ok=True)
+    if info.device.type == "cpu":  # share the cores between the processes of this machine
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
+
+    dataset, groups, held_out, synthetic_data = build_datasets(args, model_cfg, train_cfg)
+    tokenizer = build_tokenizer(model_cfg, out_dir, synthetic_data)
+    run_config = {"task": "pretrain", "preset": args.config, "model": config_to_dict(model_cfg),
+                  "train": config_to_dict(train_cfg), "world_size": info.world_size,
+                  "data": {k: v for k, v in vars(args).items() if k.startswith(("coco", "vg", "synthetic"))},
+                  "model_extra": {"vocab": tokenizer.vocab}}
+    if info.is_main:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(run_config | {"model_extra": {"vocab_size": tokenizer.vocab_size}}, f, indent=2)
+        print(f"run folder {out_dir}: {len(dataset)} training pairs, model {model_cfg.backbone} + "
+              f"{model_cfg.num_layers}x{model_cfg.hidden_size} transformer, device {info.device}, "
+              f"{info.world_size} process(es)")
+    model = create_model(model_cfg, "pretrain", verbose=info.is_main)
+
+    def make_batch_sampler(epoch: int):
+        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=train_cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        if groups is not None:
+            return D.GroupedBatchSampler(sampler, groups, train_cfg.batch_size)
+        return BatchSampler(sampler, train_cfg.batch_size, drop_last=True)
+
+    collate = D.CaptionCollator(tokenizer, model_cfg.max_text_len)
+    trainer = Trainer(model, train_cfg, out_dir, dataset, collate, make_batch_sampler,
+                      lambda m, batch: pretrain_step(m, batch, tokenizer, train_cfg, info.device),
+                      info, run_config)
+    trainer.resume(None if args.resume == "none" else args.resume)
+    started = time.time()
+    trainer.fit(max_steps=args.max_steps)
+    result = {"train_seconds": time.time() - started, "steps": trainer.step}
+    if held_out is not None:
+        result.update(evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info))
+    if info.is_main:
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info) -> dict:
+    """The demo's proof of learning: ITM accuracy, and MLM accuracy on colour/shape words with the
+    true image versus a shuffled one, on images never seen in training."""
+    sampler = DistributedSampler(held_out, num_replicas=info.world_size, rank=info.rank, shuffle=False)
+    loader = torch.utils.data.DataLoader(held_out, batch_size=64, sampler=sampler, collate_fn=collate,
+                                         num_workers=train_cfg.num_workers)
+    probe_ids = [tokenizer.token_to_id(w) for w in synthetic.colour_words() + synthetic.shape_words()]
+    totals = evaluate_pretraining(unwrap(trainer.model), loader, tokenizer, probe_ids, info.device)
+    totals = {k: v * info.world_size for k, v in all_reduce_mean(totals, info).items()}
+    result = summarise_pretraining_eval(totals)
+    trainer.log(f"held-out ({int(result['pairs'])} pairs): ITM accuracy {result['itm_acc']:.3f} (chance 0.5); "
+                f"MLM accuracy on colour/shape words ({int(result['probe_words'])} words): "
+                f"true image {result['mlm_acc_true_image']:.3f}, shuffled image "
+                f"{result['mlm_acc_shuffled_image']:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
