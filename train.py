@@ -175,9 +175,10 @@ def run(args, info):
                       lambda m, batch: pretrain_step(m, batch, tokenizer, train_cfg, info.device),
                       info, run_config)
     trainer.resume(None if args.resume == "none" else args.resume)
-    started = time.time()
+    started, start_step = time.time(), trainer.step
     trainer.fit(max_steps=args.max_steps)
-    result = {"train_seconds": time.time() - started, "steps": trainer.step}
+    result = {"train_seconds": time.time() - started, "steps": trainer.step,
+              "steps_this_run": trainer.step - start_step, "resumed_from": trainer.resumed_from}
     if held_out is not None:
         result.update(evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info))
     if info.is_main:

@@ -175,8 +175,10 @@ def newest_valid_checkpoint(out_dir: str) -> Optional[str]:
 
 
 def rng_state() -> dict:
+    """Every random stream of this process, as tensors and plain values (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -185,7 +187,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     random.setstate(_tuples(state["python"]))
-    np.random.set_state(_tuples(state["numpy"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -317,6 +320,7 @@ class Trainer:
         self.amp_dtype, use_scaler = amp_settings(cfg, info.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.resumed_from: Optional[str] = None
         self.writer = MetricsWriter(out_dir, info.is_main)
 
     # ---- checkpoints ------------------------------------------------------------------------------
@@ -371,6 +375,7 @@ class Trainer:
             self.log(f"no checkpoint in {self.out_dir}: starting from scratch")
             return
         self.load_checkpoint(path)
+        self.resumed_from = path
 
     # ---- the loop ---------------------------------------------------------------------------------
     def _loader(self, epoch: int, skip_batches: int):
@@ -381,6 +386,15 @@ class Trainer:
             self.dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=self.cfg.num_workers,
             pin_memory=self.info.device.type == "cuda", generator=g,
             persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers else None)
+
+    def replicas_in_sync(self) -> bool:
+        """True when every rank holds bit-identical weights (DDP's promise, checked: one float64
+        checksum per tensor, gathered from all ranks)."""
+        sums = torch.stack([p.detach().double().sum() for p in unwrap(self.model).state_dict().values()
+                            if p.is_floating_point()]).to(self.info.device)
+        gathered = [torch.zeros_like(sums) for _ in range(self.info.world_size)]
+        dist.all_gather(gathered, sums)
+        return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
     def _zero_loss(self) -> torch.Tensor:
         """A loss of 0 connected to every trainable parameter, so DDP's all-reduce still happens."""
@@ -482,6 +496,8 @@ class Trainer:
             if epoch_done and self.on_epoch_end is not None:
                 self.on_epoch_end(self)
             self.save_checkpoint()
+        if info.world_size > 1:
+            self.log(f"weights identical on all {info.world_size} ranks: {self.replicas_in_sync()}")
         if info.is_main:  # the trained weights alone, for finetune.py / evaluate.py / inference
             from .weights import save_model
             save_model(unwrap(self.model), os.path.join(self.out_dir, "model.pt"),

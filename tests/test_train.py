@@ -1,0 +1,181 @@
+"""Pre-training (PAPER.md section 2): MLM masking, ITM pairs, pixel sampling, and train.py end to end:
+learning, exact resume, and 2-process DDP."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from pixel_bert.config import TRAIN_PRESETS, make_model_config, make_train_config
+from pixel_bert.heads import PixelBertForPreTraining
+from pixel_bert.pretrain import IGNORE_INDEX, make_itm_pairs, mask_tokens, pretrain_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--hidden_size", "64", "--num_layers", "2", "--num_heads", "4", "--intermediate_size", "128",
+        "--image_short_side", "64", "--image_long_side", "64", "--num_sampled_pixels", "8",
+        "--num_workers", "0", "--log_every", "1", "--device", "cpu"]
+
+SPECIAL = (0, 1, 2, 3, 4)  # [PAD] [UNK] [CLS] [SEP] [MASK] in the synthetic vocabulary
+
+
+def _captions(B=4000, T=12, V=64):
+    ids = torch.randint(5, V, (B, T))
+    ids[:, 0] = 2
+    lengths = torch.randint(3, T + 1, (B,))
+    mask = torch.arange(T)[None] < lengths[:, None]
+    ids[torch.arange(B), lengths - 1] = 3
+    ids[~mask] = 0
+    return ids, mask
+
+
+def test_mask_tokens_follows_bert_rules():
+    ids, mask = _captions()
+    predict = torch.rand(len(ids)) < 0.5
+    masked, labels = mask_tokens(ids, mask, SPECIAL, 64, 4, 0.15, (0.8, 0.1), predict=predict)
+    special = (ids <= 4)
+    changed = masked != ids
+    assert not changed[special].any(), "special and padding tokens are never masked"
+    labelled = labels != IGNORE_INDEX
+    assert not labelled[~predict].any(), "MLM labels only on matched pairs"
+    assert labelled[predict].any(dim=1).all()
+    assert (labels[labelled] == ids[labelled]).all()
+    # rate: 15% of candidates, plus one forced pick where a caption drew none (0.85^n of them)
+    candidates = mask & ~special
+    n = candidates[predict].sum(dim=1).double()
+    expected = (0.15 * n + 0.85 ** n).sum() / n.sum()
+    rate = labelled[predict].sum().item() / n.sum().item()
+    assert abs(rate - expected.item()) < 0.01, (rate, expected)
+    chosen = labels[labelled]
+    now = masked[labelled]
+    frac_mask = (now == 4).float().mean().item()
+    frac_same = (now == chosen).float().mean().item()
+    assert abs(frac_mask - 0.8) < 0.03 and abs(frac_same - 0.1) < 0.03
+    assert (now[(now != 4) & (now != chosen)] > 4).all(), "random replacements are real words"
+    # unmatched captions are masked at the same rate, so masking says nothing about matching
+    masked_rate = lambda rows: ((masked != ids) | (masked == 4))[rows].float().sum() / candidates[rows].sum()
+    assert abs(masked_rate(predict) - masked_rate(~predict)) < 0.02
+
+
+def test_every_caption_gets_a_prediction():
+    ids = torch.tensor([[2, 10, 3, 0], [2, 11, 12, 3]])
+    mask = ids != 0
+    for _ in range(20):
+        _, labels = mask_tokens(ids, mask, SPECIAL, 64, 4, probability=0.0)
+        assert ((labels != IGNORE_INDEX).sum(dim=1) == 1).all()
+
+
+def test_itm_negatives_never_from_the_same_image():
+    ids = torch.arange(12)[:, None].repeat(1, 3)  # caption i = token i, to trace the donor
+    mask = torch.ones(12, 3, dtype=torch.bool)
+    keys = ["a", "a", "a", "b", "b", "c", "d", "e", "f", "g", "h", "i"]
+    negatives = 0
+    for seed in range(50):
+        new_ids, _, labels = make_itm_pairs(ids, mask, keys, 0.5, torch.Generator().manual_seed(seed))
+        donor = new_ids[:, 0]
+        for i in range(12):
+            if labels[i] == 0:
+                assert keys[donor[i]] != keys[i]
+                negatives += 1
+            else:
+                assert donor[i] == i
+    assert 0.4 < negatives / (50 * 12) < 0.6
+    # a batch of one image has no possible negative: all pairs stay positive
+    _, _, labels = make_itm_pairs(ids[:3], mask[:3], ["a"] * 3, 1.0)
+    assert labels.eq(1).all()
+
+
+def test_pixel_sampling_only_in_pretraining(monkeypatch):
+    assert all(not TRAIN_PRESETS[t]["sample_pixels"] for t in ("vqa", "nlvr2", "retrieval-f30k", "retrieval-coco"))
+    cfg = make_model_config("tiny", hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64,
+                            num_sampled_pixels=7)
+    model = PixelBertForPreTraining(cfg).train()
+    seen = []
+    original = model.bert.visual_embedding.forward
+    monkeypatch.setattr(model.bert.visual_embedding, "forward",
+                        lambda *a, **k: seen.append(original(*a, **k).embeddings.shape[1]) or original(*a, **k))
+
+    class Tok:
+        special_ids, mask_id, vocab_size = SPECIAL, 4, 64
+    ids, mask = _captions(4, 8)
+    batch = dict(input_ids=ids, attention_mask=mask, images=torch.randn(4, 3, 96, 96),
+                 pixel_mask=torch.ones(4, 96, 96, dtype=torch.bool), image_keys=list("abcd"))
+    out = pretrain_step(model, batch, Tok, make_train_config("pretrain"), torch.device("cpu"))
+    assert seen[-1] == 7 and torch.isfinite(out["loss"])
+    pretrain_step(model, batch, Tok, make_train_config("pretrain", sample_pixels=False), torch.device("cpu"))
+    assert seen[-1] == 36
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_train_main_learns_on_synthetic_data(tmp_path):
+    out = tmp_path / "run"
+    result = train.main(TINY + ["--output-dir", str(out), "--synthetic-images", "160", "--batch_size", "16",
+                                "--synthetic-eval-images", "32", "--epochs", "3", "--warmup_steps", "5",
+                                "--lr", "1e-3", "--resume", "none"])
+    assert result["steps"] == 30
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    steps = [r for r in records if r["kind"] == "train"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(steps) == 30 and len(epochs) == 3
+    assert epochs[-1]["mlm_loss"] < epochs[0]["mlm_loss"] - 0.3, [e["mlm_loss"] for e in epochs]
+    assert {"itm_acc", "mlm_acc", "samples_per_s", "lr", "data_time"} <= set(steps[-1])
+    config = json.load(open(out / "config.json"))
+    assert config["model"]["hidden_size"] == 64 and config["train"]["epochs"] == 3
+    assert os.path.isfile(out / "model.pt") and os.path.isfile(out / "result.json")
+    assert 0.0 <= result["itm_acc"] <= 1.0 and result["pairs"] == 32
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    common = TINY + ["--synthetic-images", "64", "--batch_size", "8", "--synthetic-eval-images", "0",
+                     "--epochs", "2", "--warmup_steps", "3", "--ckpt_every", "100", "--grad_accum_steps", "2"]
+    full = tmp_path / "full"
+    train.main(common + ["--output-dir", str(full), "--resume", "none"])
+    part = tmp_path / "part"
+    first = train.main(common + ["--output-dir", str(part), "--resume", "none", "--max-steps", "3"])
+    assert first["steps"] == 3  # stopped inside epoch 0 (4 steps per epoch)
+    second = train.main(common + ["--output-dir", str(part), "--resume", "auto"])
+    assert second["steps"] == 8 and second["steps_this_run"] == 5
+    assert second["resumed_from"].endswith("ckpt_00000003.pt")
+    a, b = _weights(full / "model.pt"), _weights(part / "model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY + ["--output-dir", str(out), "--synthetic-images", "48", "--batch_size", "8",
+                       "--synthetic-eval-images", "0", "--epochs", "2", "--ckpt_every", "2",
+                       "--keep_checkpoints", "2", "--resume", "none"])
+    ckpts = sorted(p for p in os.listdir(out) if p.startswith("ckpt_"))
+    assert ckpts == ["ckpt_00000010.pt", "ckpt_00000012.pt"]
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+    ckpt = torch.load(out / ckpts[-1], map_location="cpu", weights_only=True)
+    assert {"model", "optimizers", "schedulers", "scaler", "rng", "step", "epoch", "batch_in_epoch",
+            "run_config", "model_config"} <= set(ckpt)
+    assert len(ckpt["optimizers"]) == 2  # AdamW for the transformer, SGD for the CNN
+    # a damaged newest checkpoint is passed over by --resume auto
+    with open(out / "ckpt_00000099.pt", "wb") as f:
+        f.write(b"truncated")
+    from pixel_bert.engine import newest_valid_checkpoint
+    assert newest_valid_checkpoint(str(out)).endswith("ckpt_00000012.pt")
+
+
+def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           os.path.join(ROOT, "train.py")] + TINY + [
+        "--output-dir", str(out), "--synthetic-images", "64", "--batch_size", "8",
+        "--synthetic-eval-images", "32", "--epochs", "1", "--resume", "none"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "weights identical on all 2 ranks: True" in proc.stdout, proc.stdout[-2000:]
+    assert "2 process(es)" in proc.stdout and "16 samples per step" in proc.stdout
+    result = json.load(open(out / "result.json"))
+    assert result["steps"] == 4 and result["pairs"] == 32  # held-out evaluation sharded over both ranks
