@@ -105,6 +105,10 @@ class TrainConfig:
     mlm_probability: float = 0.15         # [paper]
     mlm_replace_probs: Tuple[float, float] = (0.8, 0.1)  # [MASK] / random; rest unchanged [choice: BERT]
     itm_negative_ratio: float = 0.5       # half the pairs get another image's caption [paper]
+    mlm_probability_before_itm: Optional[float] = None  # masking rate while MLM runs alone (None = mlm_probability)
+    itm_start_step: int = 0               # optimizer steps of MLM alone before ITM joins (0 = together from
+                                          # the start, as the paper); the CPU demo's from-scratch CNN first
+                                          # learns to see from MLM, since ITM at chance only adds noise
     sample_pixels: bool = True            # random pixel sampling in pre-training [paper]
     # ---- data, logging, checkpoints --------------------------------------------------------------
     num_workers: int = 4                  # DataLoader worker processes per training process
@@ -133,11 +137,12 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
     # The paper's best model: ResNeXt-152 32x8d, 600/1000.
     "x152": dict(backbone="resnext152_32x8d", image_short_side=600, image_long_side=1000,
                  bert_weights="bert-base-uncased"),
-    # Tests and the CPU demo: a ResNet-18 trunk to stage 2 (stride 8, then pool -> 16) on 96x96
-    # images gives a 6x6 grid; a 4-layer, 256-wide transformer over the synthetic vocabulary.
+    # Tests and the CPU demo: a ResNet-18 trunk to stage 2 (stride 8, then pool -> 16) on 64x64
+    # images gives a 4x4 grid; a 4-layer, 128-wide transformer over the synthetic vocabulary. The CNN
+    # starts from scratch (no download), so its BatchNorm learns its statistics.
     "tiny": dict(backbone="resnet18", backbone_weights=None, backbone_stages=2, freeze_backbone_bn=False,
-                 num_sampled_pixels=24, image_short_side=96, image_long_side=96,
-                 vocab_size=64, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+                 num_sampled_pixels=12, image_short_side=64, image_long_side=64,
+                 vocab_size=64, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
                  max_position_embeddings=64, max_text_len=24, num_answers=32),
 }
 
@@ -219,6 +224,9 @@ def parse_override(cfg, key: str, value: str):
         items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
         kind = type(current[0]) if current else float
         parsed = tuple(kind(v) for v in items)
+    elif current is None:  # an Optional field that is None now: convert by its annotation
+        kind = str(names[key].type)
+        parsed = float(value) if "float" in kind else int(value) if "int" in kind else value
     else:
         parsed = value
     setattr(cfg, key, parsed)

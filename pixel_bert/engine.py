@@ -388,10 +388,10 @@ class Trainer:
             persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers else None)
 
     def replicas_in_sync(self) -> bool:
-        """True when every rank holds bit-identical weights (DDP's promise, checked: one float64
-        checksum per tensor, gathered from all ranks)."""
-        sums = torch.stack([p.detach().double().sum() for p in unwrap(self.model).state_dict().values()
-                            if p.is_floating_point()]).to(self.info.device)
+        """True when every rank holds bit-identical parameters (DDP's promise, checked: one float64
+        checksum per parameter, gathered from all ranks). BatchNorm running statistics are not
+        compared: DDP copies rank 0's buffers at the start of each forward, and rank 0 saves them."""
+        sums = torch.stack([p.detach().double().sum() for p in unwrap(self.model).parameters()]).to(self.info.device)
         gathered = [torch.zeros_like(sums) for _ in range(self.info.world_size)]
         dist.all_gather(gathered, sums)
         return all(torch.equal(gathered[0], g) for g in gathered[1:])
@@ -418,6 +418,7 @@ class Trainer:
         start_time, start_step = time.time(), self.step
         while self.epoch < cfg.epochs and self.step < total_steps:
             meters = defaultdict(SmoothedValue)
+            pending = defaultdict(list)  # per-step scalars not yet copied to the host
             bad_samples = 0
             skip = self.batch_in_epoch
             loader = self._loader(self.epoch, skip)
@@ -439,8 +440,8 @@ class Trainer:
                     self.scaler.scale(loss / cfg.grad_accum_steps).backward()
                 window_finite &= torch.isfinite(loss.detach()).all()
                 self.batch_in_epoch += 1
-                for k, v in out.items():
-                    meters[k].update(float(v.detach()) if torch.is_tensor(v) else float(v))
+                for k, v in out.items():  # kept on the device: no GPU sync per step
+                    pending[k].append(v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v)))
                 meters["data_time"].update(data_time)
                 if not update:
                     t_data = time.time()
@@ -473,8 +474,9 @@ class Trainer:
                 for s in self.schedulers:
                     s.step()
                 self.step += 1
-                meters["grad_norm"].update(float(grad_norm))
+                pending["grad_norm"].append(grad_norm.detach().float())
                 if self.step % cfg.log_every == 0 or self.step == total_steps:
+                    self._flush(pending, meters)
                     self._log_progress(meters, total_steps, start_time, start_step)
                 if self.step % cfg.ckpt_every == 0:
                     self.save_checkpoint()
@@ -482,6 +484,7 @@ class Trainer:
                     break  # leftover micro-batches that cannot complete a step are not run
                 t_data = time.time()
             epoch_done = self.batch_in_epoch >= usable
+            self._flush(pending, meters)
             summary = {k: m.global_avg for k, m in meters.items()}
             summary = all_reduce_mean(summary, info)
             bad_total = all_reduce_mean({"bad": float(bad_samples)}, info)["bad"] * info.world_size
@@ -505,6 +508,14 @@ class Trainer:
                               **self.run_config.get("model_extra", {})})
         self.writer.close()
         return self
+
+    @staticmethod
+    def _flush(pending, meters):
+        """Move the scalars gathered since the last log line to the meters: one host copy per key."""
+        for k, values in pending.items():
+            for v in torch.stack([t.to(values[0].device) for t in values]).tolist():
+                meters[k].update(v)
+        pending.clear()
 
     def _log_progress(self, meters, total_steps, start_time, start_step):
         cfg = self.cfg

@@ -78,7 +78,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
 
 
 def pretrain_losses(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, itm_logits: torch.Tensor,
-                    itm_labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+                    itm_labels: torch.Tensor, itm_weight: float = 1.0) -> Dict[str, torch.Tensor]:
     """L = L_MLM (eq. 4, mean over predicted tokens) + L_ITM (eq. 5, binary cross-entropy)."""
     predicted = mlm_labels != IGNORE_INDEX
     if predicted.any():
@@ -89,63 +89,79 @@ def pretrain_losses(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, itm_logi
         mlm_acc = torch.zeros((), device=mlm_logits.device)
     itm_loss = F.binary_cross_entropy_with_logits(itm_logits.float(), itm_labels)
     itm_acc = ((itm_logits > 0).float() == itm_labels).float().mean()
-    return dict(loss=mlm_loss + itm_loss, mlm_loss=mlm_loss.detach(), itm_loss=itm_loss.detach(),
+    return dict(loss=mlm_loss + itm_weight * itm_loss, mlm_loss=mlm_loss.detach(), itm_loss=itm_loss.detach(),
                 mlm_acc=mlm_acc.detach(), itm_acc=itm_acc.detach())
 
 
-def prepare_pretrain_batch(batch: dict, tokenizer, train_cfg: TrainConfig, vocab_size: int):
-    """Caption batch (pixel_bert.data.CaptionCollator) -> model inputs with ITM pairs and MLM labels."""
+def prepare_pretrain_batch(batch: dict, tokenizer, train_cfg: TrainConfig, vocab_size: int, itm: bool = True):
+    """Caption batch (pixel_bert.data.CaptionCollator) -> model inputs with ITM pairs and MLM labels.
+    ``itm=False``: no mismatched pairs (MLM alone, see TrainConfig.itm_start_step)."""
     ids, mask, itm_labels = make_itm_pairs(batch["input_ids"], batch["attention_mask"], batch["image_keys"],
-                                           train_cfg.itm_negative_ratio)
+                                           train_cfg.itm_negative_ratio if itm else 0.0)
+    probability = train_cfg.mlm_probability
+    if not itm and train_cfg.mlm_probability_before_itm is not None:
+        probability = train_cfg.mlm_probability_before_itm
     masked_ids, mlm_labels = mask_tokens(ids, mask, tokenizer.special_ids, vocab_size, tokenizer.mask_id,
-                                         train_cfg.mlm_probability, train_cfg.mlm_replace_probs,
+                                         probability, train_cfg.mlm_replace_probs,
                                          predict=itm_labels.bool())  # MLM on matched pairs only [choice]
     return masked_ids, mask, mlm_labels, itm_labels
 
 
-def pretrain_step(model, batch: dict, tokenizer, train_cfg: TrainConfig, device) -> Dict[str, torch.Tensor]:
-    """One micro-batch of pre-training: ITM pairs, MLM masking, one forward pass, both losses."""
+def pretrain_step(model, batch: dict, tokenizer, train_cfg: TrainConfig, device, step: int = 0) -> Dict[str, torch.Tensor]:
+    """One micro-batch of pre-training: ITM pairs, MLM masking, one forward pass, both losses.
+    ``step`` (optimizer steps so far) switches ITM on at ``train_cfg.itm_start_step``."""
     bert_config = (model.module if hasattr(model, "module") else model).config
-    ids, mask, mlm_labels, itm_labels = prepare_pretrain_batch(batch, tokenizer, train_cfg, bert_config.vocab_size)
+    itm = step >= train_cfg.itm_start_step
+    ids, mask, mlm_labels, itm_labels = prepare_pretrain_batch(batch, tokenizer, train_cfg, bert_config.vocab_size, itm)
     sample = bert_config.num_sampled_pixels if train_cfg.sample_pixels else 0
     _, mlm_logits, itm_logits = model(ids.to(device), mask.to(device), batch["images"].to(device, non_blocking=True),
                                       batch["pixel_mask"].to(device, non_blocking=True), sample_pixels=sample)
-    return pretrain_losses(mlm_logits, mlm_labels.to(device), itm_logits, itm_labels.to(device))
+    # before itm_start_step all pairs are matched: the ITM head stays in the graph (DDP needs every
+    # parameter used) with weight 0
+    return pretrain_losses(mlm_logits, mlm_labels.to(device), itm_logits, itm_labels.to(device),
+                           itm_weight=1.0 if itm else 0.0)
 
 
 @torch.no_grad()
-def evaluate_pretraining(model, loader, tokenizer, probe_token_ids: Sequence[int], device,
+def evaluate_pretraining(model, loader, tokenizer, probe_groups: Sequence[Sequence[int]], device,
                          seed: int = 1234) -> Dict[str, float]:
     """Held-out evidence that the model looks at the pixels.
 
-    - ``itm_acc``: image-text matching accuracy on pairs of which half are mismatched (eq. 5);
-    - ``mlm_acc_true_image`` / ``mlm_acc_shuffled_image``: accuracy of predicting every probe word
-      (e.g. colour and shape words, all masked at once) with the caption's own image and with
-      another image of the batch. Learning from pixels shows as the first well above the second.
-    Returns counts summed over every batch (and over ranks by the caller when distributed).
+    - ITM accuracy on pairs of which half are mismatched (eq. 5);
+    - MLM accuracy on probe words (e.g. colour words, then shape words: one group masked at a time,
+      so "the [MASK] shape is a triangle" can still be read off the triangle), predicted with the
+      caption's own image and with another image of the batch. Learning from pixels shows as the
+      first well above the second.
+    Returns counts summed over every batch (the caller sums them over ranks when distributed).
     """
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    probe = torch.zeros(max(tokenizer.vocab_size, max(probe_token_ids) + 1), dtype=torch.bool)
-    probe[list(probe_token_ids)] = True
+    size = max(tokenizer.vocab_size, 1 + max(max(group) for group in probe_groups))
+    groups = []
+    for group in probe_groups:
+        member = torch.zeros(size, dtype=torch.bool)
+        member[list(group)] = True
+        groups.append(member)
     totals = dict(itm_correct=0.0, itm_total=0.0, mlm_true=0.0, mlm_shuffled=0.0, mlm_total=0.0)
     for batch in loader:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if len(ids) < 2:
             continue
         images, pixel_mask = batch["images"].to(device), batch["pixel_mask"].to(device)
+        visual = model.bert.encode_image(images, pixel_mask)  # the CNN once per batch
+        shift = torch.roll(torch.arange(len(ids)), 1)  # each caption meets its neighbour's image
+        visuals = {"mlm_true": visual, "mlm_shuffled": visual[shift.to(device)]}
         pair_ids, pair_mask, itm_labels = make_itm_pairs(ids, mask, batch["image_keys"], 0.5, generator=g)
-        _, _, itm_logits = model(pair_ids.to(device), pair_mask.to(device), images, pixel_mask)
+        _, _, itm_logits = model(pair_ids.to(device), pair_mask.to(device), visual=visual)
         totals["itm_correct"] += ((itm_logits.float().cpu() > 0).float() == itm_labels).sum().item()
         totals["itm_total"] += len(itm_labels)
-        target = probe[ids] & mask.bool()
-        masked = torch.where(target, torch.full_like(ids, tokenizer.mask_id), ids).to(device)
-        shift = torch.roll(torch.arange(len(ids)), 1)  # each caption meets its neighbour's image
-        for key, imgs, pm in (("mlm_true", images, pixel_mask), ("mlm_shuffled", images[shift], pixel_mask[shift])):
-            _, logits, _ = model(masked, mask.to(device), imgs, pm)
-            pred = logits.argmax(-1).cpu()
-            totals[key] += (pred[target] == ids[target]).sum().item()
-        totals["mlm_total"] += target.sum().item()
+        for member in groups:
+            target = member[ids] & mask.bool()
+            masked = torch.where(target, torch.full_like(ids, tokenizer.mask_id), ids).to(device)
+            for key, vis in visuals.items():
+                _, logits, _ = model(masked, mask.to(device), visual=vis)
+                totals[key] += (logits.argmax(-1).cpu()[target] == ids[target]).sum().item()
+            totals["mlm_total"] += target.sum().item()
     return totals
 
 

@@ -168,7 +168,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
 
 def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py")] + TINY + [
         "--output-dir", str(out), "--synthetic-images", "64", "--batch_size", "8",
         "--synthetic-eval-images", "32", "--epochs", "1", "--resume", "none"]

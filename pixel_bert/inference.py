@@ -1,0 +1,488 @@
+"""Inference with a trained Pixel-BERT checkpoint: matching, masked words, VQA answers, attention maps.
+
+    from pixel_bert.inference import PixelBertPredictor
+    p = PixelBertPredictor.from_checkpoint("runs/demo/model.pt")          # loads once
+    p.match("img.png", "a red circle above a blue square")             # ITM probability, eq. (5)
+    p.fill_mask("img.png", "the red shape is a [MASK]")                 # MLM top-k words, eq. (4)
+    p.answer("img.png", "what colour is the circle ?")                  # VQA (a "vqa" checkpoint)
+    maps = p.attention_maps("img.png", "a red circle", layer=0)         # PAPER.md section 7
+    maps.map_for("red")                                                 # (gh, gw) attention over pixels
+
+Every method takes one image (a `PIL.Image` or a path) or a list of them, and one text or a list;
+lists are run as one padded batch (`pixel_bert.data.pad_images`), so padding pixels are masked
+exactly as in training. Everything runs under ``torch.no_grad()`` in eval mode, which also turns
+random pixel sampling off: inference uses all feature pixels (PAPER.md section 2).
+
+Attention maps (PAPER.md section 7)
+-----------------------------------
+The joint sequence of eq. (3) is ``[CLS] w_1 .. w_n [SEP] v_1 .. v_k``. Row ``i`` of a layer's
+attention probabilities (B, heads, L, L) is how text token ``i`` spreads its attention over *all*
+tokens, words and feature pixels together (each row sums to 1). The map of a token is the pixel
+part of that row, put back on the feature grid with ``VisualTokens.positions``.
+
+By default the pixel part is **renormalised to sum to 1 over the pixels** (``renormalize=True``):
+the map then says *where in the image* the token looks, independent of *how much* it looks at the
+image at all, which is what a picture of the map should show. The un-renormalised share of the
+row that goes to pixels is kept as ``AttentionMaps.pixel_mass`` (per token), and
+``renormalize=False`` gives the raw probabilities. With ``head=None`` the heads' probabilities are
+averaged first (PAPER.md: the heads used are not stated; the mean is this project's choice) and
+then renormalised, so heads that look at the image more weigh more in the map.
+
+Scoring a map against a box (`attention_in_box_ratio`): the feature grid is stretched over the
+image the model saw (cell (r, c) covers rows ``r*H/gh .. (r+1)*H/gh`` and likewise for columns),
+attention to a cell is taken as spread evenly over the cell, and each cell counts with the
+fraction of its area that lies inside the box. ratio = (attention mass inside the box) / (the
+box's share of the image area): 1 for a uniform map, above 1 when the token looks at the box.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import ImageTransform, load_image, pad_images
+from .tokenizer import WordPieceTokenizer
+from .weights import load_model
+
+ImageLike = Union[Image.Image, str, os.PathLike]
+
+# Which head each method needs, by the attribute the task model keeps it under (pixel_bert.heads).
+_HEAD_NAMES = {"itm": "an image-text matching (ITM) head, i.e. a pre-training checkpoint (task 'pretrain')",
+               "mlm": "a masked-language-model (MLM) head, i.e. a pre-training checkpoint (task 'pretrain')",
+               "vqa": "a VQA head, i.e. a checkpoint fine-tuned with task 'vqa' that stores its answer "
+                      "list under 'answers'"}
+
+
+class TextTruncatedWarning(UserWarning):
+    """A text was longer than the model's ``max_text_len`` tokens and was cut (the end is lost)."""
+
+
+@dataclass
+class AttentionMaps:
+    """Attention of each text token over the feature pixels of one image (PAPER.md section 7).
+
+    tokens: the WordPieces of the text as the model read it, ``[CLS]`` and ``[SEP]`` included
+        (so index i is sequence position i);
+    maps: (T, gh, gw) float tensor; row i is token i's attention over the feature grid, summing to
+        1 over the grid when ``renormalized`` (else: the raw probabilities, summing to pixel_mass);
+    pixel_mass: (T,) share of each token's attention (before renormalising) that goes to pixels;
+    grid: (gh, gw) of the feature grid; image_size: (width, height) of the image the model saw
+        (after the keep-ratio resize); the grid covers that whole image;
+    layer: the transformer layer (0 = first); head: the head, or None for the mean of the heads.
+    """
+    tokens: List[str]
+    maps: torch.Tensor
+    pixel_mass: torch.Tensor
+    grid: Tuple[int, int]
+    image_size: Tuple[int, int]
+    layer: int
+    head: Optional[int]
+    renormalized: bool
+
+    def index(self, token: str, occurrence: int = 0) -> int:
+        """Sequence position of the ``occurrence``-th (0 = first) time ``token`` appears."""
+        hits = [i for i, t in enumerate(self.tokens) if t == token.lower() or t == token]
+        if len(hits) <= occurrence:
+            raise KeyError(f"token {token!r} not in the text's tokens {self.tokens}")
+        return hits[occurrence]
+
+    def map_for(self, token: str, occurrence: int = 0) -> torch.Tensor:
+        """(gh, gw) map of a token, found by its WordPiece string (e.g. "red")."""
+        return self.maps[self.index(token, occurrence)]
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn stacklevel that points at the user's line: the first frame outside this file
+    and outside torch (whose no_grad decorator adds a frame of its own)."""
+    frame, level = sys._getframe(1), 1
+    torch_dir = os.path.dirname(torch.__file__)
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.startswith(torch_dir)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _as_list(x, kinds) -> Tuple[list, bool]:
+    """(list of items, True if a single item was given)."""
+    if isinstance(x, kinds):
+        return [x], True
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError("got an empty list")
+        return list(x), False
+    raise TypeError(f"expected {' or '.join(k.__name__ for k in kinds)} or a list of them, got {type(x).__name__}")
+
+
+def _pair_up(images: list, texts: list) -> Tuple[list, list]:
+    """Equal lengths pair item by item; a single image or text is paired with every one of the other."""
+    if len(images) == len(texts):
+        return images, texts
+    if len(images) == 1:
+        return images * len(texts), texts
+    if len(texts) == 1:
+        return images, texts * len(images)
+    raise ValueError(f"{len(images)} images and {len(texts)} texts: give equal numbers, or one of either")
+
+
+class PixelBertPredictor:
+    """A loaded Pixel-BERT task model with its tokenizer and image transform, ready for inference.
+
+    Build it with `from_checkpoint`. The model's sizes (image side, text length, vocabulary,
+    layers) are all read from the checkpoint, never assumed.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: WordPieceTokenizer, task: str,
+                 answers: Optional[Sequence[str]] = None, source: str = "<model>", device="cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.task = task
+        self.answers = list(answers) if answers is not None else None
+        self.source = source
+        self.transform = ImageTransform.from_config(self.config)
+
+    # ---- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device="cpu") -> "PixelBertPredictor":
+        """Load a pixel-bert checkpoint (``model.pt`` of train.py or of a fine-tuning run) once.
+
+        The task model is the checkpoint's own (``ckpt["task"]``: "pretrain" gives the MLM and ITM
+        heads, "vqa" the VQA head). The vocabulary is the checkpoint's ``vocab`` list, else the
+        config's ``vocab_file``. Tensors are read with ``weights_only=True`` (`weights.load_model`).
+        """
+        model, ckpt = load_model(path)
+        task = ckpt.get("task", "pretrain")
+        # load_model keeps heads the checkpoint lacks at their random init; at inference that would
+        # give confident nonsense, so every tensor of the model must come from the file.
+        absent = sorted(set(model.state_dict()) - set(ckpt["model"]))
+        if absent:
+            raise ValueError(f"{path}: checkpoint of task {task!r} lacks {len(absent)} tensors of its own "
+                             f"model, e.g. {absent[:3]}")
+        if ckpt.get("vocab"):
+            # the tokenizer reads its vocab.txt once, at construction: a temporary file is enough
+            with tempfile.TemporaryDirectory(prefix="pixel_bert_vocab_") as vocab_dir:
+                tokenizer = WordPieceTokenizer.from_tokens(ckpt["vocab"], os.path.join(vocab_dir, "vocab.txt"))
+        elif model.config.vocab_file:
+            tokenizer = WordPieceTokenizer(model.config.vocab_file)
+        else:
+            raise ValueError(f"{path}: the checkpoint stores no 'vocab' list and its config names no "
+                             "vocab_file, so its text cannot be tokenised")
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise ValueError(f"{path}: vocabulary of {tokenizer.vocab_size} tokens for a model with "
+                             f"vocab_size {model.config.vocab_size}")
+        answers = ckpt.get("answers")
+        if task == "vqa":
+            if not answers:
+                raise ValueError(f"{path}: a 'vqa' checkpoint without its 'answers' list cannot name answers")
+            if len(answers) != model.config.num_answers:
+                raise ValueError(f"{path}: {len(answers)} answers for a head of {model.config.num_answers}")
+        return cls(model, tokenizer, task, answers, source=path, device=device)
+
+    def _head(self, name: str) -> torch.nn.Module:
+        if not hasattr(self.model, name):
+            raise ValueError(f"{self.source}: this is a {self.task!r} checkpoint "
+                             f"({type(self.model).__name__}); this method needs {_HEAD_NAMES[name]}")
+        return getattr(self.model, name)
+
+    # ---- inputs ------------------------------------------------------------------------------------
+
+    def _images(self, images: Sequence[ImageLike]) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int]]]:
+        """Load (paths -> `load_image`, which raises ImageLoadError naming the file), resize and
+        normalise as in training, pad into one batch. Returns (images, pixel_mask, sizes (w, h))."""
+        tensors = []
+        for img in images:
+            if not isinstance(img, Image.Image):
+                img = load_image(img)
+            tensors.append(self.transform(img))
+        batch, mask = pad_images(tensors)
+        sizes = [(t.shape[2], t.shape[1]) for t in tensors]
+        return batch.to(self.device), mask.to(self.device), sizes
+
+    def _texts(self, texts: Sequence[str]):
+        """Tokenise into a padded batch, warning (TextTruncatedWarning) for each text longer than
+        ``max_text_len``; the tokenizer keeps the start and closes with [SEP]."""
+        limit = self.config.max_text_len
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"texts must be strings, got {type(text).__name__}")
+            n = len(self.tokenizer.encode(text, max_length=10 ** 9))
+            if n > limit:
+                warnings.warn(f"text of {n} tokens truncated to the model's max_text_len {limit}: "
+                              f"{text[:60]!r}...", TextTruncatedWarning, stacklevel=_user_stacklevel())
+        batch = self.tokenizer(list(texts), max_length=limit)
+        return batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+
+    # ---- tasks ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def match(self, images, texts) -> Union[float, torch.Tensor]:
+        """Image-text matching, eq. (5): S = sigmoid(ITM logit), the probability that the text
+        describes the image. One image and one text give a float; lists give a (N,) CPU tensor
+        (equal lengths are paired item by item; one image or one text is paired with each of the
+        other, and that image goes through the CNN once)."""
+        itm = self._head("itm")
+        image_list, single_image = _as_list(images, (Image.Image, str, os.PathLike))
+        text_list, single_text = _as_list(texts, (str,))
+        if len(image_list) == 1 and len(text_list) > 1:
+            # one image, many texts: run the CNN once and reuse its visual tokens (PixelBert docs)
+            pixels, pixel_mask, _ = self._images(image_list)
+            visual = self.model.bert.encode_image(pixels, pixel_mask)
+            ids, mask = self._texts(text_list)
+            out = self.model.bert(ids, mask, visual=visual[[0] * len(text_list)])
+        else:
+            image_list, text_list = _pair_up(image_list, text_list)
+            pixels, pixel_mask, _ = self._images(image_list)
+            ids, mask = self._texts(text_list)
+            out = self.model.bert(ids, mask, pixels, pixel_mask)
+        probs = torch.sigmoid(itm(out.cls).float()).cpu()
+        return probs.item() if single_image and single_text else probs
+
+    @torch.no_grad()
+    def fill_mask(self, image, text, top_k: int = 5):
+        """Masked language modelling, eq. (4): for each ``[MASK]`` in ``text`` (in order), the
+        ``top_k`` words with their probabilities, highest first: ``[[(word, p), ...], ...]``.
+        Probabilities are the softmax over the whole vocabulary (so each list sums to at most 1).
+        Lists of images/texts give one such result per pair."""
+        mlm = self._head("mlm")
+        image_list, single_image = _as_list(image, (Image.Image, str, os.PathLike))
+        text_list, single_text = _as_list(text, (str,))
+        image_list, text_list = _pair_up(image_list, text_list)
+        pixels, pixel_mask, _ = self._images(image_list)
+        ids, mask = self._texts(text_list)
+        is_mask = ids == self.tokenizer.mask_id                                  # (B, T)
+        missing = [t for t, m in zip(text_list, is_mask.any(dim=1).tolist()) if not m]
+        if missing:
+            raise ValueError(f"no [MASK] token in {missing[0]!r} (after truncation to "
+                             f"{self.config.max_text_len} tokens): write [MASK] where a word should be predicted")
+        out = self.model.bert(ids, mask, pixels, pixel_mask)
+        logits = mlm(out.hidden[:, : out.text_len][is_mask])                      # (M, V), masks in order
+        probs, idx = logits.float().softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+        words = [[(self.tokenizer.vocab[i], p) for i, p in zip(row_i, row_p)]
+                 for row_i, row_p in zip(idx.tolist(), probs.tolist())]
+        counts = is_mask.sum(dim=1).tolist()
+        results, start = [], 0
+        for c in counts:  # split the flat list of masks back into one list per text
+            results.append(words[start: start + c])
+            start += c
+        return results[0] if single_image and single_text else results
+
+    @torch.no_grad()
+    def answer(self, image, question, top_k: int = 5):
+        """VQA (PAPER.md section 3): the ``top_k`` answers with their scores, highest first:
+        ``[(answer, p), ...]``. VQA is trained with binary cross-entropy on soft scores, so each
+        answer's p = sigmoid(logit) is an independent score in [0, 1], not a softmax: the scores
+        need not sum to 1. Needs a checkpoint of task "vqa" with its ``answers`` list."""
+        vqa = self._head("vqa")
+        if self.answers is None:
+            raise ValueError(f"{self.source}: no 'answers' list in the checkpoint; answer() needs it")
+        image_list, single_image = _as_list(image, (Image.Image, str, os.PathLike))
+        text_list, single_text = _as_list(question, (str,))
+        image_list, text_list = _pair_up(image_list, text_list)
+        pixels, pixel_mask, _ = self._images(image_list)
+        ids, mask = self._texts(text_list)
+        scores = torch.sigmoid(vqa(self.model.bert(ids, mask, pixels, pixel_mask).cls).float())
+        p, idx = scores.topk(min(top_k, scores.shape[-1]), dim=-1)
+        results = [[(self.answers[i], s) for i, s in zip(ri, rp)] for ri, rp in zip(idx.tolist(), p.tolist())]
+        return results[0] if single_image and single_text else results
+
+    # ---- attention (PAPER.md section 7) --------------------------------------------------------------
+
+    @torch.no_grad()
+    def _forward_attentions(self, images: list, texts: list):
+        """One batched forward pass returning the model output with every layer's probabilities."""
+        pixels, pixel_mask, sizes = self._images(images)
+        ids, mask = self._texts(texts)
+        out = self.model.bert(ids, mask, pixels, pixel_mask, output_attentions=True)
+        return out, ids, mask, sizes
+
+    def _layer_index(self, layer: int) -> int:
+        n = self.config.num_layers
+        if not -n <= layer < n:
+            raise ValueError(f"layer {layer} out of range: the model has {n} layers (0..{n - 1}, or -1 for the last)")
+        return layer % n
+
+    def _maps_from(self, out, ids, mask, sizes, layer: int, head: Optional[int],
+                   renormalize: bool) -> List[AttentionMaps]:
+        """Cut the text-to-pixel block out of one layer's probabilities and put it on the grid."""
+        layer = self._layer_index(layer)
+        probs = out.attentions[layer]                                   # (B, nh, L, L), rows sum to 1
+        nh = probs.shape[1]
+        if head is None:
+            probs = probs.mean(dim=1)                                   # (B, L, L)
+        else:
+            if not -nh <= head < nh:
+                raise ValueError(f"head {head} out of range: the model has {nh} heads")
+            probs = probs[:, head]
+        T = out.text_len
+        visual = out.visual
+        gh, gw = visual.grid
+        to_pixels = probs[:, :T, T:].float()                            # (B, T, K) text rows, pixel columns
+        to_pixels = to_pixels * visual.mask[:, None, :]                 # padded pixels get exactly nothing
+        mass = to_pixels.sum(-1)                                        # (B, T) share of the row on pixels
+        if renormalize:
+            to_pixels = to_pixels / mass.clamp_min(1e-12)[..., None]
+        # Back onto the grid: token k of the visual sequence sits at cell positions[k]. In eval mode
+        # positions are 0..gh*gw-1, but scattering makes this right for sampled pixels too.
+        B = to_pixels.shape[0]
+        grid = to_pixels.new_zeros(B, T, gh * gw)
+        grid.scatter_(2, visual.positions[:, None, :].expand(-1, T, -1), to_pixels)
+        grid = grid.view(B, T, gh, gw).cpu()
+        result = []
+        for b in range(B):  # one AttentionMaps per image, cut to its own real tokens
+            n = int(mask[b].sum())
+            tokens = self.tokenizer.convert_ids_to_tokens(ids[b, :n].tolist())
+            result.append(AttentionMaps(tokens, grid[b, :n], mass[b, :n].cpu(), (gh, gw), sizes[b],
+                                        layer, head, renormalize))
+        return result
+
+    def attention_maps(self, image, text, layer: int = 0, head: Optional[int] = None,
+                       renormalize: bool = True):
+        """Each text token's attention over the feature pixels, on the feature grid (section 7).
+
+        ``layer``: transformer layer, 0 = the first (the paper's figure is said to be from the
+        first layer; -1 = the last). ``head``: one head, or None for the mean of the heads.
+        ``renormalize``: True (default) makes each token's map sum to 1 over the pixels, the
+        right scale for a picture; False keeps the raw probabilities of the full joint softmax.
+        Returns an `AttentionMaps` (lists of images/texts: a list of them, one per pair).
+        """
+        image_list, single_image = _as_list(image, (Image.Image, str, os.PathLike))
+        text_list, single_text = _as_list(text, (str,))
+        image_list, text_list = _pair_up(image_list, text_list)
+        out, ids, mask, sizes = self._forward_attentions(image_list, text_list)
+        maps = self._maps_from(out, ids, mask, sizes, layer, head, renormalize)
+        return maps[0] if single_image and single_text else maps
+
+
+# -------------------------------------------------------------------------------------------------
+#                        Scoring attention against boxes (evidence for section 7)
+# -------------------------------------------------------------------------------------------------
+
+def box_cell_weights(box: Tuple[float, float, float, float], image_size: Tuple[int, int],
+                     grid: Tuple[int, int]) -> np.ndarray:
+    """(gh, gw) fraction of each feature cell's area that lies inside ``box`` = (x0, y0, x1, y1)
+    in pixels of an image of ``image_size`` = (width, height), the grid stretched over the image.
+
+    The overlap is separable: the fraction of a cell inside the box is (its x-overlap with the
+    box / cell width) * (its y-overlap / cell height), one outer product, no loop over cells.
+    """
+    (W, H), (gh, gw) = image_size, grid
+    x0, y0, x1, y1 = box
+
+    def overlap(lo, hi, size, n):
+        edges = np.arange(n + 1) * (size / n)                  # cell edges along this axis
+        inside = np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None)
+        return inside / (size / n)                             # (n,) in [0, 1]
+
+    return np.outer(overlap(y0, y1, H, gh), overlap(x0, x1, W, gw))
+
+
+def attention_in_box_ratio(attention: Union[torch.Tensor, np.ndarray], box, image_size, grid=None) -> float:
+    """(attention mass inside ``box``) / (the box's share of the image area), from a (gh, gw) map.
+
+    The map is normalised to sum 1 here (so raw and renormalised maps give the same ratio); cells
+    count with the fraction of their area inside the box (`box_cell_weights`). Because the cells
+    tile the image, the box's area share is exactly mean(weights): a uniform map scores 1.0, a map
+    that attends only inside the box scores 1 / area share.
+    """
+    a = np.asarray(attention, dtype=np.float64)
+    weights = box_cell_weights(box, image_size, a.shape if grid is None else grid)
+    inside = float((a * weights).sum() / a.sum())
+    return inside / float(weights.mean())
+
+
+@dataclass
+class BoxAttentionResult:
+    """Mean attention-in-box ratios over held-out synthetic images (see `colour_attention_in_boxes`).
+
+    per_layer: layer -> mean ratio for the colour word's own shape (heads averaged);
+    per_layer_other: layer -> mean ratio of the same maps for a *different* shape of the same image
+        (the control: a word that looks at its own shape scores higher on it than on the other;
+        attention that ignores the word, e.g. to every bright shape, scores both alike);
+    paired_t: layer -> t statistic of the per-image difference own - other over the images with
+        2+ shapes (mean / standard error): above ~3 the own shape wins beyond chance;
+    per_layer_head: layer -> list of per-head mean ratios (own shape);
+    num_pairs / num_pairs_other: images scored / images with a second shape.
+    """
+    per_layer: Dict[int, float]
+    per_layer_other: Dict[int, float]
+    paired_t: Dict[int, float]
+    per_layer_head: Dict[int, List[float]]
+    num_pairs: int
+    num_pairs_other: int
+    grid: Tuple[int, int]
+    image_size: int
+
+
+def colour_attention_in_boxes(predictor: PixelBertPredictor, num_images: int = 200, seed: int = 12345,
+                              batch_size: int = 50) -> BoxAttentionResult:
+    """Does the colour word of a caption attend to its shape? (evidence for PAPER.md section 7)
+
+    For ``num_images`` synthetic scenes of the world ``seed`` (pick a seed the model was not trained
+    on: train.py trains on ``--synthetic-seed`` (0) and holds out seed+1), each caption is the
+    "single" template ("a red circle" / "there is a small red circle", the dataset's own caption
+    generator). The colour word's map (renormalised over pixels, heads averaged, and per head) is
+    scored with `attention_in_box_ratio` against its shape's box, and, as a control, against the
+    box of another shape in the same image when there is one. Means over images, for every layer.
+    """
+    from . import synthetic  # the synthetic world is only needed for this evidence
+
+    size = predictor.config.image_short_side
+    colours = set(synthetic.colour_words())
+    scenes, texts, boxes, other_boxes = [], [], [], []
+    for i in range(num_images):
+        scene = synthetic.scene_for(seed, i, size)
+        # caption stream of the same (seed, image): exactly what SyntheticCaptions would write
+        caption = synthetic.make_caption(scene, synthetic._rng(seed, i, 1, 0), "single")
+        colour = next(w for w in caption.split() if w in colours)
+        shape = scene.find(colour=colour)
+        others = [s for s in scene.shapes if s is not shape]
+        scenes.append(scene)
+        texts.append(caption)
+        boxes.append((colour, shape.box))
+        other_boxes.append(others[0].box if others else None)
+    L, nh = predictor.config.num_layers, predictor.config.num_heads
+    own = {l: [] for l in range(L)}
+    other = {l: [] for l in range(L)}
+    diff = {l: [] for l in range(L)}
+    per_head = {l: [[] for _ in range(nh)] for l in range(L)}
+    grid = None
+    for start in range(0, num_images, batch_size):
+        chunk = range(start, min(start + batch_size, num_images))
+        images = [synthetic.render(scenes[i]) for i in chunk]
+        out, ids, mask, sizes = predictor._forward_attentions(images, [texts[i] for i in chunk])
+        for layer in range(L):
+            heads = [predictor._maps_from(out, ids, mask, sizes, layer, h, True) for h in range(nh)]
+            mean = predictor._maps_from(out, ids, mask, sizes, layer, None, True)
+            for j, i in enumerate(chunk):
+                colour, box = boxes[i]
+                word_map = mean[j].map_for(colour)
+                grid = mean[j].grid
+                own[layer].append(attention_in_box_ratio(word_map, box, (size, size)))
+                if other_boxes[i] is not None:
+                    other[layer].append(attention_in_box_ratio(word_map, other_boxes[i], (size, size)))
+                    diff[layer].append(own[layer][-1] - other[layer][-1])
+                k = mean[j].index(colour)
+                for h in range(nh):
+                    per_head[layer][h].append(attention_in_box_ratio(heads[h][j].maps[k], box, (size, size)))
+
+    def t_stat(values):
+        v = np.asarray(values, dtype=np.float64)
+        if len(v) < 2:
+            return float("nan")
+        return float(v.mean() / max(v.std(ddof=1) / np.sqrt(len(v)), 1e-12))
+
+    return BoxAttentionResult(
+        per_layer={l: float(np.mean(v)) for l, v in own.items()},
+        per_layer_other={l: float(np.mean(v)) for l, v in other.items()},
+        paired_t={l: t_stat(v) for l, v in diff.items()},
+        per_layer_head={l: [float(np.mean(h)) for h in v] for l, v in per_head.items()},
+        num_pairs=num_images, num_pairs_other=len(other[0]), grid=grid, image_size=size)

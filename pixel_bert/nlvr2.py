@@ -1,0 +1,209 @@
+"""NLVR2 fine-tuning and evaluation (PAPER.md sections 3, 4 and 5).
+
+Each example is a sentence, two images and a True/False label. Section 3: each (image, sentence)
+pair goes through the model on its own, the two [CLS] outputs are concatenated into a
+true/false classifier (heads.PixelBertForNLVR2), trained with cross-entropy.
+
+Files as distributed (section 5): JSON lines ``{split}.json`` (train.json, dev.json, test1.json),
+one object a line with ``identifier`` ("split-setid-pairid-sentid"), ``sentence``, ``label``
+("True"/"False") and, in train only, ``directory``; the images of example
+``train-10171-0-0`` are ``{image_root}/train/{directory}/train-10171-0-img0.png`` (left) and
+``-img1.png`` (right); dev and test1 images sit directly under ``{image_root}/dev/`` and
+``{image_root}/test1/``. The image name is the identifier without its sentence id.
+
+Predictions file (what evaluate.py --predictions reads and what this module writes): CSV lines
+``identifier,True`` / ``identifier,False``, one per example, no header, as the lil-lab/nlvr
+evaluation script reads them. Metrics: accuracy and consistency (metrics.nlvr2_metrics).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from .data import AnnotationError, ImageLoadError, load_image, pad_images
+from .downstream import Progress, eval_autocast, gather_to_main, sharded_loader, unwrap_model
+from .engine import DistInfo
+
+
+class NLVR2Example(NamedTuple):
+    identifier: str
+    sentence: str
+    label: Optional[bool]  # None when the file has no labels
+    left_path: str
+    right_path: str
+
+
+def _parse_label(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise AnnotationError(f"{where}: label {value!r} is not 'True' or 'False'")
+
+
+def nlvr2_image_paths(image_root: str, identifier: str, directory: Optional[Any] = None):
+    """(left, right) image paths of an example (module docstring). The split folder is the first
+    part of the identifier: ``train``, ``dev``, ``test1``."""
+    parts = identifier.split("-")
+    if len(parts) != 4:
+        raise AnnotationError(f"NLVR2 identifier {identifier!r} is not 'split-setid-pairid-sentid'")
+    stem = "-".join(parts[:3])
+    folder = os.path.join(image_root, parts[0], str(directory)) if directory is not None \
+        else os.path.join(image_root, parts[0])
+    return os.path.join(folder, f"{stem}-img0.png"), os.path.join(folder, f"{stem}-img1.png")
+
+
+def read_nlvr2(jsonl_path: str, image_root: str, max_examples: Optional[int] = None) -> List[NLVR2Example]:
+    """Examples of an NLVR2 JSON-lines file (module docstring), in file order."""
+    if not os.path.isfile(jsonl_path):
+        raise FileNotFoundError(
+            f"{jsonl_path}: NLVR2 file not found. --nlvr2-root must hold the official train.json / dev.json / "
+            "test1.json (JSON lines) or use `python -m pixel_bert.synthetic_tasks --task nlvr2 --out DIR`")
+    examples = []
+    with open(jsonl_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{jsonl_path}: line {line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AnnotationError(f"{where}: not valid JSON ({e}); the file must hold one JSON object a line")
+            if not isinstance(obj, dict) or not isinstance(obj.get("identifier"), str) \
+                    or not isinstance(obj.get("sentence"), str):
+                raise AnnotationError(f"{where}: expected an object with string 'identifier' and 'sentence'")
+            label = _parse_label(obj["label"], where) if "label" in obj else None
+            left, right = nlvr2_image_paths(image_root, obj["identifier"], obj.get("directory"))
+            examples.append(NLVR2Example(obj["identifier"], obj["sentence"], label, left, right))
+            if max_examples is not None and len(examples) >= max_examples:
+                break
+    if not examples:
+        raise AnnotationError(f"{jsonl_path}: no examples")
+    return examples
+
+
+class NLVR2Dataset(torch.utils.data.Dataset):
+    """Items ``dict(left, right, sentence, label, identifier)``; ``None`` when an image is bad."""
+
+    def __init__(self, examples: Sequence[NLVR2Example], transform, fatal_bad_samples: bool = False):
+        self.examples, self.transform, self.fatal_bad_samples = list(examples), transform, fatal_bad_samples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        ex = self.examples[index]
+        try:
+            left, right = load_image(ex.left_path), load_image(ex.right_path)
+        except ImageLoadError:
+            if self.fatal_bad_samples:
+                raise
+            return None
+        return dict(left=self.transform(left), right=self.transform(right), sentence=ex.sentence,
+                    label=-1 if ex.label is None else int(ex.label), identifier=ex.identifier)
+
+
+class NLVR2Collator:
+    """Pads the left and the right images separately (the model pads them to a common size)."""
+
+    def __init__(self, tokenizer, max_text_len: int):
+        self.tokenizer, self.max_text_len = tokenizer, max_text_len
+
+    def __call__(self, samples):
+        good = [s for s in samples if s is not None]
+        num_bad = len(samples) - len(good)
+        if not good:
+            return dict(input_ids=torch.zeros((0, 0), dtype=torch.long), num_bad=num_bad, identifiers=[])
+        left, left_mask = pad_images([s["left"] for s in good])
+        right, right_mask = pad_images([s["right"] for s in good])
+        text = self.tokenizer([s["sentence"] for s in good], max_length=self.max_text_len)
+        return dict(images_left=left, pixel_mask_left=left_mask, images_right=right, pixel_mask_right=right_mask,
+                    input_ids=text.input_ids, attention_mask=text.attention_mask,
+                    labels=torch.tensor([s["label"] for s in good]),
+                    identifiers=[s["identifier"] for s in good], num_bad=num_bad)
+
+
+def _forward(model, batch, device):
+    return model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                 batch["images_left"].to(device, non_blocking=True), batch["pixel_mask_left"].to(device),
+                 batch["images_right"].to(device, non_blocking=True), batch["pixel_mask_right"].to(device))
+
+
+def nlvr2_step(model, batch: dict, device) -> Dict[str, torch.Tensor]:
+    """One micro-batch: cross-entropy over (false, true) (section 3), and the batch accuracy."""
+    labels = batch["labels"].to(device)
+    if (labels < 0).any():
+        raise ValueError("NLVR2 training data without labels: train on train.json, not on test files")
+    logits = _forward(model, batch, device)
+    loss = F.cross_entropy(logits.float(), labels)
+    return dict(loss=loss, acc=(logits.argmax(1) == labels).float().mean().detach())
+
+
+@torch.no_grad()
+def predict_nlvr2(model, dataset: NLVR2Dataset, collate: NLVR2Collator, info: DistInfo,
+                  batch_size: int = 64, num_workers: int = 0) -> Dict[str, bool]:
+    """{identifier: prediction} for every example, gathered on rank 0 (empty dict elsewhere).
+    An example whose images fail to load is predicted False (and so counted, not dropped)."""
+    model = unwrap_model(model).eval()
+    loader = sharded_loader(dataset, info, batch_size, collate, num_workers)
+    progress = Progress(len(loader.dataset), "examples", info, label="nlvr2 eval: ")
+    preds: Dict[str, bool] = {}
+    for batch in loader:
+        if len(batch["input_ids"]):
+            with eval_autocast(info.device):
+                logits = _forward(model, batch, info.device)
+            preds.update(zip(batch["identifiers"], (logits.float().argmax(1) == 1).tolist()))
+        progress.update(len(batch["input_ids"]) + batch["num_bad"])
+    progress.update(0, force=True)
+    gathered = gather_to_main(preds, info)
+    if gathered is None:
+        return {}
+    merged = {k: v for part in gathered for k, v in part.items()}
+    for ex in dataset.examples:
+        merged.setdefault(ex.identifier, False)
+    return merged
+
+
+def score_nlvr2(predictions: Dict[str, bool], examples: Sequence[NLVR2Example]) -> Dict[str, Any]:
+    labels = {ex.identifier: ex.label for ex in examples}
+    if any(v is None for v in labels.values()):
+        raise ValueError("these NLVR2 examples have no labels; only predictions can be written")
+    return metrics.nlvr2_metrics(predictions, labels)
+
+
+def write_predictions(path: str, predictions: Dict[str, bool]) -> str:
+    """CSV ``identifier,True|False`` lines (module docstring), sorted by identifier."""
+    with open(path, "w", encoding="utf-8") as f:
+        for ident in sorted(predictions):
+            f.write(f"{ident},{bool(predictions[ident])}\n")
+    return path
+
+
+def read_predictions(path: str) -> Dict[str, bool]:
+    """Read a predictions CSV (``identifier,True|False`` a line); JSON lines with ``identifier`` and
+    ``prediction`` (or ``label``) are accepted too."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: NLVR2 predictions file not found")
+    out: Dict[str, bool] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                obj = json.loads(line)
+                ident, value = obj.get("identifier"), obj.get("prediction", obj.get("label"))
+            else:
+                ident, _, value = line.partition(",")
+            if not ident or value is None or str(value).strip().lower() not in ("true", "false"):
+                raise ValueError(f"{path}: line {line_no} is {line!r:.80}; expected 'identifier,True' or "
+                                 "'identifier,False' (the lil-lab NLVR2 predictions format)")
+            if ident in out:
+                raise ValueError(f"{path}: identifier {ident!r} predicted twice (line {line_no})")
+            out[ident] = str(value).strip().lower() == "true"
+    return out

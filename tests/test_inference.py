@@ -1,0 +1,295 @@
+"""Inference API, attention maps and their picture (PAPER.md section 7), on a model trained here.
+
+One small model is pre-trained once per session (train.main, synthetic data, 20 steps) and shared
+by every test: the API tests only need real weights in a real checkpoint file. Whether a trained
+model's words look at their objects is measured by benchmarks/attention_in_boxes.py on the demo
+checkpoint (figures in the README); the oracle and untrained-model tests below show that the
+measure detects localisation and is not biased.
+"""
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from pixel_bert import synthetic
+from pixel_bert.config import ModelConfig, config_from_dict
+from pixel_bert.data import ImageLoadError
+from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
+from pixel_bert.inference import (PixelBertPredictor, TextTruncatedWarning, attention_in_box_ratio,
+                                  box_cell_weights, colour_attention_in_boxes)
+from pixel_bert.visualize import figure_size, get_args_parser, main as visualize_main, overlay
+from pixel_bert.weights import read_checkpoint, save_model
+
+# The test model: the demo recipe, smaller. 64px images give a 4x4 feature grid (stride 16).
+TRAIN_ARGS = ["--max-steps", "20", "--hidden_size", "64", "--intermediate_size", "256", "--num_layers", "2",
+              "--image_short_side", "64", "--image_long_side", "64", "--num_sampled_pixels", "10",
+              "--batch_size", "16", "--epochs", "1", "--decay_epochs", "1", "--warmup_steps", "5",
+              "--synthetic-images", "4800", "--synthetic-eval-images", "0", "--log_every", "10",
+              "--ckpt_every", "100000", "--num_workers", "1"]
+HELD_OUT_SEED = 4242  # the model trains on world seed 0
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    threads = torch.get_num_threads()
+    started = time.time()
+    train.main(["--output-dir", str(out), "--resume", "none"] + TRAIN_ARGS)
+    torch.set_num_threads(threads)  # train.py claims every core; give the other tests theirs back
+    print(f"test model trained in {time.time() - started:.1f} s")
+    return str(out / "model.pt")
+
+
+@pytest.fixture(scope="session")
+def predictor(checkpoint):
+    return PixelBertPredictor.from_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def world(predictor):
+    return synthetic.SyntheticCaptions(8, HELD_OUT_SEED, predictor.config.image_short_side)
+
+
+@pytest.fixture(scope="session")
+def vqa_checkpoint(checkpoint, tmp_path_factory):
+    """A VQA checkpoint with an untrained head (enough to test the API's plumbing)."""
+    ckpt = read_checkpoint(checkpoint)
+    config = config_from_dict(ModelConfig, ckpt["model_config"])
+    model = PixelBertForVQA(config)
+    answers = [f"answer{i}" for i in range(config.num_answers)]
+    path = str(tmp_path_factory.mktemp("vqa") / "vqa.pt")
+    save_model(model, path, extra={"task": "vqa", "answers": answers, "vocab": ckpt["vocab"]})
+    return path
+
+
+# ---- attention maps ------------------------------------------------------------------------------
+
+def test_attention_maps_shape_and_normalisation(predictor, world):
+    cfg = predictor.config
+    maps = predictor.attention_maps(world.image(0), "a red circle", layer=0)
+    side = cfg.image_short_side // cfg.feature_stride
+    assert maps.grid == (side, side)
+    assert maps.tokens == ["[CLS]", "a", "red", "circle", "[SEP]"]
+    assert maps.maps.shape == (5, side, side)
+    # renormalised over the pixels: every token's map sums to 1 over the grid
+    torch.testing.assert_close(maps.maps.sum(dim=(1, 2)), torch.ones(5))
+    assert ((maps.pixel_mass > 0) & (maps.pixel_mass < 1)).all()
+    # raw probabilities: the pixel part of a softmax row, summing to the token's pixel mass
+    raw = predictor.attention_maps(world.image(0), "a red circle", layer=0, renormalize=False)
+    torch.testing.assert_close(raw.maps.sum(dim=(1, 2)), maps.pixel_mass)
+    torch.testing.assert_close(raw.maps, maps.maps * maps.pixel_mass[:, None, None])
+    # the mean over heads is the mean of the per-head probabilities
+    heads = [predictor.attention_maps(world.image(0), "a red circle", layer=0, head=h, renormalize=False).maps
+             for h in range(cfg.num_heads)]
+    torch.testing.assert_close(torch.stack(heads).mean(0), raw.maps)
+    assert not torch.allclose(heads[0], heads[1])  # the heads really differ
+    last = predictor.attention_maps(world.image(0), "a red circle", layer=-1)
+    assert last.layer == cfg.num_layers - 1 and not torch.allclose(last.maps, maps.maps)
+    with pytest.raises(ValueError, match="layer"):
+        predictor.attention_maps(world.image(0), "a red circle", layer=cfg.num_layers)
+    with pytest.raises(ValueError, match="head"):
+        predictor.attention_maps(world.image(0), "a red circle", head=cfg.num_heads)
+
+
+def test_full_attention_rows_sum_to_one(predictor, world):
+    """The maps are cut from full joint-softmax rows: text rows over words + pixels sum to 1."""
+    ids, mask = predictor._texts(["there is a small green square"])
+    pixels, pixel_mask, _ = predictor._images([world.image(1)])
+    with torch.no_grad():
+        out = predictor.model.bert(ids, mask, pixels, pixel_mask, output_attentions=True)
+    assert len(out.attentions) == predictor.config.num_layers
+    for probs in out.attentions:
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+
+
+def test_batched_equals_one_by_one(predictor, world, tmp_path):
+    """A padded batch (texts of different lengths; one image given as a path) gives each pair the
+    maps it gets alone: padding is masked out of attention."""
+    path = str(tmp_path / "img.png")
+    world.image(2).save(path)
+    texts = ["a red circle", "the green cross is left of the small white triangle"]
+    batch = predictor.attention_maps([world.image(1), path], texts, layer=1)
+    for image, text, got in zip([world.image(1), path], texts, batch):
+        alone = predictor.attention_maps(image, text, layer=1)
+        assert got.tokens == alone.tokens
+        torch.testing.assert_close(got.maps, alone.maps, atol=1e-5, rtol=1e-4)
+    assert len(batch[1].tokens) > len(batch[0].tokens)
+
+
+# ---- matching, masked words, VQA -------------------------------------------------------------------
+
+def test_match_probabilities(predictor, world):
+    texts = [world.caption(i) for i in range(4)]
+    images = [world.image(i) for i in range(4)]
+    paired = predictor.match(images, texts)
+    assert paired.shape == (4,) and ((paired >= 0) & (paired <= 1)).all()
+    single = predictor.match(images[0], texts[0])
+    assert isinstance(single, float) and single == pytest.approx(paired[0].item(), abs=1e-5)
+    # one image with many texts: the CNN runs once, the scores are those of the pairs
+    one_image = predictor.match(images[0], texts)
+    pairs = predictor.match([images[0]] * 4, texts)
+    torch.testing.assert_close(one_image, pairs, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="2 images and 3 texts"):
+        predictor.match(images[:2], texts[:3])
+
+
+def test_fill_mask_top_k(predictor, world):
+    result = predictor.fill_mask(world.image(0), "the red shape is a [MASK]", top_k=5)
+    assert len(result) == 1 and len(result[0]) == 5
+    words, probs = zip(*result[0])
+    assert all(0.0 <= p <= 1.0 for p in probs)
+    assert list(probs) == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
+    assert all(w in predictor.tokenizer.vocab for w in words)
+    two = predictor.fill_mask([world.image(0), world.image(1)], ["a [MASK] [MASK]", "the [MASK] is red"], top_k=3)
+    assert [len(r) for r in two] == [2, 1] and all(len(c) == 3 for r in two for c in r)
+    with pytest.raises(ValueError, match=r"no \[MASK\]"):
+        predictor.fill_mask(world.image(0), "a red circle")
+
+
+def test_answer_needs_a_vqa_head(predictor, checkpoint, world):
+    with pytest.raises(ValueError, match="VQA head") as err:
+        predictor.answer(world.image(0), "what colour is the circle ?")
+    assert checkpoint in str(err.value) and "pretrain" in str(err.value)
+
+
+def test_answer_with_vqa_checkpoint(vqa_checkpoint, world):
+    vqa = PixelBertPredictor.from_checkpoint(vqa_checkpoint)
+    answers = vqa.answer(world.image(0), "what colour is the circle ?", top_k=4)
+    assert len(answers) == 4
+    names, scores = zip(*answers)
+    assert all(n in vqa.answers for n in names) and len(set(names)) == 4
+    assert all(0.0 <= s <= 1.0 for s in scores) and list(scores) == sorted(scores, reverse=True)
+    # sigmoid scores (BCE training), not a softmax: they are the model's logits through a sigmoid
+    ids, mask = vqa._texts(["what colour is the circle ?"])
+    pixels, pixel_mask, _ = vqa._images([world.image(0)])
+    with torch.no_grad():
+        logits = vqa.model(ids, mask, pixels, pixel_mask)[0]
+    assert scores[0] == pytest.approx(torch.sigmoid(logits).max().item(), abs=1e-6)
+    with pytest.raises(ValueError, match="ITM"):
+        vqa.match(world.image(0), "a red circle")
+    with pytest.raises(ValueError, match="MLM"):
+        vqa.fill_mask(world.image(0), "a [MASK] circle")
+    assert vqa.attention_maps(world.image(0), "what colour ?").maps.ndim == 3  # any checkpoint has attention
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+def test_unreadable_image(predictor, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    with pytest.raises(ImageLoadError, match="broken.png") as err:
+        predictor.match(str(broken), "a red circle")
+    assert err.value.reason == "corrupt_image"
+    with pytest.raises(ImageLoadError, match="not found"):
+        predictor.attention_maps(str(tmp_path / "missing.png"), "a red circle")
+
+
+def test_long_text_warns_and_truncates(predictor, world):
+    limit = predictor.config.max_text_len
+    text = " ".join(["a red circle"] * limit)
+    with pytest.warns(TextTruncatedWarning, match=f"truncated to the model's max_text_len {limit}"):
+        maps = predictor.attention_maps(world.image(0), text)
+    assert len(maps.tokens) == limit and maps.tokens[-1] == "[SEP]"
+    with pytest.warns(TextTruncatedWarning):
+        assert 0.0 <= predictor.match(world.image(0), text) <= 1.0
+
+
+def test_checkpoint_without_vocab_is_refused(checkpoint, tmp_path):
+    ckpt = read_checkpoint(checkpoint)
+    model = PixelBertForPreTraining(config_from_dict(ModelConfig, ckpt["model_config"]))
+    path = str(tmp_path / "novocab.pt")
+    save_model(model, path, extra={"task": "pretrain"})
+    with pytest.raises(ValueError, match="vocab"):
+        PixelBertPredictor.from_checkpoint(path)
+
+
+# ---- the picture ---------------------------------------------------------------------------------------
+
+def test_visualize_writes_png(checkpoint, world, tmp_path):
+    image_path, out = str(tmp_path / "scene.png"), str(tmp_path / "attention.png")
+    world.image(0).save(image_path)
+    visualize_main(["--checkpoint", checkpoint, "--image", image_path, "--text", "a red circle",
+                    "--tokens", "red", "circle", "--panel-size", "120", "--out", out])
+    with Image.open(out) as png:
+        png.load()
+        assert png.format == "PNG" and png.mode == "RGB"
+        assert png.size == figure_size(world.image(0).size, 2, panel=120)
+        pixels = np.asarray(png)
+    assert pixels.std() > 20  # a picture, not a blank canvas
+    with pytest.raises(SystemExit, match="not in the text's tokens"):
+        visualize_main(["--checkpoint", checkpoint, "--image", image_path, "--text", "a red circle",
+                        "--tokens", "square", "--out", out])
+    for action in get_args_parser()._actions:
+        assert action.help, f"--help says nothing about {action.option_strings}"
+
+
+def test_overlay_puts_heat_where_attention_is():
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    attention = torch.zeros(4, 4)
+    attention[0, 3] = 1.0  # all attention on the top-right cell
+    heat = np.asarray(overlay(image, attention), dtype=np.float32).sum(axis=2)
+    assert heat[:16, 48:].mean() > 2 * heat[48:, :16].mean()
+
+
+# ---- attention in boxes (evidence for PAPER.md section 7) ------------------------------------------
+
+def test_box_ratio_arithmetic():
+    weights = box_cell_weights((0, 0, 24, 16), (64, 64), (4, 4))  # cells of 16 px
+    np.testing.assert_allclose(weights[0], [1.0, 0.5, 0.0, 0.0])
+    assert weights[1:].sum() == 0
+    assert weights.sum() * 16 * 16 == pytest.approx(24 * 16)  # cell-area fractions add up to the box area
+    assert attention_in_box_ratio(np.ones((4, 4)), (5, 7, 40, 33), (64, 64)) == pytest.approx(1.0)
+    peaked = np.zeros((4, 4))
+    peaked[0, 0] = 1.0
+    box = (0, 0, 16, 16)  # exactly that cell: 1/16 of the image holds all the attention
+    assert attention_in_box_ratio(peaked, box, (64, 64)) == pytest.approx(16.0)
+    assert attention_in_box_ratio(peaked, (32, 32, 64, 64), (64, 64)) == 0.0
+
+
+def test_untrained_model_scores_about_one(checkpoint, tmp_path):
+    """The same measure on a randomly initialised model is close to 1: the ratio is not biased."""
+    ckpt = read_checkpoint(checkpoint)
+    model = PixelBertForPreTraining(config_from_dict(ModelConfig, ckpt["model_config"]))
+    path = str(tmp_path / "untrained.pt")
+    save_model(model, path, extra={"task": "pretrain", "vocab": ckpt["vocab"]})
+    result = colour_attention_in_boxes(PixelBertPredictor.from_checkpoint(path), num_images=100, seed=HELD_OUT_SEED)
+    assert abs(result.per_layer[0] - 1.0) < 0.1
+
+
+def test_box_measure_detects_an_attention_that_localises():
+    """The evidence pipeline (scenes, captions, boxes, grid orientation, paired control) run on an
+    oracle whose "attention" for a colour word is where that colour is in the image: it must score
+    far above 1 with a large paired t. A transposed grid or a box in the wrong units would fail."""
+    from pixel_bert.inference import AttentionMaps
+
+    class Oracle:
+        config = ModelConfig(image_short_side=64, image_long_side=64, num_layers=1, num_heads=1,
+                             hidden_size=8, backbone_weights=None)
+        grid = (4, 4)
+
+        def _forward_attentions(self, images, texts):
+            return images, texts, None, None
+
+        def _maps_from(self, images, texts, mask, sizes, layer, head, renormalize):
+            result = []
+            for image, text in zip(images, texts):
+                rgb = np.asarray(image, dtype=np.float32)                       # (H, W, 3)
+                tokens = ["[CLS]"] + text.split() + ["[SEP]"]
+                maps = []
+                for t in tokens:
+                    if t in synthetic.COLOURS:
+                        near = np.abs(rgb - np.array(synthetic.COLOURS[t])).max(-1) < 60
+                        cells = near.reshape(4, 16, 4, 16).mean(axis=(1, 3)) + 1e-3
+                    else:
+                        cells = np.ones((4, 4))
+                    maps.append(cells / cells.sum())
+                result.append(AttentionMaps(tokens, torch.tensor(np.stack(maps)), torch.ones(len(tokens)),
+                                            self.grid, image.size, layer, head, renormalize))
+            return result
+
+    result = colour_attention_in_boxes(Oracle(), num_images=60, seed=HELD_OUT_SEED)
+    assert result.per_layer[0] > 3.0 and result.per_layer_other[0] < 0.5
+    assert result.paired_t[0] > 10
