@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from pixel_bert import metrics, nlvr2, retrieval, vqa
-from pixel_bert.data import ImageTransform
+from pixel_bert.data import ImageTransform, read_json
 from pixel_bert.downstream import broadcast_from_main
 from pixel_bert.engine import DistInfo, cleanup_distributed, setup_distributed
 from pixel_bert.tokenizer import WordPieceTokenizer
@@ -159,16 +159,6 @@ def evaluate_split(task: str, model, tokenizer: WordPieceTokenizer, args, split:
 #                                      Model-free scoring
 # -------------------------------------------------------------------------------------------------
 
-def _load_json(path: str, what: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: file not found (expected {what})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected {what}") from e
-
-
 def score_files(args) -> Dict[str, Any]:
     """--predictions / --scores: score saved results against the official annotation files."""
     if args.scores:
@@ -179,9 +169,9 @@ def score_files(args) -> Dict[str, Any]:
     if args.task == "vqa":
         if not args.annotations:
             raise SystemExit("error: --predictions for vqa needs --annotations v2_mscoco_<split>_annotations.json")
-        preds = _load_json(args.predictions, 'a VQA results file: [{"question_id": int, "answer": str}, ...]')
-        anns = _load_json(args.annotations, "the official v2_mscoco_<split>_annotations.json")
-        questions = _load_json(args.questions, "the official questions file") if args.questions else None
+        preds = read_json(args.predictions, 'a VQA results file: [{"question_id": int, "answer": str}, ...]')
+        anns = read_json(args.annotations, "the official v2_mscoco_<split>_annotations.json")
+        questions = read_json(args.questions, "the official questions file") if args.questions else None
         result = metrics.vqa_accuracy(preds, anns, questions)
         return {k: v for k, v in result.items() if k != "per_question"}
     if args.task == "nlvr2":

@@ -282,10 +282,10 @@ class AnnotationError(ValueError):
     """An annotation file is not in the expected format; the message names the file and the entry."""
 
 
-def _read_json(path: str, expected: str) -> Any:
+def read_json(path: str, expected: str) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: annotation file not found (expected {expected})")
+        raise FileNotFoundError(f"{path}: file not found (expected {expected})")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -328,7 +328,7 @@ def read_coco_captions(annotation_json: str, image_root: str) -> List[CaptionRec
     ``"coco:{image_id}"``; sizes come from the json (no file needs opening to group by aspect).
     """
     path = os.fspath(annotation_json)
-    data = _read_json(path, "a COCO captions file with 'images' and 'annotations'")
+    data = read_json(path, "a COCO captions file with 'images' and 'annotations'")
     images = _list_field(data, "images", "the top-level object", path)
     annotations = _list_field(data, "annotations", "the top-level object", path)
     by_id: Dict[int, Tuple[str, Optional[Tuple[int, int]]]] = {}
@@ -363,7 +363,7 @@ def _karpathy_images(dataset_json: str, splits: Sequence[str]) -> Tuple[str, str
     if unknown:
         raise ValueError(f"unknown Karpathy split(s) {unknown}; the splits are {list(KARPATHY_SPLITS)}")
     path = os.fspath(dataset_json)
-    data = _read_json(path, "a Karpathy dataset_*.json with 'images'")
+    data = read_json(path, "a Karpathy dataset_*.json with 'images'")
     images = _list_field(data, "images", "the top-level object", path)
     dataset = data.get("dataset", "karpathy")
     if not isinstance(dataset, str):
@@ -448,7 +448,7 @@ def read_visual_genome(region_json: str, image_data_json: str, image_root: str,
     """
     exclude = set(exclude_coco_ids)
     info_path = os.fspath(image_data_json)
-    image_data = _read_json(info_path, "Visual Genome image_data.json (a list of images)")
+    image_data = read_json(info_path, "Visual Genome image_data.json (a list of images)")
     if not isinstance(image_data, list):
         raise AnnotationError(f"{info_path}: top level is a {type(image_data).__name__}, "
                               "expected a list of images")
@@ -465,7 +465,7 @@ def read_visual_genome(region_json: str, image_data_json: str, image_root: str,
         info[image_id] = (coco_id, size)
 
     path = os.fspath(region_json)
-    regions_by_image = _read_json(path, "Visual Genome region_descriptions.json (a list of images)")
+    regions_by_image = read_json(path, "Visual Genome region_descriptions.json (a list of images)")
     if not isinstance(regions_by_image, list):
         raise AnnotationError(f"{path}: top level is a {type(regions_by_image).__name__}, expected a list")
     records = []

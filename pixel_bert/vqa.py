@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import AnnotationError, ImageLoadError, _field, _list_field, _read_json, load_image, pad_images
+from .data import AnnotationError, ImageLoadError, _field, _list_field, read_json, load_image, pad_images
 from .downstream import Progress, eval_autocast, gather_to_main, sharded_loader, unwrap_model
 from .engine import DistInfo
 
@@ -90,14 +90,14 @@ def read_vqa(root: str, split: str, image_root: Optional[str] = None,
     ``max_questions`` keeps the first N questions (quick runs)."""
     q_path, a_path = vqa_files(root, split)
     image_root = root if image_root is None else image_root
-    q_data = _read_json(q_path, "a VQA questions file with 'questions'")
+    q_data = read_json(q_path, "a VQA questions file with 'questions'")
     raw_questions = _list_field(q_data, "questions", "the top-level object", q_path)
     if max_questions is not None:
         raw_questions = raw_questions[:max_questions]
     annotations = None
     by_qid: Dict[int, dict] = {}
     if a_path is not None:
-        a_data = _read_json(a_path, "a VQA annotations file with 'annotations'")
+        a_data = read_json(a_path, "a VQA annotations file with 'annotations'")
         annotations = _list_field(a_data, "annotations", "the top-level object", a_path)
         for i, ann in enumerate(annotations):
             qid = _field(ann, "question_id", int, f"annotations[{i}]", a_path)
