@@ -179,3 +179,30 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     assert "2 process(es)" in proc.stdout and "16 samples per step" in proc.stdout
     result = json.load(open(out / "result.json"))
     assert result["steps"] == 4 and result["pairs"] == 32  # held-out evaluation sharded over both ranks
+
+
+def test_itm_joins_at_itm_start_step():
+    """Before itm_start_step the loss is MLM alone on matched pairs (masked at the early rate);
+    from that step on, half the pairs are mismatched and ITM is in the loss."""
+    cfg = make_model_config("tiny", hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64)
+    model = PixelBertForPreTraining(cfg).train()
+
+    class Tok:
+        special_ids, mask_id, vocab_size = SPECIAL, 4, 64
+    ids, mask = _captions(64, 10)
+    batch = dict(input_ids=ids, attention_mask=mask, images=torch.randn(64, 3, 64, 64),
+                 pixel_mask=torch.ones(64, 64, 64, dtype=torch.bool), image_keys=[str(i) for i in range(64)])
+    train_cfg = make_train_config("pretrain", itm_start_step=10, mlm_probability_before_itm=0.6)
+    early = pretrain_step(model, batch, Tok, train_cfg, torch.device("cpu"), step=9)
+    assert torch.allclose(early["loss"], early["mlm_loss"])  # ITM weighs nothing yet
+    from pixel_bert.pretrain import prepare_pretrain_batch
+    masked, _, labels, itm_labels = prepare_pretrain_batch(batch, Tok, train_cfg, 64, itm=False)
+    assert itm_labels.eq(1).all()  # no mismatched pairs while MLM runs alone
+    early_rate = (labels != IGNORE_INDEX).float().sum() / (mask & (ids > 4)).sum()
+    masked, _, labels, itm_labels = prepare_pretrain_batch(batch, Tok, train_cfg, 64, itm=True)
+    assert 0.3 < itm_labels.mean() < 0.7
+    pos = itm_labels.bool()  # matched rows keep their own caption, so ids[pos] is what was masked
+    late_rate = (labels[pos] != IGNORE_INDEX).float().sum() / (mask[pos] & (ids[pos] > 4)).sum()
+    assert early_rate > 0.5 and late_rate < 0.3  # 60% before ITM joins, the paper's 15% after
+    late = pretrain_step(model, batch, Tok, train_cfg, torch.device("cpu"), step=10)
+    assert torch.allclose(late["loss"], late["mlm_loss"] + late["itm_loss"])
