@@ -40,7 +40,7 @@ import torch
 from pixel_bert import metrics, nlvr2, retrieval, vqa
 from pixel_bert.data import ImageTransform, read_json
 from pixel_bert.downstream import broadcast_from_main
-from pixel_bert.engine import DistInfo, cleanup_distributed, setup_distributed
+from pixel_bert.engine import exit_after_distributed_run, DistInfo, cleanup_distributed, setup_distributed
 from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.weights import load_model
 
@@ -259,3 +259,4 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    exit_after_distributed_run()

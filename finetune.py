@@ -38,7 +38,7 @@ from pixel_bert import nlvr2, retrieval, synthetic, synthetic_tasks, vqa
 from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, apply_overrides, config_from_dict,
                                config_to_dict, make_model_config, make_train_config)
 from pixel_bert.downstream import TaskConfig, check_splits
-from pixel_bert.engine import Trainer, cleanup_distributed, setup_distributed, unwrap
+from pixel_bert.engine import exit_after_distributed_run, Trainer, cleanup_distributed, setup_distributed, unwrap
 from pixel_bert.heads import TASK_MODELS
 from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.weights import create_model, load_checkpoint_weights, read_checkpoint, resolve_bert
@@ -291,3 +291,4 @@ def run(args, info):
 
 if __name__ == "__main__":
     main()
+    exit_after_distributed_run()

@@ -24,7 +24,8 @@ from pixel_bert import data as D
 from pixel_bert import synthetic
 from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, apply_overrides, config_to_dict,
                                make_model_config, make_train_config)
-from pixel_bert.engine import Trainer, all_reduce_mean, cleanup_distributed, setup_distributed, unwrap
+from pixel_bert.engine import (Trainer, all_reduce_mean, cleanup_distributed, exit_after_distributed_run,
+                               setup_distributed, unwrap)
 from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
 from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.weights import create_model, resolve_bert
@@ -218,3 +219,4 @@ def evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info) ->
 
 if __name__ == "__main__":
     main()
+    exit_after_distributed_run()

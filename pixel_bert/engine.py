@@ -65,8 +65,22 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup_distributed():
+    """Leave the process group together: a rank that tears gloo down while another still writes its
+    files can abort the other's connection (seen as SIGABRT at exit)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_after_distributed_run():
+    """End a torchrun worker once its work is done and its files are written. torch's gloo backend
+    can abort at interpreter shutdown after a clean run ("terminate called without an active
+    exception", seen in about a third of 2-process CPU runs with torch 2.14), so a worker of a
+    multi-process run leaves without the C++ destructors. A single process exits normally."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def all_reduce_mean(values: Dict[str, float], info: DistInfo) -> Dict[str, float]:
@@ -392,9 +406,10 @@ class Trainer:
         checksum per parameter, gathered from all ranks). BatchNorm running statistics are not
         compared: DDP copies rank 0's buffers at the start of each forward, and rank 0 saves them."""
         sums = torch.stack([p.detach().double().sum() for p in unwrap(self.model).parameters()]).to(self.info.device)
-        gathered = [torch.zeros_like(sums) for _ in range(self.info.world_size)]
-        dist.all_gather(gathered, sums)
-        return all(torch.equal(gathered[0], g) for g in gathered[1:])
+        low, high = sums.clone(), sums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        return torch.equal(low, high)
 
     def _zero_loss(self) -> torch.Tensor:
         """A loss of 0 connected to every trainable parameter, so DDP's all-reduce still happens."""

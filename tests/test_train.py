@@ -2,6 +2,7 @@
 learning, exact resume, and 2-process DDP."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -168,7 +169,11 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
 
 def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    with socket.socket() as s:  # a free port for the static rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}",
            os.path.join(ROOT, "train.py")] + TINY + [
         "--output-dir", str(out), "--synthetic-images", "64", "--batch_size", "8",
         "--synthetic-eval-images", "32", "--epochs", "1", "--resume", "none"]
