@@ -38,7 +38,7 @@ from pixel_bert import nlvr2, retrieval, synthetic, synthetic_tasks, vqa
 from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, apply_overrides, config_from_dict,
                                config_to_dict, make_model_config, make_train_config)
 from pixel_bert.downstream import TaskConfig, check_splits
-from pixel_bert.engine import exit_after_distributed_run, Trainer, cleanup_distributed, setup_distributed, unwrap
+from pixel_bert.engine import Trainer, distributed, exit_after_distributed_run, unwrap
 from pixel_bert.heads import TASK_MODELS
 from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.weights import create_model, load_checkpoint_weights, read_checkpoint, resolve_bert
@@ -202,11 +202,8 @@ def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_c
 
 def main(argv: Optional[List[str]] = None):
     args = get_args_parser().parse_args(argv)
-    info = setup_distributed(args.device)
-    try:
+    with distributed(args.device) as info:
         return run(args, info)
-    finally:
-        cleanup_distributed()
 
 
 def run(args, info):

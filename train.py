@@ -24,8 +24,8 @@ from pixel_bert import data as D
 from pixel_bert import synthetic
 from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, apply_overrides, config_to_dict,
                                make_model_config, make_train_config)
-from pixel_bert.engine import (Trainer, all_reduce_mean, cleanup_distributed, exit_after_distributed_run,
-                               setup_distributed, unwrap)
+from pixel_bert.engine import (Trainer, all_reduce_mean, distributed, exit_after_distributed_run,
+                               unwrap)
 from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
 from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.weights import create_model, resolve_bert
@@ -144,11 +144,8 @@ def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
 
 def main(argv: Optional[List[str]] = None):
     args = get_args_parser().parse_args(argv)
-    info = setup_distributed(args.device)
-    try:
+    with distributed(args.device) as info:
         return run(args, info)
-    finally:
-        cleanup_distributed()
 
 
 def run(args, info):

@@ -72,6 +72,17 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def distributed(device: str = "auto"):
+    """``with distributed(args.device) as info:`` joins the torchrun process group (if any) and
+    leaves it on the way out, also after an error: the one set-up/tear-down of every script."""
+    info = setup_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup_distributed()
+
+
 def exit_after_distributed_run():
     """End a torchrun worker once its work is done and its files are written. torch's gloo backend
     can abort at interpreter shutdown after a clean run ("terminate called without an active
