@@ -35,12 +35,11 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from pixel_bert import metrics, nlvr2, retrieval, vqa
 from pixel_bert.data import ImageTransform, read_json
 from pixel_bert.downstream import broadcast_from_main
-from pixel_bert.engine import exit_after_distributed_run, DistInfo, cleanup_distributed, setup_distributed
+from pixel_bert.engine import (DistInfo, cleanup_distributed, exit_after_distributed_run, setup_distributed,
+                               share_cpu_threads)
 from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.weights import load_model
 
@@ -231,8 +230,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         raise SystemExit("error: give --checkpoint (run a model) or --predictions / --scores (score files)")
     info = setup_distributed(args.device)
     try:
-        if info.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        share_cpu_threads(info)
         model, ckpt = load_model(args.checkpoint)
         task = ckpt.get("task")
         if task != args.task:

@@ -38,7 +38,7 @@ from pixel_bert import nlvr2, retrieval, synthetic, synthetic_tasks, vqa
 from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, apply_overrides, config_from_dict,
                                config_to_dict, make_model_config, make_train_config)
 from pixel_bert.downstream import TaskConfig, check_splits
-from pixel_bert.engine import Trainer, distributed, exit_after_distributed_run, unwrap
+from pixel_bert.engine import Trainer, distributed, exit_after_distributed_run, share_cpu_threads, unwrap
 from pixel_bert.heads import TASK_MODELS
 from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.weights import create_model, load_checkpoint_weights, read_checkpoint, resolve_bert
@@ -210,8 +210,7 @@ def run(args, info):
     log = print if info.is_main else (lambda *_: None)
     out_dir = args.output_dir or os.path.join("runs", f"finetune-{args.task}")
     os.makedirs(out_dir, exist_ok=True)
-    if info.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    share_cpu_threads(info)
     synthetic_data = not has_real_data(args)
     eval_split = args.eval_split or VAL_SPLITS[args.task]
     check_splits(eval_split)  # before any work: a test split is never used here
@@ -235,7 +234,10 @@ def run(args, info):
                                                                        out_dir, log)
     if ckpt is not None:
         model = TASK_MODELS[args.task](model_cfg)
-        report = load_checkpoint_weights(model, ckpt["model"], args.init, verbose=False)
+        state = ckpt["model"]
+        if args.task == "retrieval" and task_cfg.retrieval_head_from_itm:
+            state = retrieval.itm_as_retrieval_head(state, log)
+        report = load_checkpoint_weights(model, state, args.init, verbose=False)
         log(f"init: {report.summary()}")
         if not any(k.startswith("bert.") for k in report.loaded):
             raise ValueError(f"{args.init}: no shared bert.* weights were loaded")

@@ -25,7 +25,7 @@ from pixel_bert import synthetic
 from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, apply_overrides, config_to_dict,
                                make_model_config, make_train_config)
 from pixel_bert.engine import (Trainer, all_reduce_mean, distributed, exit_after_distributed_run,
-                               unwrap)
+                               share_cpu_threads, unwrap)
 from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
 from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.weights import create_model, resolve_bert
@@ -152,9 +152,7 @@ def run(args, info):
     model_cfg, train_cfg = build_configs(args)
     out_dir = args.output_dir or os.path.join("runs", args.config)
     os.makedirs(out_dir, exist_ok=True)
-    if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # share the cores between processes
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    share_cpu_threads(info)
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
 
     dataset, groups, held_out, synthetic_data = build_datasets(args, model_cfg, train_cfg)

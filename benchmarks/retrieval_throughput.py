@@ -48,7 +48,6 @@ def main(argv=None):
                             intermediate_size=4 * args.hidden_size, backbone_stages=args.backbone_stages,
                             image_short_side=args.image_size, image_long_side=args.image_size)
     model = PixelBertForRetrieval(cfg).eval()
-    device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         path = synthetic_tasks.write_retrieval(tmp, 0, 0, args.images, image_size=args.image_size,
                                                captions_per_image=args.captions_per_image)

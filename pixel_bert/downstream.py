@@ -35,6 +35,10 @@ class TaskConfig:
                                           # / "images": only one kind [choice: the paper does not say]
     retrieval_softmax_all: bool = False   # False: softmax over the positive and the hard negatives; True:
                                           # over all 1 + negatives, the easy ones as fixed offsets [choice]
+    retrieval_head_from_itm: bool = True  # start the retrieval score layer from a pre-training checkpoint's
+                                          # ITM classifier (both are Linear(h, 1) on [CLS] ranking matched
+                                          # pairs above unmatched ones), so ranking starts from what ITM
+                                          # learned; False: a new layer [choice: the paper does not say]
     # ---- evaluation ------------------------------------------------------------------------------
     eval_batch_size: int = 64             # images or questions per evaluation batch (per process)
     retrieval_eval_pairs: int = 1024      # image-caption pairs scored per forward pass in retrieval evaluation

@@ -11,7 +11,6 @@ import contextlib
 import datetime
 import glob
 import json
-import math
 import os
 import random
 import re
@@ -70,6 +69,15 @@ def cleanup_distributed():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def share_cpu_threads(info: "DistInfo") -> None:
+    """On CPU, split the cores between the processes of this node, unless OMP_NUM_THREADS says how
+    many threads each should use. (Oversubscribed cores are far slower than idle ones: two threads
+    per process on a busy 2-core machine measured about 15x slower than one.)"""
+    if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 @contextlib.contextmanager

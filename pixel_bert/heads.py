@@ -11,8 +11,6 @@ Every task model keeps the shared network under ``.bert``, so a pre-training che
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

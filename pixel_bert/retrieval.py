@@ -183,6 +183,23 @@ def hard_negative_loss(pos: torch.Tensor, neg: torch.Tensor, num_hard: int, soft
     return F.cross_entropy(logits.float(), target), hard_idx
 
 
+ITM_TO_RETRIEVAL = {"itm.classifier.weight": "retrieval.score.weight", "itm.classifier.bias": "retrieval.score.bias"}
+
+
+def itm_as_retrieval_head(state: Dict[str, torch.Tensor], log=print) -> Dict[str, torch.Tensor]:
+    """A copy of a pre-training state dict whose ITM classifier (eq. 5's linear layer) also serves
+    as the retrieval score layer (TaskConfig.retrieval_head_from_itm): the ITM logit already
+    ranks matched pairs above unmatched ones. A state dict without an ITM head comes back as it is."""
+    if not all(k in state for k in ITM_TO_RETRIEVAL):
+        log("retrieval head: new (the checkpoint has no ITM head)")
+        return state
+    state = dict(state)
+    for src, dst in ITM_TO_RETRIEVAL.items():
+        state.setdefault(dst, state[src])  # a retrieval checkpoint keeps its own trained head
+    log("retrieval head: initialised from the checkpoint's ITM classifier")
+    return state
+
+
 def _score(model, input_ids, attention_mask, visual: VisualTokens, chunk: Optional[int] = None):
     """Retrieval scores of aligned (text, visual) rows, in chunks of ``chunk`` pairs."""
     if chunk is None or len(input_ids) <= chunk:

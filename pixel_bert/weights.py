@@ -6,7 +6,6 @@ pre-trained weights silently failed to load (PAPER.md section 8).
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import urllib.request
@@ -16,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig, config_from_dict, config_to_dict, model_config_from_bert
+from .config import ModelConfig, config_from_dict, config_to_dict
 
 HF_BERT_URL = "https://huggingface.co/{name}/resolve/main/{file}"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixel_bert")

@@ -394,6 +394,30 @@ def test_finetune_then_evaluate_end_to_end(task, pre_ckpt, tmp_path):
         assert files["recall"] == final["recall"]
 
 
+def test_retrieval_head_starts_as_the_itm_classifier(pre_ckpt, ret_ckpt, tokenizer):
+    """retrieval_head_from_itm: a pre-training checkpoint's ITM logit becomes the first ranking
+    score (same pairs, same numbers); a retrieval checkpoint keeps its own trained head."""
+    from pixel_bert.weights import load_checkpoint_weights, read_checkpoint
+    pre = read_checkpoint(pre_ckpt)
+    pre_model = PixelBertForPreTraining(tiny_cfg()).eval()
+    load_checkpoint_weights(pre_model, pre["model"], pre_ckpt, verbose=False)
+    ret_model = PixelBertForRetrieval(tiny_cfg()).eval()
+    load_checkpoint_weights(ret_model, retrieval.itm_as_retrieval_head(pre["model"], log=lambda *_: None),
+                            pre_ckpt, verbose=False)
+    torch.manual_seed(3)
+    images = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    text = tokenizer(["a red circle", "the square is blue", "two shapes"], max_length=16)
+    with torch.no_grad():
+        itm_logit = pre_model(text.input_ids, text.attention_mask, images)[2]
+        score = ret_model(text.input_ids, text.attention_mask, images)
+    torch.testing.assert_close(score, itm_logit)
+    own = read_checkpoint(ret_ckpt)["model"]
+    kept = retrieval.itm_as_retrieval_head({**own, "itm.classifier.weight": torch.zeros(1, 64),
+                                            "itm.classifier.bias": torch.zeros(1)}, log=lambda *_: None)
+    assert torch.equal(kept["retrieval.score.weight"], own["retrieval.score.weight"])
+    assert retrieval.itm_as_retrieval_head(own, log=lambda *_: None) is own  # no ITM head: unchanged
+
+
 def test_finetune_refuses_to_evaluate_on_a_test_split(pre_ckpt, tmp_path):
     with pytest.raises(ValueError, match="test split"):
         finetune.main(["--task", "nlvr2", "--init", pre_ckpt, "--output-dir", str(tmp_path), "--eval-split", "test1"])
