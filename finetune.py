@@ -34,14 +34,14 @@ from torch.utils.data import BatchSampler, DistributedSampler
 
 import evaluate as evaluation
 from pixel_bert import data as D
-from pixel_bert import nlvr2, retrieval, synthetic, synthetic_tasks, vqa
-from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, apply_overrides, config_from_dict,
+from pixel_bert import nlvr2, retrieval, synthetic_tasks, vqa
+from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, apply_overrides,
                                config_to_dict, make_model_config, make_train_config)
 from pixel_bert.downstream import TaskConfig, check_splits
 from pixel_bert.engine import Trainer, distributed, exit_after_distributed_run, share_cpu_threads, unwrap
 from pixel_bert.heads import TASK_MODELS
-from pixel_bert.tokenizer import WordPieceTokenizer
-from pixel_bert.weights import create_model, load_checkpoint_weights, read_checkpoint, resolve_bert
+from pixel_bert.tokenizer import tokenizer_for_run
+from pixel_bert.weights import config_for_init, create_model, load_checkpoint_weights, read_checkpoint
 
 # Overrides of the paper's task presets for the synthetic CPU demo: a tiny model, minutes of
 # training, so a higher lr, a short warm-up and few epochs (as train.py's "demo" preset).
@@ -125,30 +125,10 @@ def build_model_config(args, synthetic_data: bool):
     """(ModelConfig, init checkpoint dict or None): the checkpoint's own sizes, or a preset's."""
     if args.init and args.init != "none":
         ckpt = read_checkpoint(args.init)
-        cfg = config_from_dict(ModelConfig, dict(ckpt["model_config"]))
-        changed = apply_overrides(cfg, args)
-        cfg.backbone_weights, cfg.bert_weights = None, None  # the checkpoint holds both
-        return cfg, ckpt, changed
+        cfg = config_for_init(ckpt)
+        return cfg, ckpt, apply_overrides(cfg, args)
     cfg = make_model_config(args.model_preset or ("tiny" if synthetic_data else "r50"))
     return cfg, None, apply_overrides(cfg, args)
-
-
-def build_tokenizer(cfg: ModelConfig, ckpt: Optional[dict], out_dir: str, synthetic_data: bool) -> WordPieceTokenizer:
-    """The checkpoint's own vocabulary; else vocab_file, the synthetic one, or the BERT checkpoint's."""
-    path = os.path.join(out_dir, "vocab.txt")
-    if ckpt is not None and "vocab" in ckpt:
-        tok = WordPieceTokenizer.from_tokens(ckpt["vocab"], path)
-    elif cfg.vocab_file:
-        tok = WordPieceTokenizer(cfg.vocab_file)
-    elif synthetic_data:
-        tok = WordPieceTokenizer(synthetic.write_vocab(path, pad_to=cfg.vocab_size))
-    elif cfg.bert_weights:
-        tok = WordPieceTokenizer(os.path.join(resolve_bert(cfg.bert_weights), "vocab.txt"))
-    else:
-        raise ValueError("no vocabulary: the --init checkpoint has none; give --vocab_file or --bert_weights")
-    if tok.vocab_size != cfg.vocab_size:
-        raise ValueError(f"the vocabulary has {tok.vocab_size} entries but vocab_size is {cfg.vocab_size}")
-    return tok
 
 
 def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir, log):
@@ -229,7 +209,7 @@ def run(args, info):
     apply_overrides(task_cfg, args)
     torch.manual_seed(train_cfg.seed)
 
-    tokenizer = build_tokenizer(model_cfg, ckpt, out_dir, synthetic_data)
+    tokenizer = tokenizer_for_run(model_cfg, out_dir, synthetic_data, ckpt and ckpt.get("vocab"))
     dataset, make_collate, groups, extra, make_step = build_train_data(args, task_cfg, model_cfg, train_cfg,
                                                                        out_dir, log)
     if ckpt is not None:

@@ -1,6 +1,8 @@
 """Pre-train Pixel-BERT with MLM (eq. 4) + ITM (eq. 5) and random pixel sampling (PAPER.md section 2).
 
     python train.py                                   # the synthetic CPU demo (tiny model, minutes)
+    python train.py --init runs/demo/model.pt --synthetic-max-shapes 3 --itm_start_step 0 \\
+        --output-dir runs/demo-scenes                 # its second stage: scenes of 1-3 shapes
     torchrun --nproc_per_node=2 train.py              # the same demo in 2 processes
     torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --config pretrain-r50 --coco-karpathy dataset_coco.json --coco-images COCO/ \\
@@ -27,8 +29,9 @@ from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, a
 from pixel_bert.engine import (Trainer, all_reduce_mean, distributed, exit_after_distributed_run,
                                share_cpu_threads, unwrap)
 from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
-from pixel_bert.tokenizer import WordPieceTokenizer
-from pixel_bert.weights import create_model, resolve_bert
+from pixel_bert.heads import PixelBertForPreTraining
+from pixel_bert.tokenizer import tokenizer_for_run
+from pixel_bert.weights import config_for_init, create_model, load_checkpoint_weights, read_checkpoint
 
 # preset name -> (model preset, train preset, train overrides). The demo's recipe differs from the
 # paper's only where a tiny model trained from scratch for minutes needs it (higher lr, short
@@ -55,6 +58,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "pretrain-x152 (the paper's). Field flags below override it.")
     parser.add_argument("--output-dir", default=None, help="run folder: config, checkpoints, metrics "
                         "(default runs/<config>)")
+    parser.add_argument("--init", default="none", help="start from this checkpoint's weights (a model.pt of "
+                        "train.py): its model config and vocabulary are kept, the optimizers, schedule and step "
+                        "start afresh (e.g. continue pre-training on other data; the demo's second stage). "
+                        "'none': the preset's BERT / ImageNet initialisation")
     parser.add_argument("--resume", default="auto", help="'auto': continue from the newest valid checkpoint "
                         "in the run folder if any; a path: that checkpoint; 'none': start afresh")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
@@ -75,38 +82,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic world "
                       "(held-out images use seed+1)")
     data.add_argument("--synthetic-max-shapes", type=int, default=1, help="shapes per synthetic image, 1 to 3 "
-                      "(default 1: one-shape scenes are what the tiny CPU demo learns in minutes; more "
-                      "shapes need binding words to shapes, which takes far longer)")
+                      "(default 1: one-shape scenes are what the tiny CPU demo learns from scratch in minutes; "
+                      "from scratch on 1-3 shapes it had not started after 2,100 steps. The demo's second "
+                      "stage, --init from the one-shape model, learns 1-3 shapes)")
     add_config_arguments(parser, ModelConfig)
     add_config_arguments(parser, TrainConfig)
     return parser
 
 
-def build_configs(args):
+def build_configs(args, init: Optional[dict] = None):
+    """(ModelConfig, TrainConfig): the preset's (the model's from the ``--init`` checkpoint when
+    given), then the field flags."""
     model_preset, train_preset, train_overrides = PRESETS[args.config]
-    model_cfg = make_model_config(model_preset)
+    model_cfg = config_for_init(init) if init is not None else make_model_config(model_preset)
     train_cfg = make_train_config(train_preset, **train_overrides)
     apply_overrides(model_cfg, args)
     apply_overrides(train_cfg, args)
     return model_cfg, train_cfg
-
-
-def build_tokenizer(model_cfg: ModelConfig, out_dir: str, synthetic_data: bool) -> WordPieceTokenizer:
-    """The vocabulary: the config's vocab_file, else the synthetic one for synthetic data, else the
-    vocab.txt of the BERT checkpoint (bert_weights)."""
-    if model_cfg.vocab_file:
-        path = model_cfg.vocab_file
-    elif synthetic_data:
-        path = synthetic.write_vocab(os.path.join(out_dir, "vocab.txt"), pad_to=model_cfg.vocab_size)
-    elif model_cfg.bert_weights:
-        path = os.path.join(resolve_bert(model_cfg.bert_weights), "vocab.txt")
-    else:
-        raise ValueError("no vocabulary: give --vocab_file or --bert_weights")
-    tokenizer = WordPieceTokenizer(path)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ValueError(f"{path} has {tokenizer.vocab_size} entries but vocab_size is {model_cfg.vocab_size}; "
-                         "pass --vocab_size to match the vocabulary")
-    return tokenizer
 
 
 def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
@@ -149,15 +141,16 @@ def main(argv: Optional[List[str]] = None):
 
 
 def run(args, info):
-    model_cfg, train_cfg = build_configs(args)
+    init = read_checkpoint(args.init) if args.init != "none" else None
+    model_cfg, train_cfg = build_configs(args, init)
     out_dir = args.output_dir or os.path.join("runs", args.config)
     os.makedirs(out_dir, exist_ok=True)
     share_cpu_threads(info)
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
 
     dataset, groups, held_out, synthetic_data = build_datasets(args, model_cfg, train_cfg)
-    tokenizer = build_tokenizer(model_cfg, out_dir, synthetic_data)
-    run_config = {"task": "pretrain", "preset": args.config, "model": config_to_dict(model_cfg),
+    tokenizer = tokenizer_for_run(model_cfg, out_dir, synthetic_data, init and init.get("vocab"))
+    run_config = {"task": "pretrain", "preset": args.config, "init": args.init, "model": config_to_dict(model_cfg),
                   "train": config_to_dict(train_cfg), "world_size": info.world_size,
                   "data": {k: v for k, v in vars(args).items() if k.startswith(("coco", "vg", "synthetic"))},
                   "model_extra": {"vocab": tokenizer.vocab}}
@@ -167,7 +160,13 @@ def run(args, info):
         print(f"run folder {out_dir}: {len(dataset)} training pairs, model {model_cfg.backbone} + "
               f"{model_cfg.num_layers}x{model_cfg.hidden_size} transformer, device {info.device}, "
               f"{info.world_size} process(es)")
-    model = create_model(model_cfg, "pretrain", verbose=info.is_main)
+    if init is not None:
+        model = PixelBertForPreTraining(model_cfg)
+        report = load_checkpoint_weights(model, init["model"], args.init, verbose=False)
+        if info.is_main:
+            print(f"init: {report.summary()}")
+    else:
+        model = create_model(model_cfg, "pretrain", verbose=info.is_main)
 
     def make_batch_sampler(epoch: int):
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,

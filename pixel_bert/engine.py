@@ -83,12 +83,20 @@ def share_cpu_threads(info: "DistInfo") -> None:
 @contextlib.contextmanager
 def distributed(device: str = "auto"):
     """``with distributed(args.device) as info:`` joins the torchrun process group (if any) and
-    leaves it on the way out, also after an error: the one set-up/tear-down of every script."""
+    leaves it together with the other ranks on the way out: the one set-up/tear-down of every script.
+
+    A rank that fails leaves at once, without the closing barrier: the other ranks may be blocked
+    in another collective (a DDP broadcast, a gradient all-reduce), and a barrier there would hang
+    the whole job instead of failing it. Its non-zero exit makes torchrun stop the others."""
     info = setup_distributed(device)
     try:
         yield info
-    finally:
-        cleanup_distributed()
+    except BaseException:
+        if info.world_size > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        raise
+    cleanup_distributed()
 
 
 def exit_after_distributed_run():

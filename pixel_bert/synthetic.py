@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD
 from pixel_bert.data import ImageTransform
-from pixel_bert.tokenizer import SPECIAL_TOKENS
+from pixel_bert.tokenizer import SPECIAL_TOKENS, write_vocab_file
 
 # ---- the world -----------------------------------------------------------------------------------
 
@@ -335,10 +335,7 @@ def vocab_tokens(pad_to: Optional[int] = SYNTHETIC_VOCAB_SIZE) -> List[str]:
 
 def write_vocab(path: str, pad_to: Optional[int] = SYNTHETIC_VOCAB_SIZE) -> str:
     """Write the synthetic vocab.txt (one token a line, id = line number) for WordPieceTokenizer."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(vocab_tokens(pad_to)) + "\n")
-    return path
+    return write_vocab_file(vocab_tokens(pad_to), path)
 
 
 # ---- dataset -------------------------------------------------------------------------------------

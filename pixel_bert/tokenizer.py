@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from tokenizers import BertWordPieceTokenizer
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def write_vocab_file(tokens: Sequence[str], path: str) -> str:
+    """Write a vocab.txt (one token a line, id = line number) atomically: to a file of this process,
+    then renamed. Every rank of a torchrun job writes the same vocabulary into the run folder, and a
+    rank must never read another's half-written file (a short vocabulary = a wrong model)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(tokens) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 @dataclass
@@ -56,10 +68,7 @@ class WordPieceTokenizer:
     def from_tokens(cls, tokens: Sequence[str], path: str, lowercase: bool = True) -> "WordPieceTokenizer":
         """Write ``tokens`` (e.g. the ``vocab`` list stored in a pixel-bert checkpoint) as a vocab.txt
         at ``path`` and load it, so a checkpoint carries its own vocabulary."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(tokens) + "\n")
-        return cls(path, lowercase)
+        return cls(write_vocab_file(tokens, path), lowercase)
 
     @property
     def vocab_size(self) -> int:
@@ -100,3 +109,29 @@ class WordPieceTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids))
+
+
+def tokenizer_for_run(config, out_dir: str, synthetic_data: bool, vocab: Optional[Sequence[str]] = None
+                      ) -> WordPieceTokenizer:
+    """The vocabulary of a training run (train.py, finetune.py), kept as ``out_dir/vocab.txt`` when
+    it is written there: ``vocab`` (the token list an ``--init`` checkpoint carries), else
+    ``config.vocab_file``, else the synthetic world's for synthetic data, else the vocab.txt of the
+    BERT checkpoint ``config.bert_weights``. Its size must equal ``config.vocab_size``."""
+    from . import synthetic  # the synthetic world and the weight resolver only when asked for
+    from .weights import resolve_bert
+
+    path = os.path.join(out_dir, "vocab.txt")
+    if vocab:
+        tokenizer = WordPieceTokenizer.from_tokens(vocab, path)
+    elif config.vocab_file:
+        tokenizer = WordPieceTokenizer(config.vocab_file)
+    elif synthetic_data:
+        tokenizer = WordPieceTokenizer(synthetic.write_vocab(path, pad_to=config.vocab_size))
+    elif config.bert_weights:
+        tokenizer = WordPieceTokenizer(os.path.join(resolve_bert(config.bert_weights), "vocab.txt"))
+    else:
+        raise ValueError("no vocabulary: the --init checkpoint has none; give --vocab_file or --bert_weights")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"the vocabulary ({tokenizer.vocab_size} entries) does not match vocab_size "
+                         f"{config.vocab_size}; pass --vocab_size to match it")
+    return tokenizer

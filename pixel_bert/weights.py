@@ -324,6 +324,14 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def config_for_init(ckpt: dict) -> ModelConfig:
+    """The model config of a checkpoint that starts a new run (``--init``): its own sizes, with the
+    BERT / ImageNet initial-weight paths cleared, since the checkpoint holds both."""
+    config = config_from_dict(ModelConfig, dict(ckpt["model_config"]))
+    config.backbone_weights, config.bert_weights = None, None
+    return config
+
+
 def load_checkpoint_weights(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
                             strict_bert: bool = True, verbose: bool = True) -> LoadReport:
     """Load a pixel-bert state dict into a task model. Tensors are matched by name; the shared

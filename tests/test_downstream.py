@@ -418,6 +418,56 @@ def test_retrieval_head_starts_as_the_itm_classifier(pre_ckpt, ret_ckpt, tokeniz
     assert retrieval.itm_as_retrieval_head(own, log=lambda *_: None) is own  # no ITM head: unchanged
 
 
+def _real_layout(task, root):
+    """Synthetic task files moved into the folder layouts of the real downloads (README "Real
+    data"); returns the data flags a user would pass for them."""
+    import shutil
+    made = synthetic_tasks.write_task(task, str(root / "gen"), 12, 4, 4, image_size=IMAGE_SIZE)
+    if task == "vqa":  # VQA/ holds the json files, COCO/ the image folders
+        for folder in ("train2014", "val2014", "test2015"):
+            shutil.move(os.path.join(made, folder), root / "COCO" / folder)
+        shutil.move(made, root / "VQA")
+        return ["--vqa-root", str(root / "VQA"), "--vqa-images", str(root / "COCO")]
+    if task == "nlvr2":  # nlvr2/data/*.json and nlvr2/images/{train/<directory>,dev,test1}/
+        os.makedirs(root / "nlvr2" / "data")
+        for split in ("train", "dev", "test1"):
+            shutil.move(os.path.join(made, f"{split}.json"), root / "nlvr2" / "data" / f"{split}.json")
+        shutil.move(os.path.join(made, "images"), root / "nlvr2" / "images")
+        return ["--nlvr2-root", str(root / "nlvr2" / "data"), "--nlvr2-images", str(root / "nlvr2" / "images")]
+    # Flickr30K: dataset_flickr30k.json (no "filepath") and every image in flickr30k-images/
+    data = json.load(open(made))
+    for image in data["images"]:
+        del image["filepath"]
+    data["dataset"] = "flickr30k"
+    json.dump(data, open(root / "dataset_flickr30k.json", "w"))
+    shutil.move(os.path.join(os.path.dirname(made), "images"), root / "flickr30k-images")
+    return ["--karpathy-json", str(root / "dataset_flickr30k.json"), "--retrieval-images", str(root / "flickr30k-images")]
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])
+def test_finetune_and_evaluate_read_the_real_layouts(task, pre_ckpt, tmp_path):
+    flags = _real_layout(task, tmp_path)
+    run = str(tmp_path / "run")
+    small = ["--max-steps", "2", "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "--warmup_steps", "1"]
+    if task == "retrieval":
+        small += ["--retrieval_negatives", "6", "--retrieval_hard_negatives", "2"]
+    result = finetune.main(["--task", task, "--init", pre_ckpt, "--output-dir", run] + small + flags)
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["synthetic"] is False and not os.path.exists(os.path.join(run, "data"))
+    assert config["preset"] == {"vqa": "vqa", "nlvr2": "nlvr2", "retrieval": "retrieval-f30k"}[task]
+    test_split = {"vqa": "test-dev2015", "nlvr2": "test1", "retrieval": "test"}[task]
+    scored = evaluate.main(["--task", task, "--checkpoint", os.path.join(run, "model.pt"), "--split", test_split,
+                            "--output-dir", str(tmp_path / "eval"), "--num-workers", "0"] + flags)
+    if task == "vqa":
+        assert result["eval"]["n_questions"] == 12
+        assert {r["question_id"] for r in json.load(open(scored["predictions_file"]))} == {
+            q["question_id"] for q in json.load(open(tmp_path / "VQA" / "v2_OpenEnded_mscoco_test-dev2015_questions.json"))["questions"]}
+    elif task == "nlvr2":
+        assert result["eval"]["n"] == 16 and scored["n"] == 16
+    else:
+        assert result["eval"]["n_images"] == 4 and scored["n_images"] == 4 and scored["n_captions"] == 20
+
+
 def test_finetune_refuses_to_evaluate_on_a_test_split(pre_ckpt, tmp_path):
     with pytest.raises(ValueError, match="test split"):
         finetune.main(["--task", "nlvr2", "--init", pre_ckpt, "--output-dir", str(tmp_path), "--eval-split", "test1"])

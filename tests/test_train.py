@@ -147,6 +147,28 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
+def test_init_starts_a_new_run_from_a_checkpoint(tmp_path):
+    """--init: the weights, model sizes and vocabulary come from the checkpoint; the step, schedule
+    and optimizers start afresh (a second pre-training stage, as the demo's multi-shape stage)."""
+    first = tmp_path / "first"
+    data = ["--synthetic-images", "32", "--synthetic-eval-images", "0", "--batch_size", "8", "--resume", "none"]
+    train.main(TINY + data + ["--output-dir", str(first), "--epochs", "1", "--warmup_steps", "1"])
+    # no model flags here: without the checkpoint's sizes the demo's 4x128 model would not load it
+    plain = ["--num_workers", "0", "--device", "cpu", "--log_every", "1", "--init", str(first / "model.pt")]
+    same = train.main(plain + data + ["--output-dir", str(tmp_path / "same"), "--max-steps", "0"])
+    assert same["steps"] == 0
+    a, b = _weights(first / "model.pt"), _weights(tmp_path / "same" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.load(open(tmp_path / "same" / "config.json"))
+    assert config["init"] == str(first / "model.pt") and config["model"]["hidden_size"] == 64
+    assert open(tmp_path / "same" / "vocab.txt").read() == open(first / "vocab.txt").read()
+    more = train.main(plain + data + ["--output-dir", str(tmp_path / "more"), "--max-steps", "2",
+                                      "--synthetic-max-shapes", "3", "--warmup_steps", "4"])
+    assert more["steps"] == 2 and more["resumed_from"] is None
+    steps = [json.loads(line) for line in open(tmp_path / "more" / "metrics.jsonl")]
+    assert [r["step"] for r in steps if r["kind"] == "train"] == [1, 2]
+
+
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
     out = tmp_path / "run"
     train.main(TINY + ["--output-dir", str(out), "--synthetic-images", "48", "--batch_size", "8",
@@ -183,6 +205,29 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     assert "2 process(es)" in proc.stdout and "16 samples per step" in proc.stdout
     result = json.load(open(out / "result.json"))
     assert result["steps"] == 4 and result["pairs"] == 32  # held-out evaluation sharded over both ranks
+
+
+def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
+    """An error on one rank while the other waits in a collective: the job must end with the error
+    (torchrun stops the waiting rank), not hang at a closing barrier."""
+    script = tmp_path / "fail_on_rank1.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from pixel_bert.engine import distributed\n"
+        "with distributed('cpu') as info:\n"
+        "    if info.rank == 1:\n"
+        "        raise RuntimeError('rank 1 fails on purpose')\n"
+        "    dist.broadcast(torch.zeros(1), src=1)  # waits for rank 1, which never comes\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in proc.stderr
 
 
 def test_itm_joins_at_itm_start_step():
