@@ -3,9 +3,10 @@ evaluate on the val/dev split (section 4).
 
     # synthetic demo (default when no data path is given): the task's data are generated in the
     # official formats into RUN/data/ and read by the same loaders as the real files
-    python finetune.py --task vqa --init runs/demo/model.pt --output-dir runs/ft-vqa
-    python finetune.py --task nlvr2 --init runs/demo/model.pt --output-dir runs/ft-nlvr2
-    python finetune.py --task retrieval --init runs/demo/model.pt --output-dir runs/ft-ret
+    # (runs/demo-scenes/model.pt: the two-stage demo pre-training of train.py, see the README)
+    python finetune.py --task vqa --init runs/demo-scenes/model.pt --output-dir runs/ft-vqa
+    python finetune.py --task nlvr2 --init runs/demo-scenes/model.pt --output-dir runs/ft-nlvr2 --synthetic-train 2000
+    python finetune.py --task retrieval --init runs/demo-scenes/model.pt --output-dir runs/ft-ret
 
     # the paper's recipes on the real data (16 GPUs for VQA/NLVR2, 8 for retrieval)
     torchrun --nproc_per_node=8 --nnodes=2 ... finetune.py --task vqa --init runs/pretrain-r50/model.pt \\
