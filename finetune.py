@@ -31,7 +31,6 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DistributedSampler
 
 import evaluate as evaluation
 from pixel_bert import data as D
@@ -40,9 +39,8 @@ from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, a
                                config_to_dict, make_model_config, make_train_config)
 from pixel_bert.downstream import TaskConfig, check_splits
 from pixel_bert.engine import Trainer, distributed, exit_after_distributed_run, share_cpu_threads, unwrap
-from pixel_bert.heads import TASK_MODELS
 from pixel_bert.tokenizer import tokenizer_for_run
-from pixel_bert.weights import config_for_init, create_model, load_checkpoint_weights, read_checkpoint
+from pixel_bert.weights import config_for_init, create_model, model_from_state, read_checkpoint
 
 # Overrides of the paper's task presets for the synthetic CPU demo: a tiny model, minutes of
 # training, so a higher lr, a short warm-up and few epochs (as train.py's "demo" preset).
@@ -214,14 +212,10 @@ def run(args, info):
     dataset, make_collate, groups, extra, make_step = build_train_data(args, task_cfg, model_cfg, train_cfg,
                                                                        out_dir, log)
     if ckpt is not None:
-        model = TASK_MODELS[args.task](model_cfg)
         state = ckpt["model"]
         if args.task == "retrieval" and task_cfg.retrieval_head_from_itm:
             state = retrieval.itm_as_retrieval_head(state, log)
-        report = load_checkpoint_weights(model, state, args.init, verbose=False)
-        log(f"init: {report.summary()}")
-        if not any(k.startswith("bert.") for k in report.loaded):
-            raise ValueError(f"{args.init}: no shared bert.* weights were loaded")
+        model = model_from_state(args.task, model_cfg, state, args.init, log)
     else:
         model = create_model(model_cfg, args.task, verbose=info.is_main)
 
@@ -241,13 +235,8 @@ def run(args, info):
             f"{model_cfg.num_layers}x{model_cfg.hidden_size}, device {info.device}, {info.world_size} process(es)"
             + (f"; model flags changed: {model_changed}" if model_changed else ""))
 
-    def make_batch_sampler(epoch: int):
-        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                     seed=train_cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        if groups is not None:
-            return D.GroupedBatchSampler(sampler, groups, train_cfg.batch_size)
-        return BatchSampler(sampler, train_cfg.batch_size, drop_last=True)
+    make_batch_sampler = D.epoch_batch_sampler(dataset, train_cfg.batch_size, train_cfg.seed, info.world_size,
+                                               info.rank, groups)
 
     trainer = Trainer(model, train_cfg, out_dir, dataset, make_collate(tokenizer), make_batch_sampler,
                       make_step(info.device), info, run_config)

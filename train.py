@@ -20,7 +20,7 @@ import time
 from typing import List, Optional
 
 import torch
-from torch.utils.data import BatchSampler, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from pixel_bert import data as D
 from pixel_bert import synthetic
@@ -29,9 +29,8 @@ from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, a
 from pixel_bert.engine import (Trainer, all_reduce_mean, distributed, exit_after_distributed_run,
                                share_cpu_threads, unwrap)
 from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
-from pixel_bert.heads import PixelBertForPreTraining
 from pixel_bert.tokenizer import tokenizer_for_run
-from pixel_bert.weights import config_for_init, create_model, load_checkpoint_weights, read_checkpoint
+from pixel_bert.weights import config_for_init, create_model, model_from_state, read_checkpoint
 
 # preset name -> (model preset, train preset, train overrides). The demo's recipe differs from the
 # paper's only where a tiny model trained from scratch for minutes needs it (higher lr, short
@@ -161,20 +160,13 @@ def run(args, info):
               f"{model_cfg.num_layers}x{model_cfg.hidden_size} transformer, device {info.device}, "
               f"{info.world_size} process(es)")
     if init is not None:
-        model = PixelBertForPreTraining(model_cfg)
-        report = load_checkpoint_weights(model, init["model"], args.init, verbose=False)
-        if info.is_main:
-            print(f"init: {report.summary()}")
+        model = model_from_state("pretrain", model_cfg, init["model"], args.init,
+                                 log=print if info.is_main else (lambda *_: None))
     else:
         model = create_model(model_cfg, "pretrain", verbose=info.is_main)
 
-    def make_batch_sampler(epoch: int):
-        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                     seed=train_cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        if groups is not None:
-            return D.GroupedBatchSampler(sampler, groups, train_cfg.batch_size)
-        return BatchSampler(sampler, train_cfg.batch_size, drop_last=True)
+    make_batch_sampler = D.epoch_batch_sampler(dataset, train_cfg.batch_size, train_cfg.seed, info.world_size,
+                                               info.rank, groups)
 
     collate = D.CaptionCollator(tokenizer, model_cfg.max_text_len)
     trainer = Trainer(model, train_cfg, out_dir, dataset, collate, make_batch_sampler,

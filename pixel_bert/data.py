@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Se
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
 # Largest image (width x height) we agree to decode: Pillow's own default, about 89.5M pixels
 # (a 1 GB RGBA buffer / 4 / 3). The biggest COCO / VG images are around 1M pixels, so anything
@@ -706,3 +706,19 @@ class GroupedBatchSampler(Sampler[List[int]]):
         if self.drop_last:
             return len(self.sampler) // self.batch_size
         return math.ceil(len(self.sampler) / self.batch_size)
+
+
+def epoch_batch_sampler(dataset: Dataset, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
+                        groups: Optional[Sequence[int]] = None):
+    """``make_batch_sampler(epoch)`` for `pixel_bert.engine.Trainer`: this rank's share of the
+    dataset, shuffled per epoch with the same permutation on every rank (``drop_last``, so every rank
+    takes the same number of steps), in batches of ``batch_size``; grouped by aspect ratio when
+    ``groups`` (`aspect_ratio_group_ids`) are given."""
+    def make(epoch: int):
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
+        if groups is not None:
+            return GroupedBatchSampler(sampler, groups, batch_size)
+        return BatchSampler(sampler, batch_size, drop_last=True)
+    return make

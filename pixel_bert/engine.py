@@ -89,13 +89,7 @@ def distributed(device: str = "auto"):
     in another collective (a DDP broadcast, a gradient all-reduce), and a barrier there would hang
     the whole job instead of failing it. Its non-zero exit makes torchrun stop the others."""
     info = setup_distributed(device)
-    try:
-        yield info
-    except BaseException:
-        if info.world_size > 1:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        raise
+    yield info  # an error in the body propagates from here, skipping the closing barrier below
     cleanup_distributed()
 
 

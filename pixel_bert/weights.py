@@ -351,6 +351,17 @@ def load_checkpoint_weights(model: nn.Module, state: Dict[str, torch.Tensor], so
     return report
 
 
+def model_from_state(task: str, config: ModelConfig, state: Dict[str, torch.Tensor], source: str,
+                     log=print) -> nn.Module:
+    """The ``task`` model (pixel_bert.heads.TASK_MODELS) started from a checkpoint's state dict
+    (``--init`` of train.py and finetune.py): the shared bert.* part must load completely, heads of
+    the same name load too, the others start new; the load report is logged."""
+    from .heads import TASK_MODELS
+    model = TASK_MODELS[task](config)
+    log(f"init: {load_checkpoint_weights(model, state, source, verbose=False).summary()}")
+    return model
+
+
 def load_model(path: str, task: Optional[str] = None, **config_overrides):
     """Build the task model stored in (or asked of) a checkpoint and load its weights.
 
