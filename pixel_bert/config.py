@@ -16,64 +16,32 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
+from .model import PixelBertConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
-class ModelConfig:
-    # ---- visual embedding, eq. (1) --------------------------------------------------------------
-    backbone: str = "resnet50"            # resnet18/34/50/101/152 or resnext152_32x8d [paper: R50, X152]
+class ModelConfig(PixelBertConfig):
+    """Everything a run needs to build and feed the model: the network's own fields
+    (`pixel_bert.model.PixelBertConfig`, inherited) plus the image sizes and normalisation, the text
+    length, the vocabulary file and the initial weights. Saved in every checkpoint."""
+    # ---- initial weights and pixel sampling (Sec. 3.3) ------------------------------------------
     backbone_weights: Optional[str] = "imagenet"  # "imagenet" (torchvision enum), a state-dict file, or None
-    backbone_stages: int = 4              # ResNet stages kept (4 = full trunk, stride 32); tiny uses fewer
-    freeze_backbone_bn: bool = True       # BatchNorm statistics frozen: padded, variable-size batches of
-                                          # 64/GPU would corrupt batch statistics (detection practice) [choice]
-    visual_proj_kernel: int = 1           # conv from backbone channels to hidden size: 1x1 [choice]
-    visual_pool: int = 2                  # 2x2 max-pool after the conv -> stride 64 [paper]
     num_sampled_pixels: int = 100         # random pixel sampling in pre-training [paper]
+    # ---- image input -----------------------------------------------------------------------------
     image_short_side: int = 800           # keep-ratio resize [paper: 800/1333 for R50]
     image_long_side: int = 1333           # cap on the longer side after the resize [paper: 1333 for R50]
     image_mean: Tuple[float, float, float] = IMAGENET_MEAN  # of the torchvision weights [choice]
     image_std: Tuple[float, float, float] = IMAGENET_STD  # per-channel std of the normalisation [choice]
-    # ---- language embedding, eq. (2), and cross-modality transformer, eq. (3) --------------------
-    vocab_size: int = 30522               # bert-base-uncased WordPiece vocabulary [choice]
-    hidden_size: int = 768                # BERT-base sizes [paper: 12 layers; the rest BERT's, choice]
-    num_layers: int = 12                  # transformer layers [paper]
-    num_heads: int = 12                   # attention heads
-    intermediate_size: int = 3072         # FFN width
-    hidden_act: str = "gelu"              # FFN activation: gelu (BERT), gelu_new or relu
-    hidden_dropout: float = 0.1           # dropout on embeddings and block outputs (BERT)
-    attention_dropout: float = 0.1        # dropout on attention probabilities (BERT)
-    max_position_embeddings: int = 512    # text positions the embedding table holds (BERT)
-    type_vocab_size: int = 2              # token-type table (only type 0 is used: s_w of eq. 2)
-    layer_norm_eps: float = 1e-12         # BERT's LayerNorm epsilon
-    initializer_range: float = 0.02       # BERT init: normal(0, 0.02), zero bias, LayerNorm 1/0 [choice]
-    pad_token_id: int = 0                 # id of [PAD] in the vocabulary
+    # ---- text input ------------------------------------------------------------------------------
     max_text_len: int = 40                # tokens incl. [CLS]/[SEP]; longer captions are truncated [choice]
-    attention_impl: str = "sdpa"          # "sdpa" (F.scaled_dot_product_attention) or "manual"
-    gradient_checkpointing: bool = False  # recompute transformer blocks in backward to save memory
-    # ---- heads -----------------------------------------------------------------------------------
-    tie_mlm_decoder: bool = True          # MLM output layer tied to the word embeddings [choice]
-    num_answers: int = 3129               # VQA answer vocabulary size [choice: community standard]
     vocab_file: Optional[str] = None      # WordPiece vocab.txt; None = bert-base-uncased's (downloaded)
     bert_weights: Optional[str] = None    # HF BERT directory/file to initialise from ("bert-base-uncased")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def feature_stride(self) -> int:
-        """Input pixels per feature pixel: the backbone's stride times the pool."""
-        return 2 ** (self.backbone_stages + 1) * self.visual_pool
-
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if not 1 <= self.backbone_stages <= 4:
-            raise ValueError(f"backbone_stages must be 1..4, got {self.backbone_stages}")
-        if self.attention_impl not in ("sdpa", "manual"):
-            raise ValueError(f"attention_impl must be 'sdpa' or 'manual', got {self.attention_impl!r}")
+        super().__post_init__()
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
 
@@ -241,7 +209,8 @@ def field_help(cls) -> Dict[str, str]:
     import re
     docs: Dict[str, str] = {}
     last = None
-    for line in inspect.getsource(cls).splitlines():
+    sources = [inspect.getsource(c) for c in cls.__mro__ if dataclasses.is_dataclass(c)]
+    for line in "\n".join(sources).splitlines():
         m = re.match(r"\s+(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
         if m and m.group(1) in {f.name for f in fields(cls)}:
             last = m.group(1)

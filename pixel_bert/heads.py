@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .model import PixelBert, PixelBertOutput, _ACTIVATIONS
+from .model import ACTIVATIONS, PixelBert, PixelBertConfig, PixelBertOutput
 
 
 def init_bert_style(module: nn.Module, std: float):
@@ -37,10 +36,10 @@ class MLMHead(nn.Module):
     The decoder shares its weight with the word embedding table [choice, as BERT], plus its own bias.
     """
 
-    def __init__(self, config: ModelConfig, word_embeddings: nn.Embedding):
+    def __init__(self, config: PixelBertConfig, word_embeddings: nn.Embedding):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.hidden_act]()
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         init_bert_style(self, config.initializer_range)
@@ -57,7 +56,7 @@ class MLMHead(nn.Module):
 class ITMHead(nn.Module):
     """Eq. (5): the matching score S_θ(w, I) = sigmoid(w^T h_[CLS] + b); returns the logit."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.classifier = nn.Linear(config.hidden_size, 1)
         init_bert_style(self, config.initializer_range)
@@ -74,7 +73,7 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, eps: float) -> nn.Sequential:
 class VQAHead(nn.Module):
     """Section 3: Linear(H, 2H) -> GELU -> LayerNorm -> Linear(2H, num_answers) on [CLS] [choice]."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.mlp = _mlp(config.hidden_size, 2 * config.hidden_size, config.num_answers, config.layer_norm_eps)
         init_bert_style(self, config.initializer_range)
@@ -86,7 +85,7 @@ class VQAHead(nn.Module):
 class NLVR2Head(nn.Module):
     """Section 3: the two pairs' [CLS] outputs concatenated -> MLP -> 2 logits (false, true)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.mlp = _mlp(2 * config.hidden_size, 2 * config.hidden_size, 2, config.layer_norm_eps)
         init_bert_style(self, config.initializer_range)
@@ -98,7 +97,7 @@ class NLVR2Head(nn.Module):
 class RetrievalHead(nn.Module):
     """Section 3: one linear score per (image, text) pair on [CLS]; ranked by softmax over 21."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.score = nn.Linear(config.hidden_size, 1)
         init_bert_style(self, config.initializer_range)
@@ -114,7 +113,7 @@ class RetrievalHead(nn.Module):
 class PixelBertForPreTraining(nn.Module):
     """PixelBert + MLM head (eq. 4) + ITM head (eq. 5): one forward pass serves both losses."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.config = config
         self.bert = PixelBert(config)
@@ -131,7 +130,7 @@ class PixelBertForPreTraining(nn.Module):
 class PixelBertForVQA(nn.Module):
     """PixelBert + VQAHead (section 3)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.config = config
         self.bert = PixelBert(config)
@@ -145,7 +144,7 @@ class PixelBertForVQA(nn.Module):
 class PixelBertForNLVR2(nn.Module):
     """PixelBert + NLVR2Head: each (image, sentence) pair goes through the model on its own."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.config = config
         self.bert = PixelBert(config)
@@ -179,7 +178,7 @@ class PixelBertForRetrieval(nn.Module):
     """PixelBert + RetrievalHead. ``score(input_ids, attention_mask, visual)`` scores pairs whose
     image features were computed once by ``bert.encode_image`` (the CNN never runs per pair)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.config = config
         self.bert = PixelBert(config)

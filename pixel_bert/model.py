@@ -1,14 +1,18 @@
-"""Pixel-BERT: a CNN over image pixels and a BERT over words and feature pixels (PAPER.md section 1).
+"""Pixel-BERT: a CNN over image pixels and a BERT over words and feature pixels (Sec. 3.2 of the
+paper; docs/paper.md maps every equation to the code).
 
 The file follows the paper's equations, one class per concept:
 
+    PixelBertConfig        the network's sizes and switches (the fields this file reads)
     VisualEmbedding        eq. (1)  v̂_i = v_i + s_v            CNN -> conv -> 2x2 max-pool -> pixels
     TextEmbedding          eq. (2)  ŵ_i = LayerNorm(w_i + p_i)  BERT's embedding layer
     SelfAttention/Block    eq. (3)  every token attends to every token, text and pixels alike
     PixelBert                       [CLS] ŵ_1..ŵ_n [SEP] v̂_1..v̂_k -> hidden states (B, L, H)
 
 With ``images=None`` PixelBert is exactly BERT (a BERT checkpoint is verified this way).
-Task heads live in `pixel_bert/heads.py`; weight loading in `pixel_bert/weights.py`.
+This file needs only torch and torchvision: copy it into another codebase and it works.
+Task heads live in `pixel_bert/heads.py`; weight loading in `pixel_bert/weights.py`; the run-level
+configuration (image sizes, initial weights) in `pixel_bert/config.py`.
 """
 from __future__ import annotations
 
@@ -23,7 +27,58 @@ import torch.utils.checkpoint
 import torchvision
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from .config import ModelConfig
+
+@dataclass
+class PixelBertConfig:
+    """The network's own configuration. Defaults are the paper's R50 model: ResNet-50 and BERT-base.
+    [paper] marks what the paper states, [choice] what it leaves open (docs/paper.md has the table)."""
+    # ---- visual embedding, eq. (1) --------------------------------------------------------------
+    backbone: str = "resnet50"            # resnet18/34/50/101/152 or resnext152_32x8d [paper: R50, X152]
+    backbone_stages: int = 4              # ResNet stages kept (4 = full trunk, stride 32); tiny uses fewer
+    freeze_backbone_bn: bool = True       # BatchNorm statistics frozen: padded, variable-size batches of
+                                          # 64/GPU would corrupt batch statistics (detection practice) [choice]
+    visual_proj_kernel: int = 1           # conv from backbone channels to hidden size: 1x1 [choice]
+    visual_pool: int = 2                  # 2x2 max-pool after the conv -> stride 64 [paper]; ceil mode, so
+                                          # the last row/column of an odd grid is pooled too [choice]
+    # ---- language embedding, eq. (2), and cross-modality transformer, eq. (3) --------------------
+    vocab_size: int = 30522               # bert-base-uncased WordPiece vocabulary [choice]
+    hidden_size: int = 768                # BERT-base sizes [paper: 12 layers; the rest BERT's, choice]
+    num_layers: int = 12                  # transformer layers [paper]
+    num_heads: int = 12                   # attention heads
+    intermediate_size: int = 3072         # FFN width
+    hidden_act: str = "gelu"              # FFN activation: gelu (BERT), gelu_new or relu
+    hidden_dropout: float = 0.1           # dropout on embeddings and block outputs (BERT)
+    attention_dropout: float = 0.1        # dropout on attention probabilities (BERT)
+    max_position_embeddings: int = 512    # text positions the embedding table holds (BERT)
+    type_vocab_size: int = 2              # token-type table (only type 0 is used: s_w of eq. 2)
+    layer_norm_eps: float = 1e-12         # BERT's LayerNorm epsilon
+    initializer_range: float = 0.02       # BERT init: normal(0, 0.02), zero bias, LayerNorm 1/0 [choice]
+    pad_token_id: int = 0                 # id of [PAD] in the vocabulary
+    attention_impl: str = "sdpa"          # "sdpa" (F.scaled_dot_product_attention) or "manual"
+    gradient_checkpointing: bool = False  # recompute transformer blocks in backward to save memory
+    # ---- heads (pixel_bert/heads.py) -------------------------------------------------------------
+    tie_mlm_decoder: bool = True          # MLM output layer tied to the word embeddings [choice]
+    num_answers: int = 3129               # VQA answer vocabulary size [choice: community standard]
+
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per feature pixel: the backbone's stride times the pool."""
+        return 2 ** (self.backbone_stages + 1) * self.visual_pool
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not 1 <= self.backbone_stages <= 4:
+            raise ValueError(f"backbone_stages must be 1..4, got {self.backbone_stages}")
+        if self.attention_impl not in ("sdpa", "manual"):
+            raise ValueError(f"attention_impl must be 'sdpa' or 'manual', got {self.attention_impl!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
+
+
+# BERT's activation names -> a constructor; each module builds its own instance.
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_new": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
+
 
 # -------------------------------------------------------------------------------------------------
 #                                        Backbone
@@ -126,7 +181,7 @@ class VisualEmbedding(nn.Module):
     only, since fine-tuning and testing use all pixels [paper].
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.config = config
         self.backbone = BackboneTrunk(build_resnet(config.backbone), config.backbone_stages)
@@ -178,7 +233,7 @@ class TextEmbedding(nn.Module):
     table so that a BERT checkpoint loads unchanged [choice].
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.word = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
@@ -208,7 +263,7 @@ class SelfAttention(nn.Module):
     path computes the same numbers and also returns the attention probabilities (visualisation).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.num_heads = config.num_heads
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
@@ -234,18 +289,15 @@ class SelfAttention(nn.Module):
         return self.out(y), probs
 
 
-_ACTIVATIONS = {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}
-
-
 class TransformerBlock(nn.Module):
     """One BERT layer (post-LayerNorm): x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.attention = SelfAttention(config)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn_in = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.hidden_act]()
         self.ffn_out = nn.Linear(config.intermediate_size, config.hidden_size)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -282,7 +334,7 @@ class PixelBert(nn.Module):
     ``model(input_ids, attention_mask, visual=visual[rows])``.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.config = config
         self.text_embedding = TextEmbedding(config)

@@ -1,0 +1,75 @@
+"""model.py (and heads.py beside it) copy out of the repository and work with only torch and
+torchvision: nanoGPT's promise for its model.py, kept here for the reference's readers."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pixel_bert
+
+PACKAGE_DIR = os.path.dirname(pixel_bert.__file__)
+
+# Run first in the child: any attempt to import this repository's package fails, so the copy must
+# stand on its own (the venv's editable install would otherwise find pixel_bert).
+BLOCK_PACKAGE = textwrap.dedent("""
+    import sys
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name == "pixel_bert" or name.startswith("pixel_bert."):
+                raise ImportError("pixel_bert must not be needed by the copied file")
+    sys.meta_path.insert(0, _Block())
+""")
+
+
+def run_child(code: str, cwd: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", BLOCK_PACKAGE + textwrap.dedent(code)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_model_py_copies_out_alone(tmp_path):
+    shutil.copy(os.path.join(PACKAGE_DIR, "model.py"), tmp_path / "model.py")
+    stdout = run_child("""
+        import torch
+        from model import PixelBert, PixelBertConfig
+        cfg = PixelBertConfig(backbone="resnet18", backbone_stages=2, freeze_backbone_bn=False, vocab_size=50,
+                              hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+        model = PixelBert(cfg).eval()
+        ids = torch.randint(1, 50, (2, 7))
+        out = model(ids, torch.ones_like(ids), images=torch.randn(2, 3, 64, 64))
+        print(tuple(out.hidden.shape), out.visual.grid)
+    """, str(tmp_path))
+    # 7 text tokens + a 4x4 grid of feature pixels (64 px at stride 16)
+    assert stdout.split() == ["(2,", "23,", "32)", "(4,", "4)"]
+
+
+def test_heads_py_copies_out_with_model_py(tmp_path):
+    lib = tmp_path / "mylib"
+    lib.mkdir()
+    (lib / "__init__.py").write_text("")
+    for name in ("model.py", "heads.py"):
+        shutil.copy(os.path.join(PACKAGE_DIR, name), lib / name)
+    stdout = run_child("""
+        import torch
+        from mylib.heads import PixelBertForPreTraining, PixelBertForVQA
+        from mylib.model import PixelBertConfig
+        cfg = PixelBertConfig(backbone="resnet18", backbone_stages=2, freeze_backbone_bn=False, vocab_size=50,
+                              hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, num_answers=9)
+        ids = torch.randint(1, 50, (3, 6))
+        images = torch.randn(3, 3, 64, 64)
+        _, mlm, itm = PixelBertForPreTraining(cfg)(ids, torch.ones_like(ids), images)
+        vqa = PixelBertForVQA(cfg)(ids, torch.ones_like(ids), images)
+        print(tuple(mlm.shape), tuple(itm.shape), tuple(vqa.shape))
+    """, str(tmp_path))
+    assert stdout.split() == ["(3,", "6,", "50)", "(3,)", "(3,", "9)"]
+
+
+def test_blocks_do_not_share_activation_modules():
+    from pixel_bert.config import make_model_config
+    from pixel_bert.heads import PixelBertForPreTraining
+    model = PixelBertForPreTraining(make_model_config("tiny"))
+    acts = [m.act for m in model.bert.layers] + [model.mlm.act]
+    assert len({id(a) for a in acts}) == len(acts)
