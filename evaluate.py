@@ -99,7 +99,7 @@ def evaluate_split(task: str, model, tokenizer: WordPieceTokenizer, args, split:
         _need(args, "--vqa-root")
         data = vqa.read_vqa(args.vqa_root, split, vqa_images(args), max_examples)
         dataset = vqa.VQADataset(data.questions, answers, transform)
-        collate = vqa.VQACollator(tokenizer, cfg.max_text_len, len(answers))
+        collate = vqa.VQACollator(tokenizer, cfg.max_text_len, len(answers), cfg.feature_stride)
         preds = vqa.predict_vqa(model, dataset, collate, answers, info, batch_size, num_workers)
         if info.is_main:
             name = "submission" if data.annotations is None else "results"
@@ -116,7 +116,7 @@ def evaluate_split(task: str, model, tokenizer: WordPieceTokenizer, args, split:
         _need(args, "--nlvr2-root")
         examples = nlvr2.read_nlvr2(os.path.join(args.nlvr2_root, f"{split}.json"), nlvr2_images(args), max_examples)
         dataset = nlvr2.NLVR2Dataset(examples, transform)
-        preds = nlvr2.predict_nlvr2(model, dataset, nlvr2.NLVR2Collator(tokenizer, cfg.max_text_len), info,
+        preds = nlvr2.predict_nlvr2(model, dataset, nlvr2.NLVR2Collator(tokenizer, cfg.max_text_len, cfg.feature_stride), info,
                                     batch_size, num_workers)
         if info.is_main:
             path = nlvr2.write_predictions(os.path.join(out_dir, f"nlvr2_{split}_predictions.csv"), preds)

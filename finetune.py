@@ -154,15 +154,15 @@ def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_c
             f"({'dropped' if task_cfg.vqa_drop_unanswerable else 'kept with all-zero targets'})")
         groups = (D.aspect_ratio_group_ids([D.CaptionRecord(q[0].image_path, "", "") for q in dataset.items])
                   if train_cfg.group_by_aspect_ratio else None)
-        collate = lambda tok: vqa.VQACollator(tok, model_cfg.max_text_len, len(answers))  # noqa: E731
-        step = lambda device: (lambda m, b: vqa.vqa_step(m, b, device))  # noqa: E731
+        collate = lambda tok: vqa.VQACollator(tok, model_cfg.max_text_len, len(answers), model_cfg.feature_stride)  # noqa: E731
+        step = lambda device: (lambda m, b, _: vqa.vqa_step(m, b, device))  # noqa: E731
         return dataset, collate, groups, {"answers": answers}, step
     if args.task == "nlvr2":
         examples = nlvr2.read_nlvr2(os.path.join(args.nlvr2_root, "train.json"), evaluation.nlvr2_images(args))
         dataset = nlvr2.NLVR2Dataset(examples, transform, train_cfg.fatal_bad_samples)
         log(f"nlvr2: {len(dataset)} training examples")
-        collate = lambda tok: nlvr2.NLVR2Collator(tok, model_cfg.max_text_len)  # noqa: E731
-        step = lambda device: (lambda m, b: nlvr2.nlvr2_step(m, b, device))  # noqa: E731
+        collate = lambda tok: nlvr2.NLVR2Collator(tok, model_cfg.max_text_len, model_cfg.feature_stride)  # noqa: E731
+        step = lambda device: (lambda m, b, _: nlvr2.nlvr2_step(m, b, device))  # noqa: E731
         return dataset, collate, None, {}, step  # two images per example: no aspect grouping
     coco = "coco" in os.path.basename(args.karpathy_json)
     splits = ("train", "restval") if coco else ("train",)
@@ -172,10 +172,10 @@ def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_c
         f"({task_cfg.retrieval_negative_kind}), {task_cfg.retrieval_hard_negatives} hard; CNN frozen: "
         f"{train_cfg.freeze_backbone}")
     groups = D.aspect_ratio_group_ids(records) if train_cfg.group_by_aspect_ratio else None
-    collate = lambda tok: D.CaptionCollator(tok, model_cfg.max_text_len)  # noqa: E731
-    step = lambda device: (lambda m, b: retrieval.retrieval_step(  # noqa: E731
+    collate = lambda tok: D.CaptionCollator(tok, model_cfg.max_text_len, model_cfg.feature_stride)  # noqa: E731
+    step = lambda device: (lambda m, b, _: retrieval.retrieval_step(  # noqa: E731
         m, b, device, task_cfg.retrieval_negatives, task_cfg.retrieval_hard_negatives,
-        task_cfg.retrieval_negative_kind, task_cfg.retrieval_softmax_all))
+        task_cfg.retrieval_negative_kind, task_cfg.retrieval_loss))
     return dataset, collate, groups, {}, step
 
 
@@ -218,6 +218,8 @@ def run(args, info):
         model = model_from_state(args.task, model_cfg, state, args.init, log)
     else:
         model = create_model(model_cfg, args.task, verbose=info.is_main)
+    if train_cfg.freeze_backbone:
+        model.bert.freeze_backbone(include_projection=train_cfg.freeze_visual_proj)
 
     run_config = {"task": args.task, "preset": preset, "init": args.init, "model": config_to_dict(model_cfg),
                   "train": config_to_dict(train_cfg), "task_config": config_to_dict(task_cfg),

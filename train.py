@@ -13,7 +13,6 @@ Every ModelConfig / TrainConfig field is also a flag (``--lr 5e-5``); ``--help``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from pixel_bert.config import (ModelConfig, TrainConfig, add_config_arguments, a
 from pixel_bert.engine import (Trainer, all_reduce_mean, distributed, exit_after_distributed_run,
                                share_cpu_threads, unwrap)
 from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
+from pixel_bert.files import write_json
 from pixel_bert.tokenizer import tokenizer_for_run
 from pixel_bert.weights import config_for_init, create_model, model_from_state, read_checkpoint
 
@@ -109,8 +109,13 @@ def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
             raise ValueError("--coco-karpathy needs --coco-images (the folder holding train2014/ and val2014/)")
         records += D.read_karpathy(args.coco_karpathy, args.coco_images, splits=("train", "restval"))
     if args.coco_captions:
-        records += D.read_coco_captions(args.coco_captions, args.coco_captions_images or
-                                        os.path.join(os.path.dirname(args.coco_captions), "images"))
+        coco = D.read_coco_captions(args.coco_captions, args.coco_captions_images or
+                                    os.path.join(os.path.dirname(args.coco_captions), "images"))
+        if any("val2014" in r.image_path for r in coco):
+            print(f"warning: {args.coco_captions} holds COCO val2014 images, among them the Karpathy val/test "
+                  "images that retrieval is evaluated on: pre-training on them leaks. For the paper's setup use "
+                  "--coco-karpathy (train + restval only)", file=sys.stderr)
+        records += coco
     if args.vg_regions:
         if not (args.vg_image_data and args.vg_images):
             raise ValueError("--vg-regions needs --vg-image-data and --vg-images")
@@ -134,18 +139,23 @@ def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
 
 
 def main(argv: Optional[List[str]] = None):
-    args = get_args_parser().parse_args(argv)
-    with distributed(args.device) as info:
-        return run(args, info)
-
-
-def run(args, info):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     init = read_checkpoint(args.init) if args.init != "none" else None
-    model_cfg, train_cfg = build_configs(args, init)
+    try:  # cross-field checks (e.g. max_text_len within the position table) as argparse errors
+        configs = build_configs(args, init)
+    except ValueError as e:
+        parser.error(str(e))
+    with distributed(args.device) as info:
+        return run(args, info, init, *configs)
+
+
+def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig):
     out_dir = args.output_dir or os.path.join("runs", args.config)
     os.makedirs(out_dir, exist_ok=True)
     share_cpu_threads(info)
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
+    log = print if info.is_main else (lambda *_: None)
 
     dataset, groups, held_out, synthetic_data = build_datasets(args, model_cfg, train_cfg)
     tokenizer = tokenizer_for_run(model_cfg, out_dir, synthetic_data, init and init.get("vocab"))
@@ -153,26 +163,24 @@ def run(args, info):
                   "train": config_to_dict(train_cfg), "world_size": info.world_size,
                   "data": {k: v for k, v in vars(args).items() if k.startswith(("coco", "vg", "synthetic"))},
                   "model_extra": {"vocab": tokenizer.vocab}}
-    if info.is_main:
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(run_config | {"model_extra": {"vocab_size": tokenizer.vocab_size}}, f, indent=2)
-        print(f"run folder {out_dir}: {len(dataset)} training pairs, model {model_cfg.backbone} + "
-              f"{model_cfg.num_layers}x{model_cfg.hidden_size} transformer, device {info.device}, "
-              f"{info.world_size} process(es)")
+    log(f"run folder {out_dir}: {len(dataset)} training pairs, model {model_cfg.backbone} + "
+        f"{model_cfg.num_layers}x{model_cfg.hidden_size} transformer, device {info.device}, "
+        f"{info.world_size} process(es)")
     if init is not None:
-        model = model_from_state("pretrain", model_cfg, init["model"], args.init,
-                                 log=print if info.is_main else (lambda *_: None))
+        model = model_from_state("pretrain", model_cfg, init["model"], args.init, log=log)
     else:
         model = create_model(model_cfg, "pretrain", verbose=info.is_main)
 
     make_batch_sampler = D.epoch_batch_sampler(dataset, train_cfg.batch_size, train_cfg.seed, info.world_size,
                                                info.rank, groups)
-
-    collate = D.CaptionCollator(tokenizer, model_cfg.max_text_len)
+    collate = D.CaptionCollator(tokenizer, model_cfg.max_text_len, model_cfg.feature_stride)
     trainer = Trainer(model, train_cfg, out_dir, dataset, collate, make_batch_sampler,
-                      lambda m, batch: pretrain_step(m, batch, tokenizer, train_cfg, info.device, trainer.step),
+                      lambda m, batch, step: pretrain_step(m, batch, tokenizer, train_cfg, info.device, step),
                       info, run_config)
     trainer.resume(None if args.resume == "none" else args.resume)
+    if info.is_main:  # only once the resume is accepted: a refused resume leaves the run's files alone
+        write_json(os.path.join(out_dir, "config.json"),
+                   run_config | {"model_extra": {"vocab_size": tokenizer.vocab_size}})
     started, start_step = time.time(), trainer.step
     trainer.fit(max_steps=args.max_steps)
     result = {"train_seconds": time.time() - started, "steps": trainer.step,
@@ -180,8 +188,7 @@ def run(args, info):
     if held_out is not None:
         result.update(evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info))
     if info.is_main:
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(out_dir, "result.json"), result)
     return result
 
 

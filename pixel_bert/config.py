@@ -44,34 +44,57 @@ class ModelConfig(PixelBertConfig):
         super().__post_init__()
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
+        check_fields(self)
+        if self.image_short_side > self.image_long_side:
+            raise ValueError(f"image_short_side {self.image_short_side} > image_long_side {self.image_long_side}")
+        if self.max_text_len > self.max_position_embeddings:
+            raise ValueError(f"max_text_len {self.max_text_len} exceeds the {self.max_position_embeddings} text "
+                             "positions of the embedding table (max_position_embeddings)")
 
 
 @dataclass
 class TrainConfig:
     # ---- optimisers [paper], with SOHO's unstated details [choice] --------------------------------
     cnn_lr: float = 1e-2                  # SGD for the CNN [paper]
-    cnn_weight_decay: float = 5e-4        # SGD weight decay [paper]
+    cnn_weight_decay: float = 5e-4        # SGD weight decay, on every CNN parameter [paper]
     cnn_momentum: float = 0.9             # [choice, from SOHO]
     lr: float = 1e-4                      # AdamW for the transformer and heads [paper]
-    weight_decay: float = 1e-2            # AdamW weight decay (none on biases and LayerNorm) [paper]
+    weight_decay: float = 1e-2            # AdamW weight decay [paper]
+    no_decay_1d: bool = True              # no AdamW weight decay on 1-D parameters: biases, LayerNorm
+                                          # weights and s_v (BERT practice) [choice]
+    visual_embedding_optimizer: str = "adamw"  # eq. (1)'s 1x1 projection and s_v train with "adamw" (the
+                                          # transformer's optimiser and lr: new layers at its width) or
+                                          # "sgd" (the CNN's) [choice: the paper does not say]
     adam_betas: Tuple[float, float] = (0.9, 0.999)  # [choice, from SOHO]
     adam_eps: float = 1e-6                # [choice, from SOHO]
     warmup_steps: int = 1000              # linear warm-up in optimizer steps [choice, from SOHO]
     warmup_start_factor: float = 1.0 / 3  # warm-up starts at lr/3 [choice, from SOHO]
-    grad_clip: float = 10.0               # max global grad norm [choice, from SOHO]
+    grad_clip: float = 10.0               # max global grad norm, 0 = no clipping [choice, from SOHO]
     epochs: int = 40                      # [paper]
     decay_epochs: Tuple[int, ...] = (25, 35)  # lr x decay_factor at these epochs [paper]
     decay_factor: float = 0.1             # lr multiplier at each decay epoch [paper]
-    freeze_backbone: bool = False         # retrieval fine-tuning freezes the CNN [paper]
+    freeze_backbone: bool = False         # the ResNet trunk gets no gradient and keeps its BatchNorm in
+                                          # eval mode (retrieval fine-tuning freezes the CNN [paper])
+    freeze_visual_proj: bool = False      # with freeze_backbone, also freeze eq. (1)'s 1x1 projection and
+                                          # s_v [choice: false, they keep training]
     # ---- batch and precision ---------------------------------------------------------------------
     batch_size: int = 64                  # per process [paper: 64 per GPU x 64 GPUs = 4096]
     grad_accum_steps: int = 1             # micro-batches per optimizer step
-    amp: str = "auto"                     # "auto": bf16 where supported, else fp16 + loss scaling on
-                                          # CUDA, fp32 on CPU; or "bf16" / "fp16" / "none" [choice]
-    max_nonfinite_steps: int = 10         # consecutive non-finite losses tolerated before stopping
+    amp: str = "auto"                     # "auto": bf16 on GPUs with native bf16 (compute capability >= 8.0),
+                                          # fp16 + loss scaling on older GPUs (V100), fp32 on CPU; or
+                                          # "bf16" / "fp16" / "none" [choice]
+    compile: bool = False                 # torch.compile the training model (checkpoints hold the plain
+                                          # module, so a run resumes with compilation on or off)
+    max_nonfinite_steps: int = 10         # consecutive non-finite losses / gradients tolerated before stopping
     # ---- pre-training tasks ----------------------------------------------------------------------
-    mlm_probability: float = 0.15         # [paper]
+    mlm_probability: float = 0.15         # each word token is masked independently with this rate [paper]
+    mlm_min_one_mask: bool = False        # force one masked token into captions that drew none (raises the
+                                          # rate of short captions far above mlm_probability) [choice: off]
     mlm_replace_probs: Tuple[float, float] = (0.8, 0.1)  # [MASK] / random; rest unchanged [choice: BERT]
+    mlm_never_mask: Tuple[str, ...] = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]")  # tokens never
+                                          # chosen for MLM [choice: BERT's special tokens]
+    mlm_on_matched_only: bool = True      # MLM loss only on matched pairs: a mismatched caption says nothing
+                                          # true about the image [choice]
     itm_negative_ratio: float = 0.5       # half the pairs get another image's caption [paper]
     mlm_probability_before_itm: Optional[float] = None  # masking rate while MLM runs alone (None = mlm_probability)
     itm_start_step: int = 0               # optimizer steps of MLM alone before ITM joins (0 = together from
@@ -82,6 +105,9 @@ class TrainConfig:
     num_workers: int = 4                  # DataLoader worker processes per training process
     group_by_aspect_ratio: bool = True    # batches of similar aspect ratio to cut padding
     fatal_bad_samples: bool = False       # a bad sample is skipped and counted, unless this is set
+    max_bad_sample_fraction: float = 0.05  # stop the run when more than this share of an epoch's samples
+                                          # are bad (a wrong image folder must not train on nothing)
+    bad_sample_check_after: int = 200     # samples an epoch must have seen before that share is checked
     log_every: int = 20                   # optimizer steps between progress lines
     ckpt_every: int = 1000                # optimizer steps between checkpoints (plus each epoch end)
     keep_checkpoints: int = 3             # newest checkpoints kept in the run folder
@@ -91,10 +117,56 @@ class TrainConfig:
         self.adam_betas = tuple(self.adam_betas)
         self.decay_epochs = tuple(self.decay_epochs)
         self.mlm_replace_probs = tuple(self.mlm_replace_probs)
-        if self.amp not in ("auto", "bf16", "fp16", "none"):
-            raise ValueError(f"amp must be auto/bf16/fp16/none, got {self.amp!r}")
-        if self.grad_accum_steps < 1:
-            raise ValueError("grad_accum_steps must be >= 1")
+        self.mlm_never_mask = tuple(self.mlm_never_mask)
+        check_fields(self)
+
+
+# ---- allowed values: checked when a config is built and when a flag is parsed ---------------------
+
+# field -> (lowest, highest) allowed value, None = unbounded
+FIELD_RANGES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
+    "backbone_stages": (1, 4), "visual_proj_kernel": (1, None), "visual_pool": (1, None),
+    "vocab_size": (1, None), "hidden_size": (1, None), "num_layers": (1, None), "num_heads": (1, None),
+    "intermediate_size": (1, None), "hidden_dropout": (0, 1), "attention_dropout": (0, 1),
+    "max_position_embeddings": (2, None), "type_vocab_size": (1, None), "layer_norm_eps": (0, None),
+    "initializer_range": (0, None), "num_answers": (1, None), "num_sampled_pixels": (0, None),
+    "image_short_side": (1, None), "image_long_side": (1, None), "max_text_len": (3, None),
+    "cnn_lr": (0, None), "cnn_weight_decay": (0, None), "cnn_momentum": (0, 1), "lr": (0, None),
+    "weight_decay": (0, None), "adam_eps": (0, None), "warmup_steps": (0, None), "warmup_start_factor": (0, 1),
+    "grad_clip": (0, None), "epochs": (1, None), "decay_factor": (0, None), "batch_size": (1, None),
+    "grad_accum_steps": (1, None), "max_nonfinite_steps": (0, None), "mlm_probability": (0, 1),
+    "itm_negative_ratio": (0, 1), "mlm_probability_before_itm": (0, 1), "itm_start_step": (0, None),
+    "num_workers": (0, None), "max_bad_sample_fraction": (0, 1), "bad_sample_check_after": (1, None),
+    "log_every": (1, None), "ckpt_every": (1, None), "keep_checkpoints": (1, None), "seed": (0, None),
+}
+FIELD_CHOICES: Dict[str, Tuple[str, ...]] = {
+    "backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext152_32x8d"),
+    "hidden_act": ("gelu", "gelu_new", "relu"),
+    "amp": ("auto", "bf16", "fp16", "none"),
+    "visual_embedding_optimizer": ("adamw", "sgd"),
+    "attention_impl": ("sdpa", "manual"),
+}
+
+
+def check_value(name: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not allowed for field ``name`` (None when it is)."""
+    if name in FIELD_CHOICES and value not in FIELD_CHOICES[name]:
+        return f"must be one of {', '.join(FIELD_CHOICES[name])}"
+    low, high = FIELD_RANGES.get(name, (None, None))
+    if value is None or isinstance(value, (str, tuple)):
+        return None
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = (f"between {low} and {high}" if high is not None else f">= {low}")
+        return f"must be {bounds}"
+    return None
+
+
+def check_fields(cfg) -> None:
+    """Raise ValueError naming the first field of ``cfg`` whose value is not allowed."""
+    for f in fields(cfg):
+        problem = check_value(f.name, getattr(cfg, f.name))
+        if problem:
+            raise ValueError(f"{type(cfg).__name__}.{f.name} {problem}, got {getattr(cfg, f.name)!r}")
 
 
 # ---- presets: overrides of the defaults above ------------------------------------------------------
@@ -172,32 +244,43 @@ def model_config_from_bert(config_json: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**mapped, **overrides})
 
 
+def parse_field(cls, name: str, text: str) -> Any:
+    """A command-line string -> the value of field ``name`` of config class ``cls``, by the field's
+    type; a value that is not allowed raises ``argparse.ArgumentTypeError`` saying what is."""
+    import argparse
+    kind = str({f.name: f for f in fields(cls)}[name].type).replace(" ", "")
+    optional = kind.startswith("Optional[")
+    base = kind[len("Optional["):-1] if optional else kind
+    text = text.strip()
+    try:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if base == "bool":
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            value = text.lower() in ("true", "1", "yes")
+        elif base in ("int", "float"):
+            value = int(text) if base == "int" else float(text)
+        elif base.startswith("Tuple["):
+            item = str if "str" in base else int if "int" in base else float
+            value = tuple(item(v.strip()) for v in text.strip("()[]").split(",") if v.strip())
+        else:
+            value = text
+    except ValueError:
+        expected = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(base, base)
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    problem = check_value(name, value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
+    return value
+
+
 def parse_override(cfg, key: str, value: str):
-    """Set ``cfg.key`` from a command-line string, converting to the field's type (used by scripts)."""
-    names = {f.name: f for f in fields(cfg)}
-    if key not in names:
-        raise ValueError(f"unknown config field {key!r} for {type(cfg).__name__}; known: {sorted(names)}")
-    current = getattr(cfg, key)
-    if value.lower() in ("none", "null") and (current is None or names[key].default is None):
-        parsed = None
-    elif isinstance(current, bool):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{key} expects true/false, got {value!r}")
-        parsed = value.lower() in ("true", "1", "yes")
-    elif isinstance(current, int) and not isinstance(current, bool):
-        parsed = int(value)
-    elif isinstance(current, float):
-        parsed = float(value)
-    elif isinstance(current, tuple):
-        items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-        kind = type(current[0]) if current else float
-        parsed = tuple(kind(v) for v in items)
-    elif current is None:  # an Optional field that is None now: convert by its annotation
-        kind = str(names[key].type)
-        parsed = float(value) if "float" in kind else int(value) if "int" in kind else value
-    else:
-        parsed = value
-    setattr(cfg, key, parsed)
+    """Set ``cfg.key`` from a command-line string (`parse_field`), then re-check the whole config."""
+    if key not in {f.name for f in fields(cfg)}:
+        raise ValueError(f"unknown config field {key!r} for {type(cfg).__name__}; known: "
+                         f"{sorted(f.name for f in fields(cfg))}")
+    setattr(cfg, key, parse_field(type(cfg), key, value))
     cfg.__post_init__()
     return cfg
 
@@ -225,21 +308,28 @@ def field_help(cls) -> Dict[str, str]:
 
 
 def add_config_arguments(parser, cls, prefix_help: str = ""):
-    """One ``--field`` flag per dataclass field, default None (= keep the preset's value)."""
+    """One ``--field-name`` flag per dataclass field (``--field_name`` is accepted too), checked when
+    parsed; default None = keep the preset's value."""
     docs = field_help(cls)
     group = parser.add_argument_group(f"{cls.__name__} fields{prefix_help}")
     for f in fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        group.add_argument(f"--{f.name}", default=None, metavar="V",
+        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        parse = lambda text, name=f.name: parse_field(cls, name, text)  # noqa: E731
+        parse.__name__ = f.name  # argparse names the type in its messages
+        group.add_argument(*names, dest=f.name, default=None, metavar="V", type=parse,
                            help=f"{docs.get(f.name, '')} (default {default!r})")
 
 
 def apply_overrides(cfg, args) -> list:
-    """Apply the ``--field`` flags the user gave to ``cfg``; returns the names changed."""
+    """Apply the field flags the user gave to ``cfg`` (already parsed and checked by the flags' types);
+    returns the names changed. Cross-field checks run once all are set."""
     changed = []
     for f in fields(cfg):
         value = getattr(args, f.name, None)
         if value is not None:
-            parse_override(cfg, f.name, value)
+            setattr(cfg, f.name, value)
             changed.append(f.name)
+    if changed:
+        cfg.__post_init__()
     return changed

@@ -581,14 +581,17 @@ class CaptionCollator:
     - ``images`` float (B, 3, H, W), ``pixel_mask`` bool (B, H, W), True on real pixels;
     - ``input_ids`` long (B, T), ``attention_mask`` bool (B, T), True on real tokens;
     - ``image_keys``, ``captions``: lists of B strings; ``indices``: long (B,) dataset indices;
-    - ``num_bad``: int, how many samples of this batch were bad and dropped. Sum it over the epoch
-      in the training loop: it is the only bad-sample count that crosses worker processes.
+    - ``num_samples``: B; ``num_bad``: int, how many samples of this batch were bad and dropped.
+      The training loop sums it over the epoch: it is the only bad-sample count that crosses worker
+      processes.
 
     If every sample was bad, B is 0 (tensors with a zero batch dimension). A training loop should
     skip the forward pass for such a batch, or under DDP run a zero-loss step so ranks stay in step.
     """
 
     def __init__(self, tokenizer, max_text_len: int, size_divisor: int = 1):
+        """``size_divisor``: pad to a multiple of the model's feature stride (`feature_stride` of the
+        model config), so every feature cell covers whole input pixels."""
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
         self.size_divisor = size_divisor
@@ -601,7 +604,7 @@ class CaptionCollator:
                         input_ids=torch.zeros((0, 0), dtype=torch.long),
                         attention_mask=torch.zeros((0, 0), dtype=torch.bool),
                         image_keys=[], captions=[], indices=torch.zeros((0,), dtype=torch.long),
-                        num_bad=num_bad)
+                        num_samples=0, num_bad=num_bad)
         images, pixel_mask = pad_images([s["image"] for s in good], self.size_divisor)
         captions = [s["caption"] for s in good]
         text = self.tokenizer(captions, max_length=self.max_text_len)
@@ -609,7 +612,7 @@ class CaptionCollator:
                     input_ids=text.input_ids, attention_mask=text.attention_mask,
                     image_keys=[s["image_key"] for s in good], captions=captions,
                     indices=torch.tensor([s["index"] for s in good], dtype=torch.long),
-                    num_bad=num_bad)
+                    num_samples=len(good), num_bad=num_bad)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,8 +33,11 @@ class TaskConfig:
     retrieval_negative_kind: str = "both"  # "both": half the negatives pair the image with captions of
                                           # other images, half the caption with other images; "captions"
                                           # / "images": only one kind [choice: the paper does not say]
-    retrieval_softmax_all: bool = False   # False: softmax over the positive and the hard negatives; True:
-                                          # over all 1 + negatives, the easy ones as fixed offsets [choice]
+    retrieval_loss: str = "hard6"         # which reading of "back-propagate only through the 5 negatives with
+                                          # the highest loss": "hard6" softmax over the positive + 5 hardest;
+                                          # "all21" over all 21, the 15 easy scores constant; "all21_offsets"
+                                          # over all 21, the easy ones as offsets from the positive [choice:
+                                          # README "Retrieval loss" has the measurement]
     retrieval_head_from_itm: bool = True  # start the retrieval score layer from a pre-training checkpoint's
                                           # ITM classifier (both are Linear(h, 1) on [CLS] ranking matched
                                           # pairs above unmatched ones), so ranking starts from what ITM
@@ -44,6 +47,8 @@ class TaskConfig:
     retrieval_eval_pairs: int = 1024      # image-caption pairs scored per forward pass in retrieval evaluation
 
     def __post_init__(self):
+        if self.retrieval_loss not in ("hard6", "all21", "all21_offsets"):
+            raise ValueError(f"retrieval_loss must be hard6/all21/all21_offsets, got {self.retrieval_loss!r}")
         if self.retrieval_negative_kind not in ("both", "captions", "images"):
             raise ValueError(f"retrieval_negative_kind must be both/captions/images, "
                              f"got {self.retrieval_negative_kind!r}")
@@ -91,7 +96,7 @@ def eval_autocast(device: torch.device, amp: str = "auto"):
     """Autocast for inference: bf16 (or fp16) on CUDA, nothing on CPU (as engine.amp_settings)."""
     from .config import TrainConfig
     from .engine import amp_settings
-    dtype, _ = amp_settings(TrainConfig(amp=amp), device)
+    dtype = amp_settings(TrainConfig(amp=amp), device).dtype
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

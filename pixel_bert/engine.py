@@ -1,9 +1,20 @@
 """Training machinery shared by train.py and finetune.py: distributed set-up, the paper's two
-optimisers and schedule (PAPER.md section 2 "Optimisation"), mixed precision, gradient
-accumulation, atomic checkpoints with exact resume, and progress logging.
+optimisers and schedule (Sec. 4.1 of the paper, "Implementation Details"; docs/paper.md),
+mixed precision, gradient accumulation, atomic checkpoints with exact resume, and progress logging.
 
-The loop is task-agnostic: ``Trainer.fit`` calls ``step_fn(model, batch) -> {"loss": ..., other
-scalars}`` per micro-batch. Pre-training and every fine-tuning task plug in their own step_fn.
+The loop is task-agnostic and reads top to bottom, as torchvision's ``train_one_epoch`` does::
+
+    Trainer.fit               epochs until the step budget is spent, then the final model.pt
+      Trainer.train_one_epoch   this epoch's batches (a resumed run starts where its checkpoint stopped)
+        Trainer.micro_batch       forward + backward of one batch under autocast
+        Trainer.optimizer_step    one finiteness vote, unscale, clip, step both optimisers, schedule
+        Trainer.after_step        progress line, periodic checkpoint
+      Trainer.end_of_epoch      summary line, checkpoint
+
+A task plugs in ``step_fn(model, batch, step) -> {"loss": tensor, other scalars}``; ``step`` is the
+number of optimizer steps taken so far. Batches are dicts; the loop reads only their bookkeeping
+keys ``num_samples`` (0 when every sample of the batch was bad) and ``num_bad`` / ``bad_paths``
+(bad samples the collator dropped).
 """
 from __future__ import annotations
 
@@ -17,15 +28,16 @@ import re
 import sys
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .config import TrainConfig
+from .config import TrainConfig, config_to_dict
+from .files import atomic_write, save_torch
 
 # -------------------------------------------------------------------------------------------------
 #                                        Distributed
@@ -113,31 +125,48 @@ def all_reduce_mean(values: Dict[str, float], info: DistInfo) -> Dict[str, float
     return {k: v / info.world_size for k, v in zip(keys, t.tolist())}
 
 
-def unwrap(model):
-    return model.module if isinstance(model, DDP) else model
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP and/or torch.compile wrappers (checkpoints hold its state dict, so a run
+    resumes with compilation on or off and on any number of processes)."""
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 # -------------------------------------------------------------------------------------------------
 #                                  Optimisers and schedule
 # -------------------------------------------------------------------------------------------------
 
+CNN_PREFIX = "bert.visual_embedding.backbone."      # the ResNet trunk
+VISUAL_PREFIXES = ("bert.visual_embedding.proj.", "bert.visual_embedding.semantic")  # eq. (1)'s conv and s_v
 
-def is_cnn_parameter(name: str) -> bool:
-    return ".visual_embedding.backbone." in f".{name}"
+
+def is_cnn_parameter(name: str, cfg: Optional[TrainConfig] = None) -> bool:
+    """Whether a parameter (named as in a task model) trains with the CNN's SGD: the ResNet trunk,
+    plus the 1x1 projection and s_v of eq. (1) when ``cfg.visual_embedding_optimizer == "sgd"``."""
+    name = name if name.startswith("bert.") else f"bert.{name}"
+    if name.startswith(CNN_PREFIX):
+        return True
+    return cfg is not None and cfg.visual_embedding_optimizer == "sgd" and name.startswith(VISUAL_PREFIXES)
 
 
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> List[torch.optim.Optimizer]:
-    """SGD for the CNN, AdamW for the transformer and heads [paper]. Biases and LayerNorm weights
-    get no weight decay (BERT practice) [choice]. A frozen CNN gets no optimiser at all."""
+    """SGD for the CNN, AdamW for the transformer and heads [paper]. With ``cfg.no_decay_1d`` every
+    1-D parameter (biases, LayerNorm weights, s_v) gets no AdamW weight decay (BERT practice)
+    [choice]; SGD decays every CNN parameter. Frozen parameters get no optimiser."""
     cnn, decay, no_decay = [], [], []
     seen = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        if is_cnn_parameter(name):
+        if is_cnn_parameter(name, cfg):
             cnn.append(p)
-        elif p.ndim < 2 or "norm" in name:
+        elif cfg.no_decay_1d and p.ndim < 2:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -161,19 +190,32 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return warm * cfg.decay_factor ** sum(epoch >= e for e in cfg.decay_epochs)
 
 
-def amp_settings(cfg: TrainConfig, device: torch.device):
-    """(autocast dtype or None, use GradScaler): bf16 where supported, fp16 + loss scaling on older
-    GPUs, fp32 on CPU with "auto" [choice]."""
-    mode = cfg.amp
+@dataclass
+class AmpSettings:
+    dtype: Optional[torch.dtype]   # autocast dtype, None = fp32
+    loss_scaling: bool             # fp16 needs a GradScaler; bf16 has fp32's range and does not
+    reason: str                    # for the start-up line
+
+
+def amp_settings(cfg: TrainConfig, device: torch.device) -> AmpSettings:
+    """``amp="auto"``: bf16 on GPUs with native bf16 (compute capability 8.0 and up: A100, H100, ...);
+    fp16 with loss scaling on older ones (the paper's V100s: `torch.cuda.is_bf16_supported()` says
+    True there, but bf16 is emulated and slow); fp32 on CPU [choice]."""
+    mode, reason = cfg.amp, f"--amp {cfg.amp}"
     if mode == "auto":
         if device.type != "cuda":
-            return None, False
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return AmpSettings(None, False, f"fp32: --amp auto on {device.type}")
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        native = major >= 8
+        mode = "bf16" if native else "fp16"
+        reason = (f"--amp auto on {name} (compute capability {major}.{minor}): "
+                  + ("native bf16" if native else "no native bf16 below 8.0, so fp16 with loss scaling"))
     if mode == "none":
-        return None, False
+        return AmpSettings(None, False, f"fp32: {reason}")
     if mode == "fp16":
-        return torch.float16, device.type == "cuda"
-    return torch.bfloat16, False
+        return AmpSettings(torch.float16, True, f"fp16 + loss scaling: {reason}")
+    return AmpSettings(torch.bfloat16, False, f"bf16: {reason}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -181,16 +223,7 @@ def amp_settings(cfg: TrainConfig, device: torch.device):
 # -------------------------------------------------------------------------------------------------
 
 CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
-
-
-def atomic_save(obj, path: str):
-    """Write to a temporary file, flush to disk, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+CKPT_KEYS = ("model", "optimizers", "schedulers", "scaler", "step", "epoch", "batch_in_epoch", "rng")
 
 
 def list_checkpoints(out_dir: str) -> List[str]:
@@ -198,14 +231,20 @@ def list_checkpoints(out_dir: str) -> List[str]:
     return sorted(paths, key=lambda p: int(CKPT_PATTERN.search(p).group(1)))
 
 
-def newest_valid_checkpoint(out_dir: str) -> Optional[str]:
-    """The newest checkpoint that loads; a damaged one is reported and passed over."""
+def newest_valid_checkpoint(out_dir: str) -> Optional[Tuple[str, dict]]:
+    """(path, contents) of the newest checkpoint that loads and holds a training state; a damaged
+    or foreign file is reported and passed over."""
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
-            return path
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             print(f"warning: skipping unreadable checkpoint {path}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            print(f"warning: skipping {path}: not a training checkpoint (no {', '.join(missing)})", file=sys.stderr)
+            continue
+        return path, ckpt
     return None
 
 
@@ -233,6 +272,11 @@ def _tuples(x):
     if isinstance(x, list):
         return tuple(_tuples(v) for v in x)
     return x
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
+    """What fixes the epoch length and the schedule: a run resumes only with the same layout."""
+    return {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps, "world_size": world_size}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -265,16 +309,28 @@ class MetricsWriter:
     """JSON lines in the run folder, plus TensorBoard when it is installed (main process only)."""
 
     def __init__(self, out_dir: str, enabled: bool):
-        self.enabled = enabled
-        self.tb = None
+        self.enabled, self.tb = enabled, None
+        self.path = os.path.join(out_dir, "metrics.jsonl")
         if not enabled:
             return
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
         except Exception:  # tensorboard not installed: the JSON lines are enough
             self.tb = None
+
+    def cut_after(self, step: int):
+        """Drop the records written after optimizer step ``step`` (a resumed run redoes those steps,
+        so every step appears once in metrics.jsonl)."""
+        if not self.enabled:
+            return
+        self.file.close()
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with atomic_write(self.path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict):
         if not self.enabled:
@@ -302,59 +358,102 @@ def format_seconds(s: float) -> str:
 # -------------------------------------------------------------------------------------------------
 
 
-class SkipBatchSampler:
-    """Yields the batches of ``batch_sampler`` after the first ``skip`` (index lists only, no data
-    is loaded), so a resumed run continues at its exact position inside the epoch."""
+class EpochBatches:
+    """The batch sampler of the current epoch, minus the batches a resumed run already did. One
+    object for the whole run, so the DataLoader (and its persistent workers) is built once."""
 
-    def __init__(self, batch_sampler, skip: int):
-        self.batch_sampler, self.skip = batch_sampler, skip
+    def __init__(self, make_batch_sampler: Callable[[int], Iterable]):
+        self.make_batch_sampler = make_batch_sampler
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
-        for i, batch in enumerate(self.batch_sampler):
-            if i >= self.skip:
+        for i, batch in enumerate(self.make_batch_sampler(self.epoch)):
+            if i >= self.skip:  # index lists only: skipped batches load no data
                 yield batch
 
     def __len__(self):
-        return max(len(self.batch_sampler) - self.skip, 0)
+        return max(len(self.make_batch_sampler(self.epoch)) - self.skip, 0)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
+class BadDataError(RuntimeError):
+    pass
+
+
+@dataclass
+class EpochStats:
+    """What one epoch has seen so far: meters for the progress line, per-step scalars still on the
+    device (copied to the host once per log line), and the bad samples the collators dropped."""
+    meters: Dict[str, SmoothedValue] = field(default_factory=lambda: defaultdict(SmoothedValue))
+    pending: Dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    samples: int = 0
+    bad: int = 0
+    bad_paths: List[str] = field(default_factory=list)
+    skipped_steps: int = 0
+    scale_skips: int = 0
+
+    def add_batch(self, batch: dict, out: Dict[str, torch.Tensor]):
+        self.samples += int(batch.get("num_samples", 0))
+        self.bad += int(batch.get("num_bad", 0))
+        self.bad_paths += list(batch.get("bad_paths", []))[: max(0, 5 - len(self.bad_paths))]
+        for k, v in out.items():  # kept on the device: no GPU sync per step
+            self.pending[k].append(v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v)))
+
+    def flush(self):
+        """Move the pending scalars to the meters: one host copy per key."""
+        for k, values in self.pending.items():
+            for v in torch.stack([t.to(values[0].device) for t in values]).tolist():
+                self.meters[k].update(v)
+        self.pending.clear()
+
+
 class Trainer:
     """Runs ``cfg.epochs`` epochs of ``step_fn`` over ``dataset`` with DDP, AMP, accumulation,
-    checkpoints every ``cfg.ckpt_every`` optimizer steps and at each epoch end, and exact resume.
+    checkpoints every ``cfg.ckpt_every`` optimizer steps and at each epoch end, and exact resume
+    (module docstring).
 
     make_batch_sampler(epoch) -> an iterable of index lists for this rank (the same count on every
-    rank); step_fn(model, batch) -> dict of scalar tensors with "loss".
+    rank); step_fn(model, batch, step) -> dict of scalar tensors with "loss".
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, out_dir: str, dataset, collate_fn,
                  make_batch_sampler: Callable[[int], Iterable], step_fn: Callable, info: DistInfo,
                  run_config: dict, log: Callable[[str], None] = print, on_epoch_end: Optional[Callable] = None):
         self.cfg, self.out_dir, self.info = cfg, out_dir, info
-        self.dataset, self.collate_fn, self.make_batch_sampler = dataset, collate_fn, make_batch_sampler
         self.step_fn, self.run_config, self.on_epoch_end = step_fn, run_config, on_epoch_end
         self.log = log if info.is_main else (lambda *_: None)
         os.makedirs(out_dir, exist_ok=True)
-        if cfg.freeze_backbone:
-            for name, p in model.named_parameters():
-                if is_cnn_parameter(name):
-                    p.requires_grad_(False)
         model.to(info.device)
-        self.model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
-            if info.world_size > 1 else model
-        self.optimizers = build_optimizers(unwrap(self.model), cfg)
-        self.steps_per_epoch = len(make_batch_sampler(0)) // cfg.grad_accum_steps
+        self.ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+            if info.world_size > 1 else None
+        self.model = self.ddp or model
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.optimizers = build_optimizers(model, cfg)
+        self.params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
+        self.batches = EpochBatches(make_batch_sampler)
+        self.steps_per_epoch = len(self.batches) // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"the dataset gives fewer than {cfg.grad_accum_steps} batches of {cfg.batch_size} "
-                             f"per process: lower --batch_size or --grad_accum_steps, or add data")
+                             f"per process: lower --batch-size or --grad-accum-steps, or add data")
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.batches, collate_fn=collate_fn, num_workers=cfg.num_workers,
+            pin_memory=info.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+            prefetch_factor=4 if cfg.num_workers else None,
+            generator=torch.Generator().manual_seed(cfg.seed))  # its own: worker seeds never touch the global RNG
         factor = lambda step: lr_factor(step, self.steps_per_epoch, cfg)  # noqa: E731
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
-        self.amp_dtype, use_scaler = amp_settings(cfg, info.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.amp = amp_settings(cfg, info.device)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp.loss_scaling)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.nonfinite_streak = 0
+        self.window_finite = torch.ones((), dtype=torch.bool, device=info.device)
         self.resumed_from: Optional[str] = None
         self.writer = MetricsWriter(out_dir, info.is_main)
 
@@ -365,26 +464,25 @@ class Trainer:
             rngs = [None] * self.info.world_size
             dist.all_gather_object(rngs, rng_state())
         model = unwrap(self.model)
-        from .config import config_to_dict
         return {"model": model.state_dict(), "model_config": config_to_dict(model.config),
                 "optimizers": [o.state_dict() for o in self.optimizers],
                 "schedulers": [s.state_dict() for s in self.schedulers],
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "rng": rngs, "world_size": self.info.world_size,
-                "run_config": self.run_config}
+                "layout": batch_layout(self.cfg, self.info.world_size), "run_config": self.run_config}
 
     def save_checkpoint(self):
         state = self.state_dict()  # every rank takes part in gathering the RNG states
         if self.info.is_main:
-            path = os.path.join(self.out_dir, f"ckpt_{self.step:08d}.pt")
-            atomic_save(state, path)
+            save_torch(state, os.path.join(self.out_dir, f"ckpt_{self.step:08d}.pt"))
             for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
-                os.remove(old)
+                os.remove(old)  # only once the new checkpoint is safely on disk
         if self.info.world_size > 1:
             dist.barrier()
 
-    def load_checkpoint(self, path: str):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    def load_checkpoint(self, path: str, ckpt: Optional[dict] = None):
+        ckpt = ckpt if ckpt is not None else torch.load(path, map_location="cpu", weights_only=True)
+        self.check_layout(path, ckpt)
         unwrap(self.model).load_state_dict(ckpt["model"])
         for o, s in zip(self.optimizers, ckpt["optimizers"]):
             o.load_state_dict(s)
@@ -392,35 +490,186 @@ class Trainer:
             sch.load_state_dict(s)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        rngs = ckpt["rng"]
-        if len(rngs) == self.info.world_size:
-            set_rng_state(rngs[self.info.rank])
-        else:
-            self.log(f"note: checkpoint was written by {len(rngs)} processes, resuming on "
-                     f"{self.info.world_size}: random streams restart from rank 0's state")
-            set_rng_state(rngs[0])
+        set_rng_state(ckpt["rng"][self.info.rank])
+        self.writer.cut_after(self.step)
         self.log(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+
+    def check_layout(self, path: str, ckpt: dict):
+        """Refuse to continue a run with another batch layout: the epoch length, the position inside
+        the epoch and the decay epochs would all silently change."""
+        world = ckpt.get("world_size", len(ckpt["rng"]))
+        train = ckpt.get("run_config", {}).get("train", {})
+        saved = ckpt.get("layout") or {"batch_size": train.get("batch_size"),
+                                       "grad_accum_steps": train.get("grad_accum_steps"), "world_size": world}
+        now = batch_layout(self.cfg, self.info.world_size)
+        if saved != now:
+            differs = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in now if saved.get(k) != now[k])
+            raise ValueError(
+                f"{path} was written by a run with {saved}; this run has {differs}. Resuming would change the "
+                f"epoch length and the lr schedule. Resume with the same --batch-size, --grad-accum-steps and "
+                f"number of processes, or start a new run from its weights: --init {path} with another "
+                f"--output-dir (or --resume none).")
 
     def resume(self, spec: Optional[str]):
         """``spec`` "auto" takes the newest valid checkpoint in the run folder (none: start fresh)."""
         if not spec:
             return
-        path = newest_valid_checkpoint(self.out_dir) if spec == "auto" else spec
-        if path is None:
+        found = newest_valid_checkpoint(self.out_dir) if spec == "auto" else (spec, None)
+        if found is None:
             self.log(f"no checkpoint in {self.out_dir}: starting from scratch")
             return
-        self.load_checkpoint(path)
-        self.resumed_from = path
+        self.load_checkpoint(*found)
+        self.resumed_from = found[0]
 
     # ---- the loop ---------------------------------------------------------------------------------
-    def _loader(self, epoch: int, skip_batches: int):
-        batches = SkipBatchSampler(self.make_batch_sampler(epoch), skip_batches)
-        # the loader's own generator keeps worker seeding off the global RNG (exact resume)
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=self.cfg.num_workers,
-            pin_memory=self.info.device.type == "cuda", generator=g,
-            persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers else None)
+    def fit(self, max_steps: Optional[int] = None):
+        cfg, info = self.cfg, self.info
+        total_steps = self.steps_per_epoch * cfg.epochs
+        if max_steps is not None:
+            total_steps = min(total_steps, max_steps)
+        self.log(f"training {total_steps} optimizer steps: {cfg.epochs} epochs x {self.steps_per_epoch} steps, "
+                 f"{cfg.batch_size} per process x {cfg.grad_accum_steps} accumulation x {info.world_size} "
+                 f"processes = {cfg.batch_size * cfg.grad_accum_steps * info.world_size} samples per step; "
+                 f"precision {self.amp.reason}")
+        self.clock = (time.time(), self.step, total_steps)
+        while self.epoch < cfg.epochs and self.step < total_steps:
+            self.train_one_epoch(total_steps)
+        if info.world_size > 1:
+            self.log(f"weights identical on all {info.world_size} ranks: {self.replicas_in_sync()}")
+        if info.is_main:  # the trained weights alone, for finetune.py / evaluate.py / inference
+            from .weights import save_model
+            save_model(unwrap(self.model), os.path.join(self.out_dir, "model.pt"),
+                       extra={"task": self.run_config.get("task", "pretrain"),
+                              **self.run_config.get("model_extra", {})})
+        self.writer.close()
+        return self
+
+    def train_one_epoch(self, total_steps: int):
+        usable = self.steps_per_epoch * self.cfg.grad_accum_steps  # micro-batches that end a step
+        stats = EpochStats()
+        self.batches.set_epoch(self.epoch, skip=self.batch_in_epoch)
+        self.model.train()
+        t_data = time.time()
+        for batch in self.loader:
+            stats.meters["data_time"].update(time.time() - t_data)
+            self.micro_batch(batch, stats)
+            if self.batch_in_epoch % self.cfg.grad_accum_steps == 0:
+                grad_norm = self.optimizer_step(stats)
+                if grad_norm is not None:
+                    stats.pending["grad_norm"].append(grad_norm.detach().float())
+                    self.after_step(stats, total_steps)
+                if self.step >= total_steps or self.batch_in_epoch >= usable:
+                    break  # leftover micro-batches that cannot complete a step are not run
+            t_data = time.time()
+        self.end_of_epoch(stats, epoch_done=self.batch_in_epoch >= usable)
+
+    def micro_batch(self, batch: dict, stats: EpochStats):
+        """Forward and backward of one batch; DDP all-reduces gradients only on the last micro-batch
+        of an accumulation window."""
+        last = (self.batch_in_epoch + 1) % self.cfg.grad_accum_steps == 0
+        sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+        with sync:
+            with self._autocast():
+                if batch.get("num_samples", 1):
+                    out = self.step_fn(self.model, batch, self.step)
+                else:  # every sample was bad: a zero loss keeps this rank in step with the others
+                    out = {"loss": sum(p.sum() * 0.0 for p in self.params)}
+            self.scaler.scale(out["loss"] / self.cfg.grad_accum_steps).backward()
+        self.window_finite &= torch.isfinite(out["loss"].detach()).all()
+        self.batch_in_epoch += 1
+        stats.add_batch(batch, out)
+        self.check_bad_samples(stats)
+
+    def optimizer_step(self, stats: EpochStats) -> Optional[torch.Tensor]:
+        """Step every optimiser, or none of them: one non-finite gradient anywhere (CNN or
+        transformer), or a non-finite loss, skips the whole step on every rank and backs the fp16
+        loss scale off. Returns the gradient norm, or None when the step was skipped."""
+        for o in self.optimizers:
+            self.scaler.unscale_(o)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)  # inf / nan if any gradient is
+        votes = torch.stack([self.window_finite, torch.isfinite(grad_norm)]).float()
+        if self.info.world_size > 1:
+            dist.all_reduce(votes, op=dist.ReduceOp.MIN)
+        loss_ok, grads_ok = votes.tolist()  # one host sync per optimizer step
+        self.window_finite = torch.ones_like(self.window_finite)
+        if loss_ok and grads_ok:
+            for o in self.optimizers:
+                self.scaler.step(o)
+            self.scaler.update()
+            self._zero_grad()
+            for s in self.schedulers:
+                s.step()
+            self.step += 1
+            self.nonfinite_streak = 0
+            return grad_norm
+        self.skip_step(stats, loss_ok)
+        return None
+
+    def skip_step(self, stats: EpochStats, loss_ok: bool):
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.update()  # the unscaled gradients held an inf/nan: the fp16 scale backs off
+        self._zero_grad()
+        stats.skipped_steps += 1
+        if loss_ok and scale is not None and scale >= 1.0:
+            # fp16 gradients overflowed at this loss scale: expected while the scale calibrates
+            stats.scale_skips += 1
+            self.log(f"fp16 gradient overflow at step {self.step}: step skipped, loss scale {scale:g} -> "
+                     f"{self.scaler.get_scale():g}")
+            return
+        self.nonfinite_streak += 1
+        what = "gradient" if loss_ok else "loss"
+        self.log(f"warning: non-finite {what} at step {self.step} ({self.nonfinite_streak} in a row); step skipped")
+        if self.nonfinite_streak > self.cfg.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} consecutive non-finite steps at step {self.step}: stopping. The last good "
+                f"checkpoint is in {self.out_dir}; lower the lr, use --amp bf16/none, or check the data.")
+
+    def check_bad_samples(self, stats: EpochStats):
+        """Stop when too many samples are bad: a wrong image root must not train on nothing."""
+        seen = stats.samples + stats.bad
+        if seen < self.cfg.bad_sample_check_after or stats.bad <= self.cfg.max_bad_sample_fraction * seen:
+            return
+        raise BadDataError(
+            f"{stats.bad} of the {seen} samples seen in epoch {self.epoch} were bad (missing or unreadable "
+            f"images, empty captions): more than --max-bad-sample-fraction {self.cfg.max_bad_sample_fraction}. "
+            f"First bad files: {stats.bad_paths or 'see the warnings above'}. Check that the image folder flags "
+            f"point at the folders that hold these files (python -m pixel_bert.datasets verify checks a layout).")
+
+    def after_step(self, stats: EpochStats, total_steps: int):
+        if self.step % self.cfg.log_every == 0 or self.step == total_steps:
+            stats.flush()
+            self._log_progress(stats)
+        if self.step % self.cfg.ckpt_every == 0:
+            self.save_checkpoint()
+
+    def end_of_epoch(self, stats: EpochStats, epoch_done: bool):
+        stats.flush()
+        summary = all_reduce_mean({k: m.global_avg for k, m in stats.meters.items()}, self.info)
+        counts = all_reduce_mean({"bad": stats.bad, "skipped": stats.skipped_steps}, self.info)
+        bad_total = int(round(counts["bad"] * self.info.world_size))
+        finished = self.epoch
+        if epoch_done:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.log(f"epoch {finished} {'done' if epoch_done else 'stopped'}: "
+                 + "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "data_time")
+                 + f"  bad samples skipped {bad_total}  steps skipped {stats.skipped_steps}"
+                 + (f" ({stats.scale_skips} fp16 loss-scale overflows)" if stats.scale_skips else ""))
+        self.writer.write({"kind": "epoch", "epoch": self.epoch, "step": self.step, **summary,
+                           "bad_samples": bad_total, "skipped_steps": stats.skipped_steps})
+        if epoch_done and self.on_epoch_end is not None:
+            self.on_epoch_end(self)
+        self.save_checkpoint()
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def _zero_grad(self):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+
+    def _autocast(self):
+        if self.amp.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp.dtype)
 
     def replicas_in_sync(self) -> bool:
         """True when every rank holds bit-identical parameters (DDP's promise, checked: one float64
@@ -432,139 +681,15 @@ class Trainer:
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         return torch.equal(low, high)
 
-    def _zero_loss(self) -> torch.Tensor:
-        """A loss of 0 connected to every trainable parameter, so DDP's all-reduce still happens."""
-        return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
-
-    def fit(self, max_steps: Optional[int] = None):
-        cfg, info = self.cfg, self.info
-        usable = self.steps_per_epoch * cfg.grad_accum_steps  # micro-batches per epoch that end a step
-        total_steps = self.steps_per_epoch * cfg.epochs
-        if max_steps is not None:
-            total_steps = min(total_steps, max_steps)
-        self.log(f"training {total_steps} optimizer steps: {cfg.epochs} epochs x {self.steps_per_epoch} steps, "
-                 f"{cfg.batch_size} per process x {cfg.grad_accum_steps} accumulation x {info.world_size} "
-                 f"processes = {cfg.batch_size * cfg.grad_accum_steps * info.world_size} samples per step")
-        bad_streak = 0
-        start_time, start_step = time.time(), self.step
-        while self.epoch < cfg.epochs and self.step < total_steps:
-            meters = defaultdict(SmoothedValue)
-            pending = defaultdict(list)  # per-step scalars not yet copied to the host
-            bad_samples = 0
-            skip = self.batch_in_epoch
-            loader = self._loader(self.epoch, skip)
-            self.model.train()
-            t_data = time.time()
-            window_finite = torch.ones((), dtype=torch.bool, device=info.device)
-            for batch in loader:
-                data_time = time.time() - t_data
-                bad_samples += int(batch.get("num_bad", 0)) if isinstance(batch, dict) else 0
-                update = (self.batch_in_epoch + 1) % cfg.grad_accum_steps == 0
-                sync = contextlib.nullcontext() if update or not isinstance(self.model, DDP) else self.model.no_sync()
-                with sync:
-                    with self._autocast():
-                        if isinstance(batch, dict) and "input_ids" in batch and len(batch["input_ids"]) == 0:
-                            out = {"loss": self._zero_loss()}  # every sample was bad: keep ranks in step
-                        else:
-                            out = self.step_fn(self.model, batch)
-                    loss = out["loss"]
-                    self.scaler.scale(loss / cfg.grad_accum_steps).backward()
-                window_finite &= torch.isfinite(loss.detach()).all()
-                self.batch_in_epoch += 1
-                for k, v in out.items():  # kept on the device: no GPU sync per step
-                    pending[k].append(v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v)))
-                meters["data_time"].update(data_time)
-                if not update:
-                    t_data = time.time()
-                    continue
-                finite, window_finite = window_finite.float(), torch.ones_like(window_finite)
-                if info.world_size > 1:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() < 1:
-                    bad_streak += 1
-                    for o in self.optimizers:
-                        o.zero_grad(set_to_none=True)
-                    self.log(f"warning: non-finite loss at step {self.step} ({bad_streak} in a row); step skipped")
-                    if bad_streak > cfg.max_nonfinite_steps:
-                        raise NonFiniteLossError(
-                            f"{bad_streak} consecutive non-finite losses at step {self.step}: stopping. The last "
-                            f"good checkpoint is in {self.out_dir}; lower the lr, use --amp bf16/none, or check "
-                            "the data.")
-                    t_data = time.time()
-                    continue
-                bad_streak = 0
-                for o in self.optimizers:
-                    self.scaler.unscale_(o)
-                params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                for o in self.optimizers:
-                    self.scaler.step(o)
-                self.scaler.update()
-                for o in self.optimizers:
-                    o.zero_grad(set_to_none=True)
-                for s in self.schedulers:
-                    s.step()
-                self.step += 1
-                pending["grad_norm"].append(grad_norm.detach().float())
-                if self.step % cfg.log_every == 0 or self.step == total_steps:
-                    self._flush(pending, meters)
-                    self._log_progress(meters, total_steps, start_time, start_step)
-                if self.step % cfg.ckpt_every == 0:
-                    self.save_checkpoint()
-                if self.step >= total_steps or self.batch_in_epoch >= usable:
-                    break  # leftover micro-batches that cannot complete a step are not run
-                t_data = time.time()
-            epoch_done = self.batch_in_epoch >= usable
-            self._flush(pending, meters)
-            summary = {k: m.global_avg for k, m in meters.items()}
-            summary = all_reduce_mean(summary, info)
-            bad_total = all_reduce_mean({"bad": float(bad_samples)}, info)["bad"] * info.world_size
-            if epoch_done:
-                self.epoch += 1
-                self.batch_in_epoch = 0
-            self.log(f"epoch {self.epoch - int(epoch_done)} {'done' if epoch_done else 'stopped'}: " +
-                     "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "data_time") +
-                     f"  bad samples skipped {int(bad_total)}")
-            self.writer.write({"kind": "epoch", "epoch": self.epoch, "step": self.step, **summary,
-                               "bad_samples": int(bad_total)})
-            if epoch_done and self.on_epoch_end is not None:
-                self.on_epoch_end(self)
-            self.save_checkpoint()
-        if info.world_size > 1:
-            self.log(f"weights identical on all {info.world_size} ranks: {self.replicas_in_sync()}")
-        if info.is_main:  # the trained weights alone, for finetune.py / evaluate.py / inference
-            from .weights import save_model
-            save_model(unwrap(self.model), os.path.join(self.out_dir, "model.pt"),
-                       extra={"task": self.run_config.get("task", "pretrain"),
-                              **self.run_config.get("model_extra", {})})
-        self.writer.close()
-        return self
-
-    @staticmethod
-    def _flush(pending, meters):
-        """Move the scalars gathered since the last log line to the meters: one host copy per key."""
-        for k, values in pending.items():
-            for v in torch.stack([t.to(values[0].device) for t in values]).tolist():
-                meters[k].update(v)
-        pending.clear()
-
-    def _log_progress(self, meters, total_steps, start_time, start_step):
-        cfg = self.cfg
-        elapsed = time.time() - start_time
-        done = self.step - start_step
-        rate = done / max(elapsed, 1e-9)
-        samples = rate * cfg.batch_size * cfg.grad_accum_steps * self.info.world_size
-        eta = (total_steps - self.step) / max(rate, 1e-9)
+    def _log_progress(self, stats: EpochStats):
+        start_time, start_step, total_steps = self.clock
+        rate = (self.step - start_step) / max(time.time() - start_time, 1e-9)
+        samples = rate * self.cfg.batch_size * self.cfg.grad_accum_steps * self.info.world_size
         lrs = [g["lr"] for o in self.optimizers for g in o.param_groups[:1]]
-        values = {k: m.avg for k, m in meters.items()}
+        values = {k: m.avg for k, m in stats.meters.items()}
         mem = torch.cuda.max_memory_allocated() / 2**30 if self.info.device.type == "cuda" else 0.0
-        parts = [f"epoch {self.epoch} step {self.step}/{total_steps}", f"eta {format_seconds(eta)}",
-                 f"{samples:.1f} samples/s"]
+        parts = [f"epoch {self.epoch} step {self.step}/{total_steps}",
+                 f"eta {format_seconds((total_steps - self.step) / max(rate, 1e-9))}", f"{samples:.1f} samples/s"]
         parts += [f"{k} {v:.4f}" for k, v in values.items() if k not in ("data_time", "grad_norm")]
         parts += [f"lr {' '.join(f'{lr:.2e}' for lr in lrs)}", f"data {values.get('data_time', 0):.3f}s"]
         if mem:

@@ -74,7 +74,8 @@ class AttentionMaps:
         1 over the grid when ``renormalized`` (else: the raw probabilities, summing to pixel_mass);
     pixel_mass: (T,) share of each token's attention (before renormalising) that goes to pixels;
     grid: (gh, gw) of the feature grid; image_size: (width, height) of the image the model saw
-        (after the keep-ratio resize); the grid covers that whole image;
+        (after the keep-ratio resize); stride: input pixels per feature cell, so the grid covers
+        ``extent`` = (gw * stride, gh * stride) pixels, the image at its top-left and padding beyond;
     layer: the transformer layer (0 = first); head: the head, or None for the mean of the heads.
     """
     tokens: List[str]
@@ -82,9 +83,15 @@ class AttentionMaps:
     pixel_mass: torch.Tensor
     grid: Tuple[int, int]
     image_size: Tuple[int, int]
+    stride: int
     layer: int
     head: Optional[int]
     renormalized: bool
+
+    @property
+    def extent(self) -> Tuple[int, int]:
+        """(width, height) in resized-image pixels that the feature grid covers (>= image_size)."""
+        return self.grid[1] * self.stride, self.grid[0] * self.stride
 
     def index(self, token: str, occurrence: int = 0) -> int:
         """Sequence position of the ``occurrence``-th (0 = first) time ``token`` appears."""
@@ -203,7 +210,7 @@ class PixelBertPredictor:
             if not isinstance(img, Image.Image):
                 img = load_image(img)
             tensors.append(self.transform(img))
-        batch, mask = pad_images(tensors)
+        batch, mask = pad_images(tensors, self.model.config.feature_stride)
         sizes = [(t.shape[2], t.shape[1]) for t in tensors]
         return batch.to(self.device), mask.to(self.device), sizes
 
@@ -341,7 +348,7 @@ class PixelBertPredictor:
             n = int(mask[b].sum())
             tokens = self.tokenizer.convert_ids_to_tokens(ids[b, :n].tolist())
             result.append(AttentionMaps(tokens, grid[b, :n], mass[b, :n].cpu(), (gh, gw), sizes[b],
-                                        layer, head, renormalize))
+                                        self.config.feature_stride, layer, head, renormalize))
         return result
 
     def attention_maps(self, image, text, layer: int = 0, head: Optional[int] = None,

@@ -189,21 +189,40 @@ class VisualEmbedding(nn.Module):
             freeze_batchnorm(self.backbone)
         k = config.visual_proj_kernel
         self.proj = nn.Conv2d(self.backbone.out_channels, config.hidden_size, k, padding=k // 2)
-        self.pool = nn.MaxPool2d(config.visual_pool) if config.visual_pool > 1 else nn.Identity()
+        # ceil mode: an odd backbone grid keeps its last row/column (800x1333 -> 25x42 -> 13x21, not 12x21)
+        self.pool = nn.MaxPool2d(config.visual_pool, ceil_mode=True) if config.visual_pool > 1 else nn.Identity()
         self.semantic = nn.Parameter(torch.zeros(config.hidden_size))  # s_v, one vector for all pixels
+        self.backbone_frozen = False
+
+    def freeze_backbone(self, include_projection: bool = False) -> None:
+        """No gradients for the CNN trunk (and, if asked, the projection and s_v), and BatchNorm kept
+        in eval mode across ``train()`` calls, so the frozen features do not drift with every batch
+        (retrieval fine-tuning, Sec. 4 of the paper)."""
+        frozen = [self.backbone] + ([self.proj] if include_projection else [])
+        for p in [p for m in frozen for p in m.parameters()] + ([self.semantic] if include_projection else []):
+            p.requires_grad_(False)
+        self.backbone_frozen = True
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "VisualEmbedding":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
 
     def feature_mask(self, pixel_mask: Optional[torch.Tensor], batch: int, grid: Tuple[int, int],
                      device) -> torch.Tensor:
-        """(B, gh*gw) validity of feature pixels. Images are padded bottom/right, so the valid
-        region is a rectangle: a feature cell is valid when it covers any valid input pixel."""
+        """(B, gh*gw) validity of feature pixels: a cell is valid exactly when it covers at least one
+        real input pixel. Feature cell (r, c) covers input rows [r*s, (r+1)*s) and columns
+        [c*s, (c+1)*s), s = feature_stride (every stride-2 layer of the ResNet and the ceil-mode pool
+        round up), and images are padded at the bottom and right, so the valid cells are the first
+        ceil(rows / s) x ceil(columns / s)."""
         gh, gw = grid
         if pixel_mask is None:
             return torch.ones(batch, gh * gw, dtype=torch.bool, device=device)
-        H, W = pixel_mask.shape[-2:]
-        valid_h = pixel_mask.any(dim=2).sum(dim=1)  # (B,) valid rows
-        valid_w = pixel_mask.any(dim=1).sum(dim=1)  # (B,) valid columns
-        cells_h = torch.ceil(valid_h.float() * gh / H).long().clamp(min=1)
-        cells_w = torch.ceil(valid_w.float() * gw / W).long().clamp(min=1)
+        s = self.config.feature_stride
+        cells_h = (pixel_mask.any(dim=2).sum(dim=1) + s - 1) // s  # (B,) ceil(valid rows / s)
+        cells_w = (pixel_mask.any(dim=1).sum(dim=1) + s - 1) // s  # (B,) ceil(valid columns / s)
         rows = torch.arange(gh, device=device)[None, :, None] < cells_h[:, None, None]
         cols = torch.arange(gw, device=device)[None, None, :] < cells_w[:, None, None]
         return (rows & cols).flatten(1)  # (B, gh*gw)
@@ -360,6 +379,10 @@ class PixelBert(nn.Module):
             nn.init.normal_(module.proj.weight, std=self.config.initializer_range)
             nn.init.zeros_(module.proj.bias)
             nn.init.zeros_(module.semantic)
+
+    def freeze_backbone(self, include_projection: bool = False) -> None:
+        """See `VisualEmbedding.freeze_backbone`."""
+        self.visual_embedding.freeze_backbone(include_projection)
 
     def encode_image(self, images: torch.Tensor, pixel_mask: Optional[torch.Tensor] = None,
                      sample_pixels: int = 0) -> VisualTokens:

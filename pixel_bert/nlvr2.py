@@ -111,21 +111,22 @@ class NLVR2Dataset(torch.utils.data.Dataset):
 class NLVR2Collator:
     """Pads the left and the right images separately (the model pads them to a common size)."""
 
-    def __init__(self, tokenizer, max_text_len: int):
-        self.tokenizer, self.max_text_len = tokenizer, max_text_len
+    def __init__(self, tokenizer, max_text_len: int, size_divisor: int = 1):
+        self.tokenizer, self.max_text_len, self.size_divisor = tokenizer, max_text_len, size_divisor
 
     def __call__(self, samples):
         good = [s for s in samples if s is not None]
         num_bad = len(samples) - len(good)
         if not good:
-            return dict(input_ids=torch.zeros((0, 0), dtype=torch.long), num_bad=num_bad, identifiers=[])
-        left, left_mask = pad_images([s["left"] for s in good])
-        right, right_mask = pad_images([s["right"] for s in good])
+            return dict(input_ids=torch.zeros((0, 0), dtype=torch.long), num_samples=0, num_bad=num_bad,
+                        identifiers=[])
+        left, left_mask = pad_images([s["left"] for s in good], self.size_divisor)
+        right, right_mask = pad_images([s["right"] for s in good], self.size_divisor)
         text = self.tokenizer([s["sentence"] for s in good], max_length=self.max_text_len)
         return dict(images_left=left, pixel_mask_left=left_mask, images_right=right, pixel_mask_right=right_mask,
                     input_ids=text.input_ids, attention_mask=text.attention_mask,
                     labels=torch.tensor([s["label"] for s in good]),
-                    identifiers=[s["identifier"] for s in good], num_bad=num_bad)
+                    identifiers=[s["identifier"] for s in good], num_samples=len(good), num_bad=num_bad)
 
 
 def _forward(model, batch, device):

@@ -18,13 +18,14 @@ the 21 pairs and a softmax cross-entropy puts the positive first. Hard negative 
    -log(e^{s+} / sum e^{s}) a negative's share of the loss and of the gradient grows with its
    score, so "highest loss" = "highest score";
 3. the positive and those 5 are scored again with gradients (so the backward pass costs 6 pairs,
-   not 21), and the loss is the softmax cross-entropy over these 6 scores (default), or, with
-   ``softmax_all=True``, over all 21 with the 15 easy ones entering as fixed offsets from the
-   positive (see `hard_negative_loss` for why not as plain constants). Either way, gradients
-   flow through the positive and the 5 hard negatives only.
+   not 21), and the loss is a softmax cross-entropy: over these 6 scores ("hard6", the default),
+   or over all 21 with the 15 easy scores as constants ("all21") or as offsets from the positive
+   ("all21_offsets"); `hard_negative_loss` gives each form's gradient. In every form, gradients
+   flow through the positive and the 5 hard negatives only (TaskConfig.retrieval_loss).
 
-The CNN is frozen (TrainConfig.freeze_backbone, set by the retrieval presets, applied by
-engine.Trainer); the visual projection and s_v of eq. (1) still train.
+The CNN is frozen (TrainConfig.freeze_backbone, set by the retrieval presets; finetune.py calls
+PixelBert.freeze_backbone); the visual projection and s_v of eq. (1) still train unless
+TrainConfig.freeze_visual_proj.
 
 Evaluation (section 4) must score every image against every caption: 5M pairs for Flickr30K
 1K x 5K, 125M for COCO 5K x 25K. So:
@@ -42,6 +43,7 @@ the COCO 1K five-fold protocol with metrics.coco_1k_recall.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -118,8 +120,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return index, self.transform(load_image(self.paths[index]))
 
 
-def collate_images(samples):
-    images, pixel_mask = pad_images([s[1] for s in samples])
+def collate_images(samples, size_divisor: int = 1):
+    images, pixel_mask = pad_images([s[1] for s in samples], size_divisor)
     return torch.tensor([s[0] for s in samples]), images, pixel_mask
 
 
@@ -155,30 +157,38 @@ def negative_pairs(image_keys: Sequence[str], num_negatives: int, kind: str = "b
     return img_rows, cap_rows
 
 
-def hard_negative_loss(pos: torch.Tensor, neg: torch.Tensor, num_hard: int, softmax_all: bool = False,
+RETRIEVAL_LOSSES = ("hard6", "all21", "all21_offsets")
+
+
+def hard_negative_loss(pos: torch.Tensor, neg: torch.Tensor, num_hard: int, form: str = "hard6",
                        hard_idx: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax cross-entropy ranking the positive first, with gradients only through the positive
-    and the ``num_hard`` highest-scoring (= highest-loss) negatives (module docstring).
+    and the ``num_hard`` highest-scoring (= highest-loss) negatives. The paper's sentence ("back-
+    propagate only through the 5 negatives with the highest loss") reads three ways (``form``):
+
+    - "hard6": a softmax over the positive and the 5 hard negatives only (UNITER's hard-negative
+      training): dL/ds+ = p+ - 1 with p over those 6;
+    - "all21": a softmax over all 1 + N scores, the easy ones as constants (detached): dL/ds+ = p+ - 1
+      with p over all 21, and the easy negatives get no gradient;
+    - "all21_offsets": over all 1 + N, the easy ones as offsets from the positive, s+ + (s_e - s+)
+      detached: the loss stays invariant to a common shift of all scores, but dL/ds+ = p+ + sum_easy
+      p_e - 1, smaller than in "all21" (the easy negatives move with the positive).
 
     pos (B,), neg (B, N) scores. ``hard_idx`` (B, num_hard) gives the hard negatives when already
-    chosen (training chooses them in a gradient-free pass). The softmax runs over 1 + num_hard
-    scores, or with ``softmax_all`` over all 1 + N, the easy negatives as fixed offsets from the
-    positive (no gradient to their pairs; the loss value is the plain 21-way cross-entropy).
-    Returns (loss, hard_idx)."""
+    chosen (training chooses them in a gradient-free pass). Returns (loss, hard_idx)."""
+    if form not in RETRIEVAL_LOSSES:
+        raise ValueError(f"retrieval loss {form!r}: choose from {RETRIEVAL_LOSSES}")
     if hard_idx is None:
         hard_idx = neg.detach().topk(num_hard, dim=1).indices
     hard = neg.gather(1, hard_idx)                                            # (B, k), with gradients
-    if softmax_all:
-        # The easy negatives enter as fixed offsets from the positive, s+ + (s_easy - s+).detach():
-        # their values are exact, no gradient reaches their own pairs, and the loss stays invariant to
-        # a common shift of all scores. Plain constants (s_easy.detach()) would break that invariance:
-        # raising every score with gradients would then always lower the loss, and the optimiser drifts
-        # along that useless direction instead of ranking (observed: the loss sits at log(1 + N)).
-        offsets = (neg.detach() - pos.detach()[:, None])
-        others = (pos[:, None] + offsets).scatter(1, hard_idx, hard)
-        logits = torch.cat([pos[:, None], others], dim=1)
+    if form == "hard6":
+        others = hard
+    elif form == "all21":
+        others = neg.detach().scatter(1, hard_idx, hard)                      # (B, N), easy ones constant
     else:
-        logits = torch.cat([pos[:, None], hard], dim=1)
+        offsets = neg.detach() - pos.detach()[:, None]
+        others = (pos[:, None] + offsets).scatter(1, hard_idx, hard)          # (B, N), easy ones move with s+
+    logits = torch.cat([pos[:, None], others], dim=1)
     target = torch.zeros(len(pos), dtype=torch.long, device=pos.device)
     return F.cross_entropy(logits.float(), target), hard_idx
 
@@ -209,22 +219,20 @@ def _score(model, input_ids, attention_mask, visual: VisualTokens, chunk: Option
 
 
 def retrieval_step(model, batch: dict, device, num_negatives: int = 20, num_hard: int = 5,
-                   negative_kind: str = "both", softmax_all: bool = False,
+                   negative_kind: str = "both", loss_form: str = "hard6",
                    score_chunk: int = 512) -> Dict[str, torch.Tensor]:
     """One micro-batch of ranking fine-tuning (module docstring): positives + 20 negatives each,
-    the hard 5 found without gradients, then the loss through the positive and those 5."""
+    the hard 5 found without gradients, then the loss through the positive and those 5. Both passes
+    run in the model's current mode (training: the same dropout), so the hard negatives are chosen
+    under the conditions they are trained in."""
     inner = unwrap_model(model)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     images, pixel_mask = batch["images"].to(device, non_blocking=True), batch["pixel_mask"].to(device)
     img_rows, cap_rows = negative_pairs(batch["image_keys"], num_negatives, negative_kind)
     img_rows, cap_rows = img_rows.to(device), cap_rows.to(device)
     B, W = img_rows.shape
-    # The CNN runs once per image; every pair indexes the image's visual tokens. The frozen CNN
-    # keeps no graph; the projection conv and s_v do. A frozen CNN also keeps its BatchNorm
-    # statistics (eval mode), or the "frozen" features would drift with every batch.
-    backbone = inner.bert.visual_embedding.backbone
-    if not any(p.requires_grad for p in backbone.parameters()):
-        backbone.eval()
+    # The CNN runs once per image; every pair indexes the image's visual tokens. A frozen CNN
+    # (PixelBert.freeze_backbone) keeps no graph; the projection conv and s_v do unless frozen too.
     visual = inner.bert.encode_image(images, pixel_mask)
     with torch.no_grad():
         flat_i, flat_c = img_rows.flatten(), cap_rows.flatten()
@@ -235,7 +243,7 @@ def retrieval_step(model, batch: dict, device, num_negatives: int = 20, num_hard
     # Through the (DDP) wrapper, so gradient synchronisation sees this forward pass.
     scores = model(ids[sel_c], mask[sel_c], visual=visual[sel_i]).view(B, 1 + num_hard)
     neg = all_scores[:, 1:].to(scores.dtype).scatter(1, hard_idx, scores[:, 1:])
-    loss, _ = hard_negative_loss(scores[:, 0], neg, num_hard, softmax_all, hard_idx)
+    loss, _ = hard_negative_loss(scores[:, 0], neg, num_hard, loss_form, hard_idx)
     # Training R@1 among the 21: is the positive the top score?
     rank1 = (all_scores[:, :1] > all_scores[:, 1:]).all(1).float().mean()
     return dict(loss=loss, r1_of_21=rank1)
@@ -291,7 +299,9 @@ def encode_images(model, paths: Sequence[str], rows: Sequence[int], transform, d
     bert = unwrap_model(model).bert.eval()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ImageFiles(paths, transform), rows),
-                                         batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
+                                         batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=functools.partial(collate_images,
+                                                                      size_divisor=bert.config.feature_stride))
     embs, masks = [], []
     for _, images, pixel_mask in loader:
         with eval_autocast(device):

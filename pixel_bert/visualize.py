@@ -47,16 +47,21 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return np.rint(rgb).astype(np.uint8)
 
 
-def upsample(attention: torch.Tensor, size) -> np.ndarray:
-    """(gh, gw) map -> (height, width) by bilinear interpolation, ``size`` = (width, height).
-    The grid is stretched over the whole image, matching `inference.box_cell_weights`."""
+def upsample(attention: torch.Tensor, size, extent=None) -> np.ndarray:
+    """(gh, gw) map -> (height, width) by bilinear interpolation, ``size`` = (width, height) of the
+    picture. ``extent`` = (width, height), in the same pixels, of what the grid covers: the image
+    sits at its top-left and the rest is padding (`AttentionMaps.extent`), so the map is upsampled
+    to the extent and cut to the image, never stretched over it. None: the grid covers the image."""
     a = torch.as_tensor(attention, dtype=torch.float32)[None, None]
     w, h = size
-    return F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    ew, eh = extent if extent is not None else size
+    full = F.interpolate(a, size=(max(round(eh), h), max(round(ew), w)), mode="bilinear", align_corners=False)
+    return full[0, 0, :h, :w].numpy()
 
 
-def overlay(image: Image.Image, attention: torch.Tensor) -> Image.Image:
-    """The image with ``attention`` (gh, gw) upsampled and blended on top as a heat map.
+def overlay(image: Image.Image, attention: torch.Tensor, extent=None) -> Image.Image:
+    """The image with ``attention`` (gh, gw) upsampled (`upsample`, ``extent`` as there) and blended on
+    top as a heat map.
 
     The map is divided by its own maximum: the hottest cell is bright yellow, a cell with half its
     attention is half way down the ramp, and a flat map is bright all over (it looks everywhere),
@@ -64,7 +69,7 @@ def overlay(image: Image.Image, attention: torch.Tensor) -> Image.Image:
     so the heat stands out, and the heat's opacity grows with the value, so cold regions still show
     the picture."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    a = upsample(attention, image.size)
+    a = upsample(attention, image.size, extent)
     a = a / max(float(a.max()), 1e-12)
     grey = rgb.mean(axis=2, keepdims=True)
     base = 0.55 * (0.4 * rgb + 0.6 * grey)                          # dimmed, mostly grey photo
@@ -147,8 +152,10 @@ def attention_figure(image: Image.Image, maps: AttentionMaps, tokens: Optional[S
     draw.text((pad, 26), _fit(draw, f"attention of each word over the feature pixels ({maps.grid[0]} x "
                                     f"{maps.grid[1]} grid), layer {maps.layer}, {head}", small,
                               width - 2 * pad), fill=SUBTLE, font=small)
+    # the grid's extent in panel pixels: the panel shows the resized image the model saw, scaled
+    extent = (maps.extent[0] * pw / maps.image_size[0], maps.extent[1] * ph / maps.image_size[1])
     panels = [(shown, "image", [])] + [
-        (overlay(shown, maps.maps[i]), maps.tokens[i],
+        (overlay(shown, maps.maps[i], extent), maps.tokens[i],
          [f"peak {peak_over_uniform(maps.maps[i]):.1f}x uniform", f"{100 * float(maps.pixel_mass[i]):.0f}% on pixels"])
         for i in positions]
     for k, (img, label, notes) in enumerate(panels):

@@ -202,15 +202,16 @@ class VQADataset(torch.utils.data.Dataset):
 class VQACollator:
     """Pads images, tokenises questions and builds the dense (B, num_answers) soft-score targets."""
 
-    def __init__(self, tokenizer, max_text_len: int, num_answers: int):
+    def __init__(self, tokenizer, max_text_len: int, num_answers: int, size_divisor: int = 1):
         self.tokenizer, self.max_text_len, self.num_answers = tokenizer, max_text_len, num_answers
+        self.size_divisor = size_divisor
 
     def __call__(self, samples):
         good = [s for s in samples if s is not None]
         num_bad = len(samples) - len(good)
         if not good:
-            return dict(input_ids=torch.zeros((0, 0), dtype=torch.long), num_bad=num_bad)
-        images, pixel_mask = pad_images([s["image"] for s in good])
+            return dict(input_ids=torch.zeros((0, 0), dtype=torch.long), num_samples=0, num_bad=num_bad)
+        images, pixel_mask = pad_images([s["image"] for s in good], self.size_divisor)
         text = self.tokenizer([s["question"] for s in good], max_length=self.max_text_len)
         # Scatter every (row, answer, score) triple at once: no loop over answers.
         rows = torch.repeat_interleave(torch.arange(len(good)), torch.tensor([len(s["labels"]) for s in good]))
@@ -220,7 +221,7 @@ class VQACollator:
         targets[rows, cols] = vals
         return dict(images=images, pixel_mask=pixel_mask, input_ids=text.input_ids,
                     attention_mask=text.attention_mask, targets=targets,
-                    question_ids=[s["question_id"] for s in good], num_bad=num_bad)
+                    question_ids=[s["question_id"] for s in good], num_samples=len(good), num_bad=num_bad)
 
 
 # -------------------------------------------------------------------------------------------------

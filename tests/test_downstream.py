@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
@@ -227,24 +228,28 @@ def test_synthetic_tasks_cli_help_names_every_flag(capsys):
 #                                 Retrieval: hard negatives
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("softmax_all", [True, False])
-def test_hard_negative_loss_gradient_only_through_top5(softmax_all):
+@pytest.mark.parametrize("form", retrieval.RETRIEVAL_LOSSES)
+def test_hard_negative_loss_forms_match_hand_computed_gradients(form):
     torch.manual_seed(0)
     pos = torch.randn(4, requires_grad=True)
     neg = torch.randn(4, 20, requires_grad=True)
-    loss, hard = retrieval.hard_negative_loss(pos, neg, 5, softmax_all)
+    loss, hard = retrieval.hard_negative_loss(pos, neg, 5, form)
     loss.backward()
     top5 = neg.detach().topk(5, dim=1).indices
     assert torch.equal(hard.sort(1).values, top5.sort(1).values)
-    has_grad = neg.grad != 0
-    expected = torch.zeros_like(has_grad).scatter(1, top5, True)
-    assert torch.equal(has_grad, expected) and (pos.grad != 0).all()
-    # a common shift of all scores changes nothing: the gradients sum to zero in every row (with the
-    # easy negatives as plain constants they would not, and training drifts instead of ranking)
-    assert torch.allclose(pos.grad + neg.grad.sum(1), torch.zeros(4), atol=1e-7)
-    # the value: cross-entropy with the positive first, over 21 (or 6) scores
-    logits = torch.cat([pos[:, None], neg if softmax_all else neg.gather(1, top5)], 1).detach()
-    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long)))
+    is_hard = torch.zeros(4, 20, dtype=torch.bool).scatter(1, top5, True)
+    # the value: cross-entropy with the positive first, over 6 scores or over all 21
+    scores = torch.cat([pos[:, None], neg.gather(1, top5) if form == "hard6" else neg], 1).detach()
+    assert torch.allclose(loss, F.cross_entropy(scores, torch.zeros(4, dtype=torch.long)))
+    # the gradients, by hand (mean over the 4 rows): p = softmax of those scores
+    p = scores.softmax(1) / 4
+    p_neg = torch.zeros(4, 20).scatter(1, top5, p[:, 1:]) if form == "hard6" else p[:, 1:]
+    expected_neg = torch.where(is_hard, p_neg, torch.zeros(()))  # only the 5 hard negatives get gradients
+    expected_pos = p[:, 0] - 0.25
+    if form == "all21_offsets":  # the easy negatives move with the positive
+        expected_pos = expected_pos + torch.where(is_hard, torch.zeros(()), p[:, 1:]).sum(1)
+    assert torch.allclose(neg.grad, expected_neg, atol=1e-7)
+    assert torch.allclose(pos.grad, expected_pos, atol=1e-7)
 
 
 def test_negatives_never_share_the_positive_image():
@@ -260,10 +265,9 @@ def test_negatives_never_share_the_positive_image():
 def test_retrieval_step_backprops_through_positive_and_5_hard(tokenizer):
     torch.manual_seed(0)
     model = PixelBertForRetrieval(tiny_cfg(freeze_backbone_bn=False))
-    for name, p in model.named_parameters():  # the retrieval presets freeze the CNN
-        if ".backbone." in name:
-            p.requires_grad_(False)
-    seen = []
+    model.bert.freeze_backbone()  # as finetune.py does for the retrieval presets
+    seen, modes = [], []
+    model.bert.register_forward_pre_hook(lambda m, args: modes.append((torch.is_grad_enabled(), m.training)))
 
     class Spy(torch.nn.Module):  # stands for the DDP wrapper: records the forward passes with gradients
         def __init__(self, m):
@@ -281,11 +285,14 @@ def test_retrieval_step_backprops_through_positive_and_5_hard(tokenizer):
                  image_keys=[f"k{i}" for i in range(8)])
     bn = model.bert.visual_embedding.backbone.stem[1]  # a live BatchNorm (the tiny preset's)
     before = bn.running_mean.clone()
-    model.train()
+    model.train()  # the frozen trunk stays in eval mode all the same
+    assert not model.bert.visual_embedding.backbone.training and model.bert.layers[0].training
     out = retrieval.retrieval_step(Spy(model), batch, torch.device("cpu"), num_negatives=20, num_hard=5)
     out["loss"].backward()
     assert torch.equal(bn.running_mean, before)  # a frozen CNN keeps its statistics too
     assert seen == [8 * 6]  # the positive and 5 hard negatives per pair, not 21
+    # the gradient-free pass that picks the hard negatives runs in the same (training) mode as the graded one
+    assert modes == [(False, True), (True, True)]
     assert torch.isfinite(out["loss"]) and model.retrieval.score.weight.grad.abs().sum() > 0
     assert model.bert.visual_embedding.proj.weight.grad.abs().sum() > 0  # the projection still trains
     assert all(p.grad is None for n, p in model.named_parameters() if ".backbone." in n)

@@ -301,3 +301,14 @@ def test_box_measure_detects_an_attention_that_localises():
     result = colour_attention_in_boxes(Oracle(), num_images=60, seed=HELD_OUT_SEED)
     assert result.per_layer[0] > 3.0 and result.per_layer_other[0] < 0.5
     assert result.paired_t[0] > 10
+
+
+def test_attention_is_drawn_where_the_grid_cells_are_not_stretched_over_the_image():
+    from pixel_bert.visualize import upsample
+    second_row = torch.tensor([[0.0], [1.0]])  # a 2 x 1 grid, all attention on the second row
+    # a 20-pixel-tall image at stride 16: the grid covers 32 rows, its second cell rows 16..31 (mostly padding)
+    placed = upsample(second_row, (16, 20), extent=(16, 32))
+    stretched = upsample(second_row, (16, 20))
+    assert placed.shape == stretched.shape == (20, 16)
+    assert placed[:8].max() < 0.01   # rows 0..7 lie in the first cell: no heat there
+    assert stretched[:8].max() > 0.2  # stretching pulls the second cell's heat up over them

@@ -1,6 +1,10 @@
 """The model's modules: shapes, masking, pixel sampling, attention paths, gradients (PAPER.md section 1)."""
+import math
+
+import pytest
 import torch
 
+from pixel_bert.config import make_model_config
 from pixel_bert.heads import (PixelBertForNLVR2, PixelBertForPreTraining, PixelBertForRetrieval,
                               PixelBertForVQA)
 from pixel_bert.model import PixelBert, TextEmbedding, VisualEmbedding
@@ -180,3 +184,44 @@ def test_task_heads_shapes(tiny_config):
     cached = retrieval(ids, mask, visual=visual[rows])
     direct = retrieval(ids, mask, images[rows])
     assert cached.shape == (2,) and torch.allclose(cached, direct, atol=1e-5)
+
+
+def brute_force_cell_validity(pixel_mask: torch.Tensor, stride: int, grid) -> torch.Tensor:
+    """(B, gh*gw): a cell is valid exactly when its stride x stride block holds a real pixel."""
+    gh, gw = grid
+    out = torch.zeros(pixel_mask.shape[0], gh, gw, dtype=torch.bool)
+    for r in range(gh):
+        for c in range(gw):
+            out[:, r, c] = pixel_mask[:, r * stride:(r + 1) * stride, c * stride:(c + 1) * stride].flatten(1).any(1)
+    return out.flatten(1)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "r50"])
+def test_feature_mask_is_exact_over_a_sweep_of_sizes(preset):
+    """Batches padded to the feature stride (as every collator pads them): each cell that covers a real
+    pixel is valid and every other cell is masked, for r50's stride 64 and the tiny config's 16."""
+    from pixel_bert.data import pad_images
+    cfg = make_model_config(preset, backbone_weights=None, bert_weights=None)
+    emb = VisualEmbedding.__new__(VisualEmbedding)  # feature_mask needs only the config: no 25M-weight trunk
+    emb.config = cfg
+    s = cfg.feature_stride
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        sizes = torch.randint(1, 6 * s, (3, 2), generator=g).tolist()
+        _, pixel_mask = pad_images([torch.zeros(3, h, w) for h, w in sizes], size_divisor=s)
+        grid = (pixel_mask.shape[1] // s, pixel_mask.shape[2] // s)
+        expected = brute_force_cell_validity(pixel_mask, s, grid)
+        assert torch.equal(emb.feature_mask(pixel_mask, 3, grid, "cpu"), expected), sizes
+
+
+def test_the_feature_grid_covers_every_input_pixel():
+    """ceil(H / stride) feature rows for any input size (a floor would leave the bottom band of an
+    800-row image, 32 pixels at stride 64, with no token): 800x1333 gives the paper's 13 x 21 = 273."""
+    cfg = make_model_config("tiny", backbone_stages=4, hidden_size=16, num_heads=2)  # stride 64 like r50
+    emb = VisualEmbedding(cfg).eval()
+    with torch.no_grad():
+        for h, w in [(64, 64), (65, 130), (100, 167), (127, 129)]:
+            grid = emb(torch.zeros(1, 3, h, w)).grid
+            assert grid == (math.ceil(h / 64), math.ceil(w / 64)), (h, w, grid)
+    assert (math.ceil(800 / 64), math.ceil(1333 / 64)) == (13, 21)
+    assert make_model_config("r50").feature_stride == 64

@@ -185,7 +185,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     with open(out / "ckpt_00000099.pt", "wb") as f:
         f.write(b"truncated")
     from pixel_bert.engine import newest_valid_checkpoint
-    assert newest_valid_checkpoint(str(out)).endswith("ckpt_00000012.pt")
+    assert newest_valid_checkpoint(str(out))[0].endswith("ckpt_00000012.pt")
 
 
 def test_two_process_torchrun_keeps_replicas_identical(tmp_path):

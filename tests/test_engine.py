@@ -1,0 +1,134 @@
+"""The training loop's guarantees: every optimiser steps or none does, the precision the paper's GPUs
+get, refusing a resume that would silently change the schedule, and files that survive faults."""
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from pixel_bert.config import make_model_config, make_train_config
+from pixel_bert.data import epoch_batch_sampler
+from pixel_bert.engine import (DistInfo, EpochStats, NonFiniteLossError, Trainer, amp_settings,
+                               newest_valid_checkpoint)
+from pixel_bert.files import DiskFullError, atomic_write, save_torch
+from pixel_bert.heads import PixelBertForPreTraining
+
+TINY = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
+        "--image-short-side", "32", "--image-long-side", "32", "--num-sampled-pixels", "2",
+        "--num-workers", "0", "--log-every", "1", "--device", "cpu", "--synthetic-eval-images", "0"]
+
+
+def tiny_trainer(tmp_path, **train_overrides):
+    cfg = make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                            hidden_dropout=0.0, attention_dropout=0.0)
+    model = PixelBertForPreTraining(cfg)
+    ids = torch.randint(5, 64, (4, 6))
+    images = torch.randn(4, 3, 32, 32)
+
+    def step_fn(m, batch, step):
+        _, mlm, itm = m(ids, torch.ones_like(ids), images)
+        return {"loss": mlm.float().logsumexp(-1).mean() + itm.float().pow(2).mean()}
+
+    data = list(range(8))
+    train_cfg = make_train_config("pretrain", batch_size=4, epochs=1, warmup_steps=0, num_workers=0,
+                                  lr=1e-3, **train_overrides)
+    trainer = Trainer(model, train_cfg, str(tmp_path), data, lambda idx: {"num_samples": len(idx)},
+                      epoch_batch_sampler(data, 4, 0), step_fn, DistInfo(), {})
+    return trainer, model
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("poisoned", ["bert.visual_embedding.backbone.stem.0.weight",  # the CNN's SGD
+                                      "bert.layers.0.attention.qkv.weight"])          # the transformer's AdamW
+def test_one_nonfinite_gradient_stops_every_optimizer_under_fp16(tmp_path, poisoned):
+    trainer, model = tiny_trainer(tmp_path, amp="fp16")
+    assert trainer.amp.dtype == torch.float16 and trainer.scaler.is_enabled()
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=64.0)  # small: the clean step must not overflow
+    stats, batch = EpochStats(), {"num_samples": 4}
+    before = snapshot(model)
+    trainer.micro_batch(batch, stats)
+    dict(model.named_parameters())[poisoned].grad.view(-1)[0] = float("inf")
+    assert trainer.optimizer_step(stats) is None  # skipped ...
+    after = snapshot(model)
+    for name in before:  # ... by both optimisers: every weight finite and unchanged
+        assert torch.isfinite(after[name]).all() and torch.equal(after[name], before[name]), name
+    assert trainer.scaler.get_scale() < 64.0 and trainer.step == 0 and stats.skipped_steps == 1
+    trainer.micro_batch(batch, stats)  # the next clean step trains
+    grad_norm = trainer.optimizer_step(stats)
+    assert grad_norm is not None and torch.isfinite(grad_norm) and trainer.step == 1
+    assert not torch.equal(snapshot(model)[poisoned], before[poisoned])
+
+
+def test_a_streak_of_nonfinite_losses_stops_the_run(tmp_path):
+    trainer, model = tiny_trainer(tmp_path, amp="none", max_nonfinite_steps=2)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    trainer.step_fn = lambda m, batch, step: {"loss": m(ids, torch.ones_like(ids))[1].sum() * float("nan")}
+    stats = EpochStats()
+    for _ in range(2):  # tolerated
+        trainer.micro_batch({"num_samples": 4}, stats)
+        assert trainer.optimizer_step(stats) is None
+    trainer.micro_batch({"num_samples": 4}, stats)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps"):
+        trainer.optimizer_step(stats)
+
+
+def test_amp_auto_uses_fp16_with_loss_scaling_below_compute_capability_8(monkeypatch):
+    cfg = make_train_config("pretrain")
+    for capability, name, dtype, scaling in [((7, 0), "Tesla V100-SXM2-32GB", torch.float16, True),
+                                             ((8, 0), "NVIDIA A100-SXM4-40GB", torch.bfloat16, False),
+                                             ((9, 0), "NVIDIA H100 80GB HBM3", torch.bfloat16, False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        amp = amp_settings(cfg, torch.device("cuda", 0))
+        assert (amp.dtype, amp.loss_scaling) == (dtype, scaling)
+        assert name in amp.reason and f"{capability[0]}.{capability[1]}" in amp.reason
+    cpu = amp_settings(cfg, torch.device("cpu"))
+    assert cpu.dtype is None and not cpu.loss_scaling
+
+
+def test_resume_with_another_batch_layout_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    common = TINY + ["--synthetic-images", "32", "--output-dir", out]
+    train.main(common + ["--batch-size", "8", "--max-steps", "2", "--resume", "none"])
+    config_before = open(os.path.join(out, "config.json")).read()
+    with pytest.raises(ValueError, match=r"batch_size 8 -> 4.*--init"):
+        train.main(common + ["--batch-size", "4"])
+    assert open(os.path.join(out, "config.json")).read() == config_before  # not overwritten
+
+
+def test_metrics_hold_each_step_once_after_a_crash_and_resume(tmp_path):
+    out = tmp_path / "run"
+    common = TINY + ["--synthetic-images", "64", "--batch-size", "8", "--ckpt-every", "2",
+                     "--output-dir", str(out), "--epochs", "1"]
+    train.main(common + ["--max-steps", "5", "--resume", "none"])
+    os.remove(out / "ckpt_00000005.pt")  # died after logging step 5, before its checkpoint
+    result = train.main(common)
+    assert result["resumed_from"].endswith("ckpt_00000004.pt") and result["steps"] == 8
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"kind": "train"' in line]
+    assert steps == list(range(1, 9))
+
+
+def test_a_file_that_loads_but_is_no_checkpoint_is_passed_over(tmp_path, capsys):
+    good = {"model": {}, "optimizers": [], "schedulers": [], "scaler": {}, "step": 1, "epoch": 0,
+            "batch_in_epoch": 1, "rng": []}
+    save_torch(good, str(tmp_path / "ckpt_00000001.pt"))
+    save_torch({"weights": torch.zeros(2)}, str(tmp_path / "ckpt_00000002.pt"))
+    path, ckpt = newest_valid_checkpoint(str(tmp_path))
+    assert path.endswith("ckpt_00000001.pt") and ckpt["step"] == 1
+    assert "not a training checkpoint" in capsys.readouterr().err
+
+
+def test_a_full_disk_keeps_the_previous_file_and_names_the_folder(tmp_path):
+    path = tmp_path / "ckpt_00000001.pt"
+    path.write_bytes(b"previous checkpoint")
+    with pytest.raises(DiskFullError, match=f"no space left on device.*{tmp_path}"):
+        with atomic_write(str(path)) as f:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert path.read_bytes() == b"previous checkpoint"
+    assert os.listdir(tmp_path) == [path.name]  # the temporary file is gone
