@@ -269,21 +269,13 @@ def _exists(find_file: Callable, *args) -> bool:
     return True
 
 
-def _nlvr2_json(root: str, split: str) -> str:
-    """The JSON-lines file of a split, where finetune.py / evaluate.py look for it."""
-    path = os.path.join(root, f"{split}.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(path)
-    return path
-
-
 def check_nlvr2(paths: Dict[str, Optional[str]]) -> DatasetCheck:
     """finetune.py --task nlvr2: train.json and dev.json (required), test1.json (optional), read by
     `nlvr2.read_nlvr2`; two images per example."""
     root, images = paths["nlvr2_root"], paths["nlvr2_images"]
     check = DatasetCheck("nlvr2", f"NLVR2: {root}", {"nlvr2_root": root, "nlvr2_images": images})
     for split in ("train", "dev", "test1"):
-        if split == "test1" and not _exists(_nlvr2_json, root, split):
+        if split == "test1" and not os.path.isfile(os.path.join(root, "test1.json")):
             check.splits.append(SplitCheck(split, absent=True, notes=["not present (only evaluate.py uses it)"]))
             continue
 
@@ -331,17 +323,17 @@ def _hint(*names: str) -> str:
     return f"\n    to get it: python -m pixel_bert.datasets download {' '.join(names)} --root DIR"
 
 
-# Verify order: pre-training data first, then the three tasks. (trigger dest, check function)
-CHECKS = (("coco_karpathy", check_pretrain_coco), ("coco_captions", check_coco_captions),
-          ("vg_regions", check_visual_genome), ("vqa_root", check_vqa), ("nlvr2_root", check_nlvr2),
-          ("karpathy_json", check_retrieval))
+# Verify order: pre-training data first, then the three tasks. (flags that name the dataset, check)
+CHECKS = ((("coco_karpathy",), check_pretrain_coco), (("coco_captions",), check_coco_captions),
+          (("vg_regions", "vg_image_data", "vg_images"), check_visual_genome), (("vqa_root",), check_vqa),
+          (("nlvr2_root",), check_nlvr2), (("karpathy_json",), check_retrieval))
 
 
 def read_datasets(paths: Dict[str, Optional[str]], log=print) -> List[DatasetCheck]:
     """Read the annotations of every dataset whose flags are given (no image is opened yet)."""
     checks = []
-    for trigger, check in CHECKS:
-        if paths.get(trigger) or (trigger == "vg_regions" and (paths["vg_image_data"] or paths["vg_images"])):
+    for dests, check in CHECKS:
+        if any(paths[dest] for dest in dests):
             started = time.time()
             checks.append(check(paths))
             log(f"read {checks[-1].title} ({time.time() - started:.1f} s)")
@@ -433,13 +425,7 @@ def _count(n: Optional[int]) -> str:
 def format_table(check: DatasetCheck, decoded: bool = True, show: int = 5) -> List[str]:
     """The table of one dataset, then per split the first ``show`` bad paths, problems and warnings."""
     header = ("split", "records", "official", "images", "official", "missing", "unreadable", "status")
-    rows = [header]
-    for s in check.splits:
-        read = not (s.absent or s.error)
-        rows.append((s.name, _count(s.records if read else None), _count(s.official[0]),
-                     _count(len(s.image_paths) if read else None), _count(s.official[1]),
-                     _count(len(s.missing) if read else None),
-                     (_count(len(s.unreadable)) if decoded else "not checked") if read else "-", s.status))
+    rows = [header] + [_row(s, decoded) for s in check.splits]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [check.title]
     for row in rows:
@@ -453,6 +439,15 @@ def format_table(check: DatasetCheck, decoded: bool = True, show: int = 5) -> Li
                           advice=" (re-download or re-extract them, or drop them from the annotations)")
         lines += [f"  {s.name}: warning: {w}" for w in s.warnings] + [f"  {s.name}: note: {n}" for n in s.notes]
     return lines
+
+
+def _row(s: SplitCheck, decoded: bool) -> Tuple[str, ...]:
+    """The table cells of a split ("-" where nothing was read)."""
+    if s.absent or s.error:
+        return s.name, "-", _count(s.official[0]), "-", _count(s.official[1]), "-", "-", s.status
+    unreadable = _count(len(s.unreadable)) if decoded else "not checked"
+    return (s.name, _count(s.records), _count(s.official[0]), _count(len(s.image_paths)), _count(s.official[1]),
+            _count(len(s.missing)), unreadable, s.status)
 
 
 def _listing(split: str, what: str, items: Sequence[str], show: int, advice: str = "") -> List[str]:
@@ -698,6 +693,7 @@ def download_file(url: str, archive: str, md5: Optional[str], retries: int = 3, 
             raise DownloadError(f"{url}: md5 {got}, but the published md5 is {md5}: the download is corrupt or the "
                                 "file changed on the server. The bad file was deleted; run again to download it "
                                 "afresh, or try another mirror (--base-url)")
+        log(f"  {os.path.basename(archive)}: md5 matches")
     os.replace(part, archive)
 
 
@@ -902,7 +898,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "download":
         return run_download(args)
     paths = resolve_image_roots(args)
-    if not any(paths[trigger] for trigger, _ in CHECKS) and not (paths["vg_image_data"] or paths["vg_images"]):
+    if not any(paths[dest] for dests, _ in CHECKS for dest in dests):
         parser.error("verify: give the annotation flag of at least one dataset: --coco-karpathy, --coco-captions, "
                      "--vg-regions, --vqa-root, --nlvr2-root or --karpathy-json (see --help)")
     if args.workers < 1 or not 0 <= args.max_bad_fraction <= 1:
