@@ -18,6 +18,10 @@ from typing import Any, Dict, Optional, Tuple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DETECTRON_PIXEL_MEANS = (102.9801, 115.9465, 122.7717)  # Detectron's PIXEL_MEANS: BGR, 0-255
+# The pixels Detectron's Caffe2 weights were trained on: BGR in 0-255 minus its means, no std
+DETECTRON_INPUT = dict(image_format="bgr255", image_mean=DETECTRON_PIXEL_MEANS, image_std=(1.0, 1.0, 1.0))
+IMAGE_FORMATS = ("rgb", "bgr255")
 
 
 @dataclass
@@ -35,6 +39,9 @@ class ModelConfig:
     image_long_side: int = 1333           # cap on the longer side after the resize [paper: 1333 for R50]
     image_mean: Tuple[float, float, float] = IMAGENET_MEAN  # of the torchvision weights [choice]
     image_std: Tuple[float, float, float] = IMAGENET_STD  # per-channel std of the normalisation [choice]
+    image_format: str = "rgb"             # pixels the CNN's weights expect, before (x - mean) / std: "rgb" in
+                                          # [0, 1] (torchvision) or "bgr255" (Caffe2/Detectron). A .pkl
+                                          # backbone_weights sets bgr255 with Detectron's means and std 1
     # ---- language embedding, eq. (2), and cross-modality transformer, eq. (3) --------------------
     vocab_size: int = 30522               # bert-base-uncased WordPiece vocabulary [choice]
     hidden_size: int = 768                # BERT-base sizes [paper: 12 layers; the rest BERT's, choice]
@@ -74,6 +81,11 @@ class ModelConfig:
             raise ValueError(f"backbone_stages must be 1..4, got {self.backbone_stages}")
         if self.attention_impl not in ("sdpa", "manual"):
             raise ValueError(f"attention_impl must be 'sdpa' or 'manual', got {self.attention_impl!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        if str(self.backbone_weights or "").endswith(".pkl"):
+            for key, value in DETECTRON_INPUT.items():  # the input convention travels with the weights
+                setattr(self, key, value)
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
 
@@ -134,9 +146,10 @@ class TrainConfig:
 MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
     # The paper's ablation model: ResNet-50, BERT-base, 800/1333, 100 sampled pixels.
     "r50": dict(backbone="resnet50", bert_weights="bert-base-uncased"),
-    # The paper's best model: ResNeXt-152 32x8d, 600/1000.
-    "x152": dict(backbone="resnext152_32x8d", image_short_side=600, image_long_side=1000,
-                 bert_weights="bert-base-uncased"),
+    # The paper's best model: ResNeXt-152 32x8d, 600/1000. Its ImageNet weights are Detectron's file
+    # (torchvision has none), read from the working directory unless --backbone_weights says where.
+    "x152": dict(backbone="resnext152_32x8d", backbone_weights="X-152-32x8d-IN5k.pkl", image_short_side=600,
+                 image_long_side=1000, bert_weights="bert-base-uncased"),
     # Tests and the CPU demo: a ResNet-18 trunk to stage 2 (stride 8, then pool -> 16) on 64x64
     # images gives a 4x4 grid; a 4-layer, 128-wide transformer over the synthetic vocabulary. The CNN
     # starts from scratch (no download), so its BatchNorm learns its statistics.
