@@ -28,7 +28,8 @@ IMAGE_FORMATS = ("rgb", "bgr255")
 class ModelConfig:
     # ---- visual embedding, eq. (1) --------------------------------------------------------------
     backbone: str = "resnet50"            # resnet18/34/50/101/152 or resnext152_32x8d [paper: R50, X152]
-    backbone_weights: Optional[str] = "imagenet"  # "imagenet" (torchvision enum), a state-dict file, or None
+    backbone_weights: Optional[str] = "imagenet"  # "imagenet" (torchvision enum), a state-dict file, a Detectron
+                                          # .pkl (x152: X-152-32x8d-IN5k.pkl), or None
     backbone_stages: int = 4              # ResNet stages kept (4 = full trunk, stride 32); tiny uses fewer
     freeze_backbone_bn: bool = True       # BatchNorm statistics frozen: padded, variable-size batches of
                                           # 64/GPU would corrupt batch statistics (detection practice) [choice]
