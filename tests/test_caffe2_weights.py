@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
-from torchvision.models.resnet import Bottleneck, ResNet, resnet50
+from torchvision.models.resnet import Bottleneck, ResNet, resnet18, resnet50
 
 import train
 from pixel_bert.caffe2_weights import DETECTRON_X152_URL, caffe2_blob_name, trunk_tensors_from_blobs
@@ -204,6 +204,11 @@ def test_image_format_round_trips_and_transform_gives_bgr255_minus_means(tmp_pat
     assert torch.allclose(plain[:, 10, 10], expected, atol=1e-6)
     with pytest.raises(ValueError, match="image_format"):
         make_model_config("tiny", image_format="bgr", **SMALL)
+    # torchvision weights loaded into a bgr255 model bring their own convention back
+    torch.save(resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    model = PixelBert(make_model_config("tiny", backbone_weights=str(tmp_path / "X.pkl"), **SMALL))
+    load_backbone_weights(model, str(tmp_path / "r18.pth"), verbose=False)
+    assert (model.config.image_format, model.config.image_mean) == ("rgb", IMAGENET_MEAN)
 
 
 def test_x152_preset_names_the_file_flag_and_url_when_missing(tmp_path, monkeypatch):
