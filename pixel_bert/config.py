@@ -20,6 +20,10 @@ from .model import PixelBertConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DETECTRON_PIXEL_MEANS = (102.9801, 115.9465, 122.7717)  # Detectron's PIXEL_MEANS: BGR, 0-255
+# The pixels Detectron's Caffe2 weights were trained on: BGR in 0-255 minus its means, no std
+DETECTRON_INPUT = dict(image_format="bgr255", image_mean=DETECTRON_PIXEL_MEANS, image_std=(1.0, 1.0, 1.0))
+IMAGE_FORMATS = ("rgb", "bgr255")
 
 
 @dataclass
@@ -28,13 +32,17 @@ class ModelConfig(PixelBertConfig):
     (`pixel_bert.model.PixelBertConfig`, inherited) plus the image sizes and normalisation, the text
     length, the vocabulary file and the initial weights. Saved in every checkpoint."""
     # ---- initial weights and pixel sampling (Sec. 3.3) ------------------------------------------
-    backbone_weights: Optional[str] = "imagenet"  # "imagenet" (torchvision enum), a state-dict file, or None
+    backbone_weights: Optional[str] = "imagenet"  # "imagenet" (torchvision enum), a state-dict file, a Detectron
+                                          # .pkl (x152: X-152-32x8d-IN5k.pkl), or None
     num_sampled_pixels: int = 100         # random pixel sampling in pre-training [paper]
     # ---- image input -----------------------------------------------------------------------------
     image_short_side: int = 800           # keep-ratio resize [paper: 800/1333 for R50]
     image_long_side: int = 1333           # cap on the longer side after the resize [paper: 1333 for R50]
     image_mean: Tuple[float, float, float] = IMAGENET_MEAN  # of the torchvision weights [choice]
     image_std: Tuple[float, float, float] = IMAGENET_STD  # per-channel std of the normalisation [choice]
+    image_format: str = "rgb"             # pixels the CNN's weights expect, before (x - mean) / std: "rgb" in
+                                          # [0, 1] (torchvision) or "bgr255" (Caffe2/Detectron). A .pkl
+                                          # backbone_weights sets bgr255 with Detectron's means and std 1
     # ---- text input ------------------------------------------------------------------------------
     max_text_len: int = 40                # tokens incl. [CLS]/[SEP]; longer captions are truncated [choice]
     vocab_file: Optional[str] = None      # WordPiece vocab.txt; None = bert-base-uncased's (downloaded)
@@ -42,6 +50,9 @@ class ModelConfig(PixelBertConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if str(self.backbone_weights or "").endswith(".pkl"):
+            for key, value in DETECTRON_INPUT.items():  # the input convention travels with the weights
+                setattr(self, key, value)
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
         check_fields(self)
@@ -145,6 +156,7 @@ FIELD_CHOICES: Dict[str, Tuple[str, ...]] = {
     "amp": ("auto", "bf16", "fp16", "none"),
     "visual_embedding_optimizer": ("adamw", "sgd"),
     "attention_impl": ("sdpa", "manual"),
+    "image_format": IMAGE_FORMATS,
 }
 
 
@@ -174,9 +186,10 @@ def check_fields(cfg) -> None:
 MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
     # The paper's ablation model: ResNet-50, BERT-base, 800/1333, 100 sampled pixels.
     "r50": dict(backbone="resnet50", bert_weights="bert-base-uncased"),
-    # The paper's best model: ResNeXt-152 32x8d, 600/1000.
-    "x152": dict(backbone="resnext152_32x8d", image_short_side=600, image_long_side=1000,
-                 bert_weights="bert-base-uncased"),
+    # The paper's best model: ResNeXt-152 32x8d, 600/1000. Its ImageNet weights are Detectron's file
+    # (torchvision has none), read from the working directory unless --backbone_weights says where.
+    "x152": dict(backbone="resnext152_32x8d", backbone_weights="X-152-32x8d-IN5k.pkl", image_short_side=600,
+                 image_long_side=1000, bert_weights="bert-base-uncased"),
     # Tests and the CPU demo: a ResNet-18 trunk to stage 2 (stride 8, then pool -> 16) on 64x64
     # images gives a 4x4 grid; a 4-layer, 128-wide transformer over the synthetic vocabulary. The CNN
     # starts from scratch (no download), so its BatchNorm learns its statistics.
@@ -307,9 +320,19 @@ def field_help(cls) -> Dict[str, str]:
     return docs
 
 
+class _NotGiven:
+    """Default of every field flag: the flag was not given (None is a value: ``--bert-weights none``)."""
+
+    def __repr__(self) -> str:
+        return "not given"
+
+
+NOT_GIVEN = _NotGiven()
+
+
 def add_config_arguments(parser, cls, prefix_help: str = ""):
     """One ``--field-name`` flag per dataclass field (``--field_name`` is accepted too), checked when
-    parsed; default None = keep the preset's value."""
+    parsed; not given = keep the preset's value."""
     docs = field_help(cls)
     group = parser.add_argument_group(f"{cls.__name__} fields{prefix_help}")
     for f in fields(cls):
@@ -317,7 +340,7 @@ def add_config_arguments(parser, cls, prefix_help: str = ""):
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         parse = lambda text, name=f.name: parse_field(cls, name, text)  # noqa: E731
         parse.__name__ = f.name  # argparse names the type in its messages
-        group.add_argument(*names, dest=f.name, default=None, metavar="V", type=parse,
+        group.add_argument(*names, dest=f.name, default=NOT_GIVEN, metavar="V", type=parse,
                            help=f"{docs.get(f.name, '')} (default {default!r})")
 
 
@@ -326,8 +349,8 @@ def apply_overrides(cfg, args) -> list:
     returns the names changed. Cross-field checks run once all are set."""
     changed = []
     for f in fields(cfg):
-        value = getattr(args, f.name, None)
-        if value is not None:
+        value = getattr(args, f.name, NOT_GIVEN)
+        if value is not NOT_GIVEN:
             setattr(cfg, f.name, value)
             changed.append(f.name)
     if changed:

@@ -40,6 +40,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
+from .config import IMAGE_FORMATS
+
 # Largest image (width x height) we agree to decode: Pillow's own default, about 89.5M pixels
 # (a 1 GB RGBA buffer / 4 / 3). The biggest COCO / VG images are around 1M pixels, so anything
 # near this limit is a broken or hostile file ("decompression bomb"): a few KB of PNG can declare
@@ -174,15 +176,17 @@ class ImageTransform:
     The image is scaled so that its shorter side is ``short_side``, unless that would make its
     longer side exceed ``long_side``, in which case the longer side is ``long_side`` (800/1333 for
     R50, 600/1000 for X152, 96/96 for the tiny config). Resampling is bilinear with antialiasing
-    (Pillow widens the filter when shrinking). Then the image becomes a float tensor (3, H, W)
-    normalised with ``mean``/``std`` (ImageNet's, matching the torchvision weights).
+    (Pillow widens the filter when shrinking). Then the image becomes a float tensor (3, H, W) in
+    the pixel convention of the CNN's weights, ``image_format``: "rgb" is RGB in [0, 1] (torchvision),
+    "bgr255" is BGR in [0, 255] (Caffe2/Detectron), and is normalised as (x - mean) / std in those
+    units (ImageNet's mean/std for torchvision weights; Detectron's pixel means and std 1).
 
     There is deliberately no random horizontal flip: captions say "left of" / "right of", and a
     flipped image would contradict its caption.
     """
 
     def __init__(self, short_side: int, long_side: int,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], image_format: str = "rgb"):
         if short_side <= 0 or long_side <= 0:
             raise ValueError(f"ImageTransform: short_side and long_side must be positive, "
                              f"got {short_side}/{long_side}")
@@ -191,6 +195,9 @@ class ImageTransform:
                              "set image_short_side <= image_long_side in the ModelConfig")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"ImageTransform: mean and std need 3 values, std > 0; got {mean}, {std}")
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"ImageTransform: image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+        self.image_format = image_format
         self.short_side = int(short_side)
         self.long_side = int(long_side)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -199,7 +206,7 @@ class ImageTransform:
     @classmethod
     def from_config(cls, cfg) -> "ImageTransform":
         """The transform a `pixel_bert.config.ModelConfig` asks for."""
-        return cls(cfg.image_short_side, cfg.image_long_side, cfg.image_mean, cfg.image_std)
+        return cls(cfg.image_short_side, cfg.image_long_side, cfg.image_mean, cfg.image_std, cfg.image_format)
 
     def output_size(self, width: int, height: int) -> Tuple[int, int]:
         """(new_width, new_height) for an input of ``width`` x ``height``."""
@@ -219,12 +226,17 @@ class ImageTransform:
         if size != img.size:
             img = img.resize(size, Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.array(img, dtype=np.uint8))      # (H, W, 3), a writable copy
-        pixels = pixels.permute(2, 0, 1).contiguous().float().div_(255.0)  # (3, H, W) in [0, 1]
+        pixels = pixels.permute(2, 0, 1).contiguous().float()           # (3, H, W) RGB in [0, 255]
+        if self.image_format == "bgr255":
+            pixels = pixels.flip(0)                                     # BGR in [0, 255] (Caffe2 weights)
+        else:
+            pixels = pixels.div_(255.0)                                 # RGB in [0, 1] (torchvision weights)
         return (pixels - self.mean) / self.std
 
     def __repr__(self) -> str:
         return (f"ImageTransform(short_side={self.short_side}, long_side={self.long_side}, "
-                f"mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())})")
+                f"mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())}, "
+                f"image_format={self.image_format!r})")
 
 
 def pad_images(images: Sequence[torch.Tensor], size_divisor: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:

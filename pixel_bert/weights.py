@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig, config_from_dict, config_to_dict
+from .config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, config_from_dict, config_to_dict
 
 HF_BERT_URL = "https://huggingface.co/{name}/resolve/main/{file}"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixel_bert")
@@ -253,14 +253,28 @@ def load_backbone_weights(model: nn.Module, spec: str, verbose: bool = True) -> 
     """Initialise the CNN of ``model`` (PixelBert or a task model) from ImageNet weights.
 
     ``spec`` is "imagenet" (torchvision's weights enum for the configured ResNet, downloaded to the
-    torch hub cache where there is internet) or a local state-dict file in torchvision's ResNet names.
+    torch hub cache where there is internet), a local state-dict file in torchvision's ResNet names,
+    or a Detectron (Caffe2) ``.pkl`` such as the ResNeXt-152 32x8d weights
+    (`pixel_bert.caffe2_weights`), which also sets the model config's input convention to the file's.
     """
     bert = model.bert if hasattr(model, "bert") else model
     trunk = bert.visual_embedding.backbone
     name = bert.config.backbone
+    if spec.endswith(".pkl"):
+        from .caffe2_weights import load_caffe2_backbone
+        report = load_caffe2_backbone(trunk, spec, bert.config)
+        if verbose:
+            print(f"backbone: {report.summary()}\n  input: {bert.config.image_format}, mean "
+                  f"{bert.config.image_mean}, std {bert.config.image_std} (Detectron's convention)")
+        return report
     if spec == "imagenet":
         from .model import _TORCHVISION_RESNETS
         import torchvision.models as tvm
+        if name == "resnext152_32x8d":
+            from .caffe2_weights import DETECTRON_X152_URL
+            raise ValueError(f"torchvision ships no ImageNet weights for {name!r}: they are Detectron's "
+                             f"X-152-32x8d-IN5k.pkl, published at {DETECTRON_X152_URL}; download it and pass "
+                             "--backbone_weights /path/to/X-152-32x8d-IN5k.pkl")
         if name not in _TORCHVISION_RESNETS:
             raise ValueError(f"torchvision ships no ImageNet weights for {name!r}; pass a state-dict file in "
                              "torchvision's ResNet names as backbone_weights=/path/to/weights.pth")
@@ -289,6 +303,8 @@ def load_backbone_weights(model: nn.Module, spec: str, verbose: bool = True) -> 
     report = LoadReport(source, assign_tensors(trunk, mapped, source))
     report.missing = sorted(trunk_names - set(mapped))
     report.unused = sorted(k for k in unused if not k.endswith("num_batches_tracked"))
+    if bert.config.image_format != "rgb":  # torchvision's weights saw RGB in [0, 1], ImageNet mean/std
+        bert.config.image_format, bert.config.image_mean, bert.config.image_std = "rgb", IMAGENET_MEAN, IMAGENET_STD
     if verbose:
         print("backbone: " + report.summary())
     return report
