@@ -1,4 +1,4 @@
-"""Evaluate a fine-tuned Pixel-BERT on VQA 2.0, NLVR2 or image-text retrieval (PAPER.md section 4),
+"""Evaluate a fine-tuned Pixel-BERT on VQA 2.0, NLVR2 or image-text retrieval (protocols: docs/paper.md),
 or score result files without a model.
 
 With a model (``--checkpoint``, a model.pt written by finetune.py)::
@@ -48,7 +48,7 @@ DEFAULT_SPLITS = {"vqa": "val2014", "nlvr2": "dev", "retrieval": "test"}
 
 def add_data_arguments(parser: argparse.ArgumentParser):
     """Data-path flags for the real (and synthetic, same formats) layouts; shared with finetune.py."""
-    g = parser.add_argument_group("data (official layouts, PAPER.md section 5)")
+    g = parser.add_argument_group("data (official layouts, docs/paper.md#data-formats)")
     g.add_argument("--vqa-root", help="folder with v2_OpenEnded_mscoco_<split>_questions.json and "
                    "v2_mscoco_<split>_annotations.json")
     g.add_argument("--vqa-images", help="COCO image root holding train2014/ val2014/ test2015/ (default: --vqa-root)")

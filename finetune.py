@@ -1,5 +1,5 @@
-"""Fine-tune Pixel-BERT on VQA 2.0, NLVR2 or image-text retrieval (PAPER.md section 3), then
-evaluate on the val/dev split (section 4).
+"""Fine-tune Pixel-BERT on VQA 2.0, NLVR2 or image-text retrieval (Sec. 4.2 of the paper), then
+evaluate on the val/dev split (docs/paper.md#evaluation-protocols).
 
     # synthetic demo (default when no data path is given): the task's data are generated in the
     # official formats into RUN/data/ and read by the same loaders as the real files
@@ -143,7 +143,7 @@ def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_c
         for s in ("train2014", "val2014"):  # the vocabulary always counts train + val
             if s not in vocab_splits and os.path.isfile(os.path.join(args.vqa_root, f"v2_mscoco_{s}_annotations.json")):
                 vocab_splits[s] = vqa.read_vqa(args.vqa_root, s, images)
-        # The answer classes come from train + val together (the community standard, section 3).
+        # The answer classes come from train + val together (the community standard, docs/paper.md).
         answers = vqa.answer_vocabulary([t.annotations for t in vocab_splits.values()], task_cfg.vqa_min_answer_count)
         vqa.save_answers(os.path.join(out_dir, "answers.json"), answers)
         model_cfg.num_answers = len(answers)

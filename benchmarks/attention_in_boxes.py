@@ -1,4 +1,4 @@
-"""Does a colour word attend to its shape? Attention-in-box ratios per layer (PAPER.md section 7).
+"""Does a colour word attend to its shape? Attention-in-box ratios per layer (Sec. 4.4 of the paper).
 
     python benchmarks/attention_in_boxes.py --checkpoint /tmp/pre5/model.pt --num-images 200 --seed 12345
 

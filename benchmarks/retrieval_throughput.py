@@ -1,4 +1,4 @@
-"""Retrieval evaluation throughput (PAPER.md sections 4 and 8): pairs scored per second with the
+"""Retrieval evaluation throughput (docs/paper.md#evaluation-protocols): pairs scored per second with the
 visual-feature cache (the CNN runs once per image, pixel_bert.retrieval.evaluate_retrieval) and
 without it (the CNN runs again for every image-caption pair, retrieval.score_pairs_uncached).
 

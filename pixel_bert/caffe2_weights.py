@@ -6,7 +6,7 @@ torchvision has no ResNeXt-152. Its public ImageNet weights are Detectron's mode
 `pixel_bert.model.BackboneTrunk`.
 
 The file. A Python-2 pickle of ``{blob name: numpy array}``, optionally under ``"blobs"`` (next to a
-``"cfg"`` YAML string). Blob names follow Detectron's ``detectron/modeling/ResNet.py``:
+``"cfg"`` YAML string). Blob names follow facebookresearch/Detectron's ``detectron/modeling/ResNet.py``:
 
     conv1_w                          stem 7x7/2 conv (no bias)      -> stem.0.weight
     res_conv1_bn_{s,b}               its folded BatchNorm           -> stem.1

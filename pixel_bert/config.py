@@ -1,11 +1,11 @@
 """Configuration dataclasses and presets.
 
-Every detail that PAPER.md marks [choice] is a field here, with PAPER.md's default and a comment
+Every detail docs/paper.md marks [choice] is a field here, with the default given there and a comment
 saying so; [paper] facts are defaults too, so a preset reads as the paper's recipe.
 
-- `ModelConfig`: the network (section 1): backbone, visual embedding, BERT sizes.
-- `TrainConfig`: optimisation and schedule (section 2 "Optimisation"), shared by pre-training and
-  fine-tuning; task presets override the epochs, decay points and batch sizes (section 3).
+- `ModelConfig`: the network (Sec. 3.2): backbone, visual embedding, BERT sizes.
+- `TrainConfig`: optimisation and schedule (Sec. 4.1 "Implementation Details"), shared by pre-training and
+  fine-tuning; task presets override the epochs, decay points and batch sizes (Sec. 4.2).
 
 Presets are plain dicts of overrides (no registry): `MODEL_PRESETS` and `TRAIN_PRESETS`.
 """

@@ -1,18 +1,18 @@
-"""Images, caption datasets and batching for pre-training (PAPER.md sections 1, 2 and 5).
+"""Images, caption datasets and batching for pre-training (Sec. 3.2 and 4.1 of the paper; docs/paper.md).
 
 The pipeline, in the order data flows through it:
 
-1. Readers turn the annotation files *as distributed* (PAPER.md section 5) into a flat list of
+1. Readers turn the annotation files *as distributed* (docs/paper.md#data-formats) into a flat list of
    `CaptionRecord(image_path, caption, image_key)`: `read_coco_captions`, `read_karpathy`,
-   `read_visual_genome`, and `build_pretrain_records` for the paper's pre-training mix (section 2:
+   `read_visual_genome`, and `build_pretrain_records` for the paper's pre-training mix (Sec. 4.1:
    COCO Karpathy train + restval, Visual Genome minus the COCO Karpathy val/test images).
 2. `CaptionDataset` loads one image (`load_image`: any Pillow mode -> RGB, EXIF orientation
    applied, decompression bombs refused), resizes it with `ImageTransform` (keep the aspect
-   ratio, short side 800 / long side at most 1333 for R50, section 1) and returns a dict. A bad
+   ratio, short side 800 / long side at most 1333 for R50, Sec. 4.1) and returns a dict. A bad
    sample (missing or corrupt file, empty caption) becomes ``None`` and is counted.
 3. `CaptionCollator` drops the ``None`` entries, pads the images to the batch's largest size
    (`pad_images`, with a pixel mask so padded feature pixels can be masked out of attention and
-   out of pixel sampling, section 1) and tokenises the captions.
+   out of pixel sampling, docs/paper.md#model-architecture) and tokenises the captions.
 4. `GroupedBatchSampler` (with `aspect_ratio_group_ids`) batches images of similar aspect ratio
    together so that little of each batch is padding.
 
@@ -171,7 +171,7 @@ def read_image_size(path: str) -> Tuple[int, int]:
 # ------------------------------------------------------------------------------------------------
 
 class ImageTransform:
-    """Keep-aspect-ratio resize and normalisation (PAPER.md section 1, "Images").
+    """Keep-aspect-ratio resize and normalisation (Sec. 4.1 of the paper, "Implementation Details").
 
     The image is scaled so that its shorter side is ``short_side``, unless that would make its
     longer side exceed ``long_side``, in which case the longer side is ``long_side`` (800/1333 for
@@ -246,7 +246,7 @@ def pad_images(images: Sequence[torch.Tensor], size_divisor: int = 1) -> Tuple[t
     and width in the batch (rounded up to a multiple of ``size_divisor``, default 1 = no rounding)
     and ``pixel_mask`` is True on real pixels. Padding is zero, which after normalisation is the
     dataset's mean colour; the mask, not the value, is what keeps padded feature pixels out of
-    attention and out of random pixel sampling (PAPER.md sections 1 and 2).
+    attention and out of random pixel sampling (docs/paper.md#model-architecture).
     """
     if len(images) == 0:
         raise ValueError("pad_images: got an empty list of images")
@@ -271,7 +271,7 @@ def pad_images(images: Sequence[torch.Tensor], size_divisor: int = 1) -> Tuple[t
 
 
 # ------------------------------------------------------------------------------------------------
-# Annotation readers (PAPER.md section 5: the files exactly as distributed)
+# Annotation readers (docs/paper.md#data-formats: the files exactly as distributed)
 # ------------------------------------------------------------------------------------------------
 
 class CaptionRecord(NamedTuple):
@@ -335,7 +335,7 @@ def _list_field(obj: Any, key: str, where: str, path: str) -> list:
 def read_coco_captions(annotation_json: str, image_root: str) -> List[CaptionRecord]:
     """Records from a COCO ``captions_{train,val}2014.json``: one per annotation, in file order.
 
-    Format (PAPER.md section 5): ``images[{id, file_name, height, width}]``,
+    Format (docs/paper.md#data-formats): ``images[{id, file_name, height, width}]``,
     ``annotations[{id, image_id, caption}]``. Image paths are ``image_root/file_name``; keys are
     ``"coco:{image_id}"``; sizes come from the json (no file needs opening to group by aspect).
     """
@@ -395,9 +395,9 @@ def read_karpathy(dataset_json: str, image_root: str,
                   splits: Sequence[str] = ("train", "restval")) -> List[CaptionRecord]:
     """Records from Karpathy's ``dataset_coco.json`` or ``dataset_flickr30k.json``.
 
-    Format (PAPER.md section 5): ``images[{filepath?, filename, imgid, cocoid?, split,
+    Format (docs/paper.md#data-formats): ``images[{filepath?, filename, imgid, cocoid?, split,
     sentences[{raw, ...}]}]``. The default splits are the paper's pre-training split for COCO
-    (train + restval, section 2). Image paths are ``image_root/filepath/filename`` for COCO
+    (train + restval, Sec. 4.1). Image paths are ``image_root/filepath/filename`` for COCO
     (filepath is "train2014" or "val2014") and ``image_root/filename`` for Flickr30K (no filepath).
     Captions are the ``raw`` sentences. Keys are ``"coco:{cocoid}"`` (the same keys as
     `read_coco_captions`) or ``"{dataset}:{filename without extension}"`` for Flickr30K.
@@ -422,7 +422,7 @@ def read_karpathy(dataset_json: str, image_root: str,
 def karpathy_coco_ids(dataset_json: str, splits: Sequence[str]) -> Set[int]:
     """The COCO image ids (``cocoid``) of the Karpathy ``splits`` in ``dataset_coco.json``.
 
-    Used to drop the COCO Karpathy val/test images from Visual Genome (PAPER.md section 2).
+    Used to drop the COCO Karpathy val/test images from Visual Genome (Sec. 4.1 of the paper).
     """
     path, _, selected = _karpathy_images(dataset_json, splits)
     ids = set()
@@ -451,11 +451,11 @@ def read_visual_genome(region_json: str, image_data_json: str, image_root: str,
                        exclude_coco_ids: Iterable[int] = ()) -> List[CaptionRecord]:
     """Records from Visual Genome ``region_descriptions.json``: one per region, the phrase as caption.
 
-    Format (PAPER.md section 5): a list of ``{id, regions[{region_id, image_id, phrase, x, y,
+    Format (docs/paper.md#data-formats): a list of ``{id, regions[{region_id, image_id, phrase, x, y,
     width, height}]}``; ``image_data.json`` lists ``{image_id, coco_id, width, height, ...}``.
     Images whose ``coco_id`` is in ``exclude_coco_ids`` are dropped: pass the COCO Karpathy val and
     test ids (`karpathy_coco_ids`) so no retrieval test image is seen in pre-training
-    (section 2). Keys are ``"vg:{image_id}"``, or ``"coco:{coco_id}"`` for VG images taken from
+    (Sec. 4.1). Keys are ``"vg:{image_id}"``, or ``"coco:{coco_id}"`` for VG images taken from
     COCO. Region boxes are not used (Pixel-BERT has no boxes).
     """
     exclude = set(exclude_coco_ids)
@@ -504,7 +504,7 @@ def read_visual_genome(region_json: str, image_data_json: str, image_root: str,
 def build_pretrain_records(karpathy_coco_json: str, coco_image_root: str,
                            vg_region_json: Optional[str] = None, vg_image_data_json: Optional[str] = None,
                            vg_image_root: Optional[str] = None) -> List[CaptionRecord]:
-    """The paper's pre-training data (PAPER.md section 2): COCO Karpathy train + restval, plus
+    """The paper's pre-training data (Sec. 4.1 of the paper): COCO Karpathy train + restval, plus
     (if given) Visual Genome regions of every image that is not a COCO Karpathy val/test image."""
     records = read_karpathy(karpathy_coco_json, coco_image_root, splits=("train", "restval"))
     vg_args = (vg_region_json, vg_image_data_json, vg_image_root)

@@ -1,7 +1,7 @@
-"""What the three downstream tasks share (PAPER.md sections 3 and 4): their configuration fields,
+"""What the three downstream tasks share (Sec. 4.2 of the paper; docs/paper.md): their configuration fields,
 and the plumbing of a distributed evaluation (sharding, gathering, autocast, progress lines).
 
-``TaskConfig`` holds every fine-tuning detail that PAPER.md marks [paper] or [choice] and that is
+``TaskConfig`` holds every fine-tuning detail that docs/paper.md marks [paper] or [choice] and that is
 not already a `pixel_bert.config.TrainConfig` field (answer-vocabulary threshold, retrieval
 negatives, ...). finetune.py turns each field into a flag with `config.add_config_arguments`.
 The task modules (`vqa`, `nlvr2`, `retrieval`) take plain arguments, so they do not depend on it.
@@ -22,12 +22,12 @@ from .engine import DistInfo, format_seconds
 
 @dataclass
 class TaskConfig:
-    # ---- VQA 2.0 (PAPER.md section 3) ------------------------------------------------------------
+    # ---- VQA 2.0 (Sec. 4.2 of the paper) --------------------------------------------------------
     vqa_min_answer_count: int = 9         # answers in >= this many train+val questions form the
                                           # vocabulary: 3,129 answers on VQA 2.0 [choice: community standard]
     vqa_drop_unanswerable: bool = False   # drop training questions with no answer in the vocabulary;
                                           # default keeps them with an all-zero target [choice: common practice]
-    # ---- image-text retrieval (PAPER.md section 3) -----------------------------------------------
+    # ---- image-text retrieval (Sec. 4.2 of the paper) -------------------------------------------
     retrieval_negatives: int = 20         # negatives per positive pair [paper]
     retrieval_hard_negatives: int = 5     # negatives with the highest loss that get gradients [paper]
     retrieval_negative_kind: str = "both"  # "both": half the negatives pair the image with captions of
@@ -140,10 +140,10 @@ def unwrap_model(model):
 
 
 def check_splits(split: str, forbidden: Sequence[str] = ("test",), what: str = "model selection"):
-    """Refuse a test split where only val/dev is allowed (PAPER.md sections 4 and 8)."""
+    """Refuse a test split where only val/dev is allowed (docs/paper.md#pitfalls-of-peer-systems)."""
     if any(split.startswith(f) for f in forbidden):
         raise ValueError(f"split {split!r} is a test split: it must never be used for {what} "
-                         "(PAPER.md sections 4 and 8). Use the val/dev split; evaluate.py scores test splits.")
+                         "(see docs/paper.md). Use the val/dev split; evaluate.py scores test splits.")
 
 
 def sharded_loader(dataset, info: DistInfo, batch_size: int, collate_fn, num_workers: int = 0):

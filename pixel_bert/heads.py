@@ -1,13 +1,13 @@
-"""Task heads on top of PixelBert, and the task models that combine them (PAPER.md sections 2-3).
+"""Task heads on top of PixelBert, and the task models that combine them (Sec. 3.3 and 4.2 of the paper).
 
     MLMHead        eq. (4)  BERT's transform + decoder tied to the word embeddings
     ITMHead        eq. (5)  S_θ(w, I) = sigmoid(linear([CLS]))
-    VQAHead        sec. 3   Linear(H, 2H) -> GELU -> LayerNorm -> Linear(2H, answers), BCE on soft scores
-    NLVR2Head      sec. 3   [CLS_left ; CLS_right] -> MLP -> true/false
-    RetrievalHead  sec. 3   a linear score on [CLS]
+    VQAHead        sec. 4.2 Linear(H, 2H) -> GELU -> LayerNorm -> Linear(2H, answers), BCE on soft scores
+    NLVR2Head      sec. 4.2 [CLS_left ; CLS_right] -> MLP -> true/false
+    RetrievalHead  sec. 4.2 a linear score on [CLS]
 
 Every task model keeps the shared network under ``.bert``, so a pre-training checkpoint's
-``bert.*`` tensors load into any fine-tuning model (see pixel_bert.weights.load_checkpoint).
+``bert.*`` tensors load into any fine-tuning model (see pixel_bert.weights.load_checkpoint_weights).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, eps: float) -> nn.Sequential:
 
 
 class VQAHead(nn.Module):
-    """Section 3: Linear(H, 2H) -> GELU -> LayerNorm -> Linear(2H, num_answers) on [CLS] [choice]."""
+    """Sec. 4.2: Linear(H, 2H) -> GELU -> LayerNorm -> Linear(2H, num_answers) on [CLS] [choice]."""
 
     def __init__(self, config: PixelBertConfig):
         super().__init__()
@@ -83,7 +83,7 @@ class VQAHead(nn.Module):
 
 
 class NLVR2Head(nn.Module):
-    """Section 3: the two pairs' [CLS] outputs concatenated -> MLP -> 2 logits (false, true)."""
+    """Sec. 4.2: the two pairs' [CLS] outputs concatenated -> MLP -> 2 logits (false, true)."""
 
     def __init__(self, config: PixelBertConfig):
         super().__init__()
@@ -95,7 +95,7 @@ class NLVR2Head(nn.Module):
 
 
 class RetrievalHead(nn.Module):
-    """Section 3: one linear score per (image, text) pair on [CLS]; ranked by softmax over 21."""
+    """Sec. 4.2: one linear score per (image, text) pair on [CLS]; ranked by softmax over 21."""
 
     def __init__(self, config: PixelBertConfig):
         super().__init__()
@@ -128,7 +128,7 @@ class PixelBertForPreTraining(nn.Module):
 
 
 class PixelBertForVQA(nn.Module):
-    """PixelBert + VQAHead (section 3)."""
+    """PixelBert + VQAHead (Sec. 4.2)."""
 
     def __init__(self, config: PixelBertConfig):
         super().__init__()

@@ -5,15 +5,15 @@
     p.match("img.png", "a red circle above a blue square")             # ITM probability, eq. (5)
     p.fill_mask("img.png", "the red shape is a [MASK]")                 # MLM top-k words, eq. (4)
     p.answer("img.png", "what colour is the circle ?")                  # VQA (a "vqa" checkpoint)
-    maps = p.attention_maps("img.png", "a red circle", layer=0)         # PAPER.md section 7
+    maps = p.attention_maps("img.png", "a red circle", layer=0)         # Sec. 4.4 of the paper
     maps.map_for("red")                                                 # (gh, gw) attention over pixels
 
 Every method takes one image (a `PIL.Image` or a path) or a list of them, and one text or a list;
 lists are run as one padded batch (`pixel_bert.data.pad_images`), so padding pixels are masked
 exactly as in training. Everything runs under ``torch.no_grad()`` in eval mode, which also turns
-random pixel sampling off: inference uses all feature pixels (PAPER.md section 2).
+random pixel sampling off: inference uses all feature pixels (Sec. 3.3 of the paper).
 
-Attention maps (PAPER.md section 7)
+Attention maps (Sec. 4.4, Figure 3)
 -----------------------------------
 The joint sequence of eq. (3) is ``[CLS] w_1 .. w_n [SEP] v_1 .. v_k``. Row ``i`` of a layer's
 attention probabilities (B, heads, L, L) is how text token ``i`` spreads its attention over *all*
@@ -25,7 +25,7 @@ the map then says *where in the image* the token looks, independent of *how much
 image at all, which is what a picture of the map should show. The un-renormalised share of the
 row that goes to pixels is kept as ``AttentionMaps.pixel_mass`` (per token), and
 ``renormalize=False`` gives the raw probabilities. With ``head=None`` the heads' probabilities are
-averaged first (PAPER.md: the heads used are not stated; the mean is this project's choice) and
+averaged first (the paper does not say which heads it shows; the mean is this project's choice) and
 then renormalised, so heads that look at the image more weigh more in the map.
 
 Scoring a map against a box (`attention_in_box_ratio`): the feature grid is stretched over the
@@ -66,7 +66,7 @@ class TextTruncatedWarning(UserWarning):
 
 @dataclass
 class AttentionMaps:
-    """Attention of each text token over the feature pixels of one image (PAPER.md section 7).
+    """Attention of each text token over the feature pixels of one image (Sec. 4.4 of the paper).
 
     tokens: the WordPieces of the text as the model read it, ``[CLS]`` and ``[SEP]`` included
         (so index i is sequence position i);
@@ -284,7 +284,7 @@ class PixelBertPredictor:
 
     @torch.no_grad()
     def answer(self, image, question, top_k: int = 5):
-        """VQA (PAPER.md section 3): the ``top_k`` answers with their scores, highest first:
+        """VQA (Sec. 4.2 of the paper): the ``top_k`` answers with their scores, highest first:
         ``[(answer, p), ...]``. VQA is trained with binary cross-entropy on soft scores, so each
         answer's p = sigmoid(logit) is an independent score in [0, 1], not a softmax: the scores
         need not sum to 1. Needs a checkpoint of task "vqa" with its ``answers`` list."""
@@ -301,7 +301,7 @@ class PixelBertPredictor:
         results = [[(self.answers[i], s) for i, s in zip(ri, rp)] for ri, rp in zip(idx.tolist(), p.tolist())]
         return results[0] if single_image and single_text else results
 
-    # ---- attention (PAPER.md section 7) --------------------------------------------------------------
+    # ---- attention (Sec. 4.4 of the paper) ----------------------------------------------------------
 
     @torch.no_grad()
     def _forward_attentions(self, images: list, texts: list):
@@ -353,7 +353,7 @@ class PixelBertPredictor:
 
     def attention_maps(self, image, text, layer: int = 0, head: Optional[int] = None,
                        renormalize: bool = True):
-        """Each text token's attention over the feature pixels, on the feature grid (section 7).
+        """Each text token's attention over the feature pixels, on the feature grid (Sec. 4.4 of the paper).
 
         ``layer``: transformer layer, 0 = the first (the paper's figure is said to be from the
         first layer; -1 = the last). ``head``: one head, or None for the mean of the heads.
@@ -370,7 +370,7 @@ class PixelBertPredictor:
 
 
 # -------------------------------------------------------------------------------------------------
-#                        Scoring attention against boxes (evidence for section 7)
+#                        Scoring attention against boxes (evidence for Sec. 4.4)
 # -------------------------------------------------------------------------------------------------
 
 def box_cell_weights(box: Tuple[float, float, float, float], image_size: Tuple[int, int],
@@ -431,7 +431,7 @@ class BoxAttentionResult:
 
 def colour_attention_in_boxes(predictor: PixelBertPredictor, num_images: int = 200, seed: int = 12345,
                               batch_size: int = 50) -> BoxAttentionResult:
-    """Does the colour word of a caption attend to its shape? (evidence for PAPER.md section 7)
+    """Does the colour word of a caption attend to its shape? (evidence for Sec. 4.4 of the paper)
 
     For ``num_images`` synthetic scenes of the world ``seed`` (pick a seed the model was not trained
     on: train.py trains on ``--synthetic-seed`` (0) and holds out seed+1), each caption is the

@@ -1,4 +1,4 @@
-"""Evaluation metrics for the three downstream tasks (PAPER.md section 4).
+"""Evaluation metrics for the three downstream tasks (docs/paper.md#evaluation-protocols).
 
 Pure functions over plain Python / numpy / torch data; no model code lives here.
 
@@ -10,7 +10,7 @@ Pure functions over plain Python / numpy / torch data; no model code lives here.
   vectorised so that COCO 5K (5,000 x 25,000) takes seconds, the COCO 1K five-fold protocol,
   and a small ``.npz`` format to store score matrices.
 
-Input data use the formats of PAPER.md section 5 as distributed (VQA ``questions`` /
+Input data use the formats of docs/paper.md#data-formats as distributed (VQA ``questions`` /
 ``annotations`` lists, NLVR2 ``split-setid-pairid-sentid`` identifiers, Karpathy-split captions).
 Bad input raises ``ValueError`` / ``TypeError`` with a message that names what is wrong.
 """
@@ -43,7 +43,7 @@ __all__ = [
 
 
 # =================================================================================================
-# VQA 2.0 (PAPER.md section 4, "VQA accuracy")
+# VQA 2.0 (docs/paper.md#evaluation-protocols, "VQA accuracy")
 # =================================================================================================
 #
 # The tables below are copied rule for rule from vqaEval.py (class VQAEval.__init__). They are
@@ -157,7 +157,7 @@ def _process_digit_article(text: str) -> str:
 
 
 def normalize_vqa_answer(answer: str) -> str:
-    """Normalise one answer string exactly as the official VQA evaluator does (PAPER.md §4).
+    """Normalise one answer string exactly as the official VQA evaluator does (see docs/paper.md).
 
     Steps, in vqaEval.py's order:
 
@@ -181,7 +181,7 @@ def normalize_vqa_answer(answer: str) -> str:
 
 def vqa_soft_score(count: int) -> float:
     """Soft target of an answer given by ``count`` of the 10 annotators: 0, 0.3, 0.6, 0.9, 1.0
-    for count = 0, 1, 2, 3, >= 4 (PAPER.md §3).
+    for count = 0, 1, 2, 3, >= 4 (docs/paper.md#downstream-tasks).
 
     This is the official accuracy a prediction equal to that answer would receive: vqaEval
     averages, over the 10 ways of leaving one annotator out, ``min(1, matches among the other 9
@@ -194,7 +194,7 @@ def vqa_soft_score(count: int) -> float:
     n = 3: (3 * 2/3 + 7) / 10 = 0.9;  n >= 4: 1.0.
 
     The popular shortcut ``min(n/3, 1)`` (0.33, 0.67, 1.0) overstates the targets for n = 1..3
-    (PAPER.md §8): a single annotator is worth 0.3, not 1/3, and three are worth 0.9, not 1.
+    (see docs/paper.md): a single annotator is worth 0.3, not 1/3, and three are worth 0.9, not 1.
     """
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
         raise TypeError(f"vqa_soft_score: count must be an int, got {type(count).__name__}")
@@ -262,7 +262,7 @@ def _official_question_accuracy(prediction: str, answers: List[dict]) -> float:
 def vqa_question_accuracy(prediction: str,
                           answers: Sequence[Union[str, Mapping[str, Any]]]) -> float:
     """Official VQA accuracy of one prediction against one question's ground-truth answers, in
-    [0, 1] (PAPER.md §4): the mean over the 10 leave-one-out subsets of
+    [0, 1] (docs/paper.md#evaluation-protocols): the mean over the 10 leave-one-out subsets of
     ``min(1, #other answers equal to the prediction / 3)``, with the conditional normalisation of
     :func:`normalize_vqa_answer` (applied only when the ground-truth answers are not all identical
     after whitespace cleaning).
@@ -343,7 +343,7 @@ def vqa_accuracy(predictions: Union[Mapping[int, str], Sequence[Mapping[str, Any
                  annotations: Union[Sequence[Mapping[str, Any]], Mapping[str, Any]],
                  questions: Union[Sequence[Mapping[str, Any]], Mapping[str, Any], None] = None,
                  decimals: int = 2) -> Dict[str, Any]:
-    """The official VQA accuracy (GT-Vision-Lab/VQA vqaEval.py), PAPER.md §4.
+    """The official VQA accuracy (GT-Vision-Lab/VQA vqaEval.py), docs/paper.md#evaluation-protocols.
 
     Args:
         predictions: ``{question_id: answer}`` or the submission list
@@ -445,7 +445,7 @@ def vqa_accuracy(predictions: Union[Mapping[int, str], Sequence[Mapping[str, Any
 
 def build_answer_vocab(annotations: Union[Sequence[Mapping[str, Any]], Mapping[str, Any]],
                        min_count: int = 9) -> List[str]:
-    """The VQA answer vocabulary (PAPER.md §3, the community standard): normalised
+    """The VQA answer vocabulary (docs/paper.md#downstream-tasks, the community standard): normalised
     ``multiple_choice_answer`` strings that occur in at least ``min_count`` questions.
 
     Pass the train + val annotations together (VQA 2.0 then gives 3,129 answers with
@@ -468,7 +468,7 @@ def build_answer_vocab(annotations: Union[Sequence[Mapping[str, Any]], Mapping[s
 
 def vqa_targets(answers: Sequence[Union[str, Mapping[str, Any]]],
                 answer_to_index: Mapping[str, int]) -> Tuple[List[int], List[float]]:
-    """Soft-score training targets for one question (PAPER.md §3).
+    """Soft-score training targets for one question (Sec. 4.2 of the paper).
 
     ``answers`` are the question's (10) human answers, as strings or as the annotation's answer
     dicts. Each is normalised with :func:`normalize_vqa_answer`; an answer given by n annotators
@@ -490,7 +490,7 @@ def vqa_targets(answers: Sequence[Union[str, Mapping[str, Any]]],
 
 def write_vqa_submission(path: Union[str, os.PathLike],
                          predictions: Union[Mapping[int, str], Sequence[Mapping[str, Any]]]) -> str:
-    """Write the test-dev / test-std result file (PAPER.md §4): a JSON list of
+    """Write the test-dev / test-std result file (docs/paper.md#evaluation-protocols): a JSON list of
     ``{"question_id": int, "answer": str}``, sorted by question id. The answers are written as
     given (the server normalises them). Returns the path."""
     preds = _predictions_dict(predictions)
@@ -507,7 +507,7 @@ def write_vqa_submission(path: Union[str, os.PathLike],
 
 
 # =================================================================================================
-# NLVR2 (PAPER.md section 4, "NLVR2")
+# NLVR2 (docs/paper.md#evaluation-protocols, "NLVR2")
 # =================================================================================================
 
 def nlvr2_sentence_key(identifier: str) -> str:
@@ -536,7 +536,7 @@ def _nlvr2_bool(value: Any, what: str) -> bool:
 
 def nlvr2_metrics(predictions: Mapping[str, Union[bool, str]],
                   labels: Mapping[str, Union[bool, str]]) -> Dict[str, Any]:
-    """NLVR2 accuracy and consistency (PAPER.md §4), as lil-lab/nlvr ``nlvr2/eval/metrics.py``.
+    """NLVR2 accuracy and consistency (docs/paper.md), as lil-lab/nlvr ``nlvr2/eval/metrics.py``.
 
     Args:
         predictions: ``{identifier: bool}`` ("True"/"False" strings accepted).
@@ -581,7 +581,7 @@ def nlvr2_metrics(predictions: Mapping[str, Union[bool, str]],
 
 
 # =================================================================================================
-# Image-text retrieval (PAPER.md section 4, "Retrieval")
+# Image-text retrieval (docs/paper.md#evaluation-protocols, "Retrieval")
 # =================================================================================================
 #
 # Tie rule (pessimistic, order-independent): a ground-truth item is ranked *behind* every wrong
@@ -676,7 +676,7 @@ def _check_ks(ks: Sequence[int]) -> Tuple[int, ...]:
 
 def retrieval_recall(scores: Any, caption_image: Any,
                      ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """Recall@K for text and image retrieval from a full score matrix (PAPER.md §4).
+    """Recall@K for text and image retrieval from a full score matrix (docs/paper.md#evaluation-protocols).
 
     Args:
         scores: (n_images, n_captions), higher = better (every pair scored by the cross-encoder).
@@ -709,7 +709,7 @@ def retrieval_recall(scores: Any, caption_image: Any,
 
 def coco_1k_recall(scores: Any, caption_image: Any, n_folds: int = 5,
                    ks: Sequence[int] = (1, 5, 10), fold_size: int = 1000) -> Dict[str, float]:
-    """The COCO 1K protocol (PAPER.md §4): split the 5K test images into ``n_folds`` folds of
+    """The COCO 1K protocol (docs/paper.md): split the 5K test images into ``n_folds`` folds of
     ``fold_size`` consecutive images (0-999, 1000-1999, ...), each with its own captions, compute
     :func:`retrieval_recall` within each fold, and average every figure over the folds.
 

@@ -177,7 +177,7 @@ class VisualEmbedding(nn.Module):
     CNN trunk -> conv to the transformer width -> 2x2 max-pool -> flatten -> + s_v. There is no
     positional embedding and no LayerNorm on visual tokens: eq. (1) is all [paper]. The padding
     mask of a batch of padded images is carried to the feature grid; ``sample_pixels=k`` keeps k
-    random valid pixels per image (random pixel sampling, section 2); it applies in training mode
+    random valid pixels per image (random pixel sampling, Sec. 3.3); it applies in training mode
     only, since fine-tuning and testing use all pixels [paper].
     """
 
@@ -345,7 +345,7 @@ class PixelBertOutput:
 
 
 class PixelBert(nn.Module):
-    """The whole model of PAPER.md section 1: eq. (1) + eq. (2) -> eq. (3) -> L BERT layers.
+    """The whole model of Sec. 3.2 of the paper: eq. (1) + eq. (2) -> eq. (3) -> L BERT layers.
 
     forward(input_ids, attention_mask, images, pixel_mask, sample_pixels) -> PixelBertOutput.
     The two halves are also callable apart, so that the CNN runs once per image when one image is

@@ -1,10 +1,10 @@
-"""NLVR2 fine-tuning and evaluation (PAPER.md sections 3, 4 and 5).
+"""NLVR2 fine-tuning and evaluation (Sec. 4.2 of the paper; docs/paper.md).
 
-Each example is a sentence, two images and a True/False label. Section 3: each (image, sentence)
+Each example is a sentence, two images and a True/False label. Sec. 4.2: each (image, sentence)
 pair goes through the model on its own, the two [CLS] outputs are concatenated into a
 true/false classifier (heads.PixelBertForNLVR2), trained with cross-entropy.
 
-Files as distributed (section 5): JSON lines ``{split}.json`` (train.json, dev.json, test1.json),
+Files as distributed (see docs/paper.md): JSON lines ``{split}.json`` (train.json, dev.json, test1.json),
 one object a line with ``identifier`` ("split-setid-pairid-sentid"), ``sentence``, ``label``
 ("True"/"False") and, in train only, ``directory``; the images of example
 ``train-10171-0-0`` are ``{image_root}/train/{directory}/train-10171-0-img0.png`` (left) and
@@ -136,7 +136,7 @@ def _forward(model, batch, device):
 
 
 def nlvr2_step(model, batch: dict, device) -> Dict[str, torch.Tensor]:
-    """One micro-batch: cross-entropy over (false, true) (section 3), and the batch accuracy."""
+    """One micro-batch: cross-entropy over (false, true) (Sec. 4.2), and the batch accuracy."""
     labels = batch["labels"].to(device)
     if (labels < 0).any():
         raise ValueError("NLVR2 training data without labels: train on train.json, not on test files")

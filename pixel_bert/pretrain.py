@@ -1,4 +1,4 @@
-"""Pre-training tasks (PAPER.md section 2): masked language modelling, eq. (4), and image-text
+"""Pre-training tasks (Sec. 3.3 of the paper): masked language modelling, eq. (4), and image-text
 matching, eq. (5), computed from one forward pass with random pixel sampling.
 
     make_itm_pairs   half of the pairs get the caption of a different image (label 0)

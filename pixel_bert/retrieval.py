@@ -1,7 +1,7 @@
 """Image-text retrieval: ranking fine-tuning with hard negatives, and a scalable evaluation
-(PAPER.md sections 3 and 4).
+(Sec. 4.2 of the paper; docs/paper.md#evaluation-protocols).
 
-Training (section 3). Every positive (image, caption) pair of a batch gets ``num_negatives`` = 20
+Training (Sec. 4.2). Every positive (image, caption) pair of a batch gets ``num_negatives`` = 20
 negatives drawn from the same batch [paper: 20; where they come from is our choice]:
 
 * ``negative_kind="both"`` (default): 10 pair the positive's *image* with captions of other
@@ -27,7 +27,7 @@ The CNN is frozen (TrainConfig.freeze_backbone, set by the retrieval presets; fi
 PixelBert.freeze_backbone); the visual projection and s_v of eq. (1) still train unless
 TrainConfig.freeze_visual_proj.
 
-Evaluation (section 4) must score every image against every caption: 5M pairs for Flickr30K
+Evaluation (see docs/paper.md) must score every image against every caption: 5M pairs for Flickr30K
 1K x 5K, 125M for COCO 5K x 25K. So:
 
 * the CNN runs once per image: `encode_images` keeps each image's visual tokens (eq. 1) in a
@@ -351,7 +351,7 @@ def score_rows(model, cache: VisualCache, input_ids: torch.Tensor, attention_mas
 @torch.no_grad()
 def score_pairs_uncached(model, images: torch.Tensor, pixel_mask: torch.Tensor, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor, device, pairs_per_batch: int = 64) -> torch.Tensor:
-    """The naive baseline: every pair runs the CNN on its image again (what PAPER.md section 8
+    """The naive baseline: every pair runs the CNN on its image again (which docs/paper.md
     warns against). For the equivalence test and the throughput benchmark only."""
     model = unwrap_model(model).eval()
     n_img, n_cap = len(images), len(input_ids)

@@ -1,6 +1,6 @@
 """A synthetic "shapes world": the default dataset of the demo and the tests.
 
-Real pre-training data (COCO + Visual Genome, PAPER.md section 2) is hundreds of GB. To show on a
+Real pre-training data (COCO + Visual Genome, Sec. 4.1 of the paper) is hundreds of GB. To show on a
 CPU in minutes that the model *uses the pixels*, this module draws small images of 1-3 coloured
 shapes on a dark noisy background and writes captions whose content words can only be predicted
 by looking at the image: "the red shape is a [MASK]" (circle? square?), "a blue square [MASK] a
@@ -10,7 +10,7 @@ and ITM (eq. 5) needs the caption to agree with the picture.
 Everything is a pure function of (seed, image index): no files, no state, identical in every
 DataLoader worker. Scenes are plain dataclasses (`Shape`, `Scene`) with pixel boxes, so that
 other tasks can be built on the same world (synthetic VQA "what colour is the circle?", NLVR2
-image pairs, retrieval) and attention maps can be scored against the boxes (PAPER.md section 7).
+image pairs, retrieval) and attention maps can be scored against the boxes (Sec. 4.4 of the paper).
 
 Scene rules (they keep every question about a scene unambiguous):
 - 1 to 3 shapes; within a scene every colour and every kind is used at most once, so "the red

@@ -1,5 +1,5 @@
 """Synthetic VQA, NLVR2 and retrieval data on the shapes world (pixel_bert.synthetic), written in
-the OFFICIAL file formats of PAPER.md section 5, so that the real loaders (pixel_bert.vqa,
+the OFFICIAL file formats of docs/paper.md#data-formats, so that the real loaders (pixel_bert.vqa,
 pixel_bert.nlvr2, pixel_bert.retrieval) read them and finetune.py / evaluate.py run end to end on
 a CPU in minutes.
 

@@ -1,4 +1,4 @@
-"""WordPiece tokenisation for the language embedding (PAPER.md section 1, eq. 2).
+"""WordPiece tokenisation for the language embedding (Sec. 3.2 of the paper, eq. 2).
 
 Pixel-BERT reads text with BERT's WordPiece vocabulary (bert-base-uncased, 30,522 pieces) so that a
 BERT checkpoint loads unchanged. This module wraps the `tokenizers` library's BERT WordPiece

@@ -1,4 +1,4 @@
-"""Draw Pixel-BERT's text-to-pixel attention as heat maps over the image (PAPER.md section 7).
+"""Draw Pixel-BERT's text-to-pixel attention as heat maps over the image (Sec. 4.4 of the paper).
 
     python -m pixel_bert.visualize --checkpoint runs/demo/model.pt --image img.png \\
         --text "a red circle above a blue square" --tokens red circle --out attention.png

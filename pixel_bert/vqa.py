@@ -1,13 +1,13 @@
-"""VQA 2.0 fine-tuning and evaluation (PAPER.md sections 3, 4 and 5).
+"""VQA 2.0 fine-tuning and evaluation (Sec. 4.2 of the paper; docs/paper.md).
 
     read_vqa            the official files of one split -> VQASplit (questions, raw annotations)
     answer_vocabulary   normalised multiple_choice_answer strings in >= 9 train+val questions
     VQADataset          (image, question, soft-score target) items; VQACollator batches them
-    vqa_loss / vqa_step binary cross-entropy on soft scores (section 3)
+    vqa_loss / vqa_step binary cross-entropy on soft scores (Sec. 4.2)
     evaluate_vqa        predictions (sharded across torchrun ranks) + the official accuracy
     write_vqa_submission (pixel_bert.metrics) writes the test-dev result file
 
-Files, exactly as distributed (section 5), under one annotation root::
+Files, exactly as distributed (docs/paper.md#data-formats), under one annotation root::
 
     v2_OpenEnded_mscoco_{split}_questions.json   questions[{image_id, question, question_id}]
     v2_mscoco_{split}_annotations.json           annotations[{question_id, image_id, question_type,
@@ -136,7 +136,7 @@ def read_vqa(root: str, split: str, image_root: Optional[str] = None,
 # -------------------------------------------------------------------------------------------------
 
 def answer_vocabulary(annotation_lists: Sequence[Sequence[dict]], min_count: int = 9) -> List[str]:
-    """The answer classes (section 3): normalised ``multiple_choice_answer`` strings occurring in at
+    """The answer classes (Sec. 4.2): normalised ``multiple_choice_answer`` strings occurring in at
     least ``min_count`` questions of all the given splits together (train + val: 3,129 answers)."""
     merged = [a for anns in annotation_lists for a in anns]
     answers = metrics.build_answer_vocab(merged, min_count)
@@ -229,7 +229,7 @@ class VQACollator:
 # -------------------------------------------------------------------------------------------------
 
 def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits on the soft scores (section 3), summed over the answers
+    """Binary cross-entropy with logits on the soft scores (Sec. 4.2), summed over the answers
     and averaged over the questions. This equals the element mean times num_answers, the
     convention of UNITER / ViLT / LXMERT [choice]: the plain element mean would divide every
     gradient by ~3,000 and leave the loss looking flat."""

@@ -2,7 +2,7 @@
 
 Every loader reports what it loaded and what it left new, and refuses a shape mismatch with an
 error naming the tensor and both shapes: a fine-tuning run must never sit at chance because
-pre-trained weights silently failed to load (PAPER.md section 8).
+pre-trained weights silently failed to load (docs/paper.md#pitfalls-of-peer-systems).
 """
 from __future__ import annotations
 

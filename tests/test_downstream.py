@@ -1,4 +1,4 @@
-"""Downstream tasks (PAPER.md sections 3-5): loaders on small files in the official formats,
+"""Downstream tasks (Sec. 4.2 of the paper; docs/paper.md): loaders on small files in the official formats,
 synthetic task data, the hard-negative ranking loss, retrieval evaluation (feature cache, sharding
 over 2 processes), and finetune.py / evaluate.py end to end on tiny synthetic tasks."""
 import json

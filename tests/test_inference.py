@@ -1,4 +1,4 @@
-"""Inference API, attention maps and their picture (PAPER.md section 7), on a model trained here.
+"""Inference API, attention maps and their picture (Sec. 4.4 of the paper), on a model trained here.
 
 One model is pre-trained once per session and shared by every test: the demo recipe of train.py
 (tiny model, synthetic data) stopped at step 1,000 instead of 3,000. Its colour words already
@@ -234,7 +234,7 @@ def test_overlay_puts_heat_where_attention_is():
     assert heat[:16, 48:].mean() > 2 * heat[48:, :16].mean()
 
 
-# ---- attention in boxes (evidence for PAPER.md section 7) ------------------------------------------
+# ---- attention in boxes (evidence for Sec. 4.4 of the paper) ---------------------------------------
 
 def test_box_ratio_arithmetic():
     weights = box_cell_weights((0, 0, 24, 16), (64, 64), (4, 4))  # cells of 16 px
@@ -260,7 +260,7 @@ def test_untrained_model_scores_about_one(checkpoint, tmp_path):
 
 
 def test_colour_words_look_at_their_shapes(predictor):
-    """Section 7's evidence: in held-out images, a caption's colour word puts more of its layer-1
+    """Sec. 4.4's evidence: in held-out images, a caption's colour word puts more of its layer-1
     attention inside its shape's box than the box's share of the image (ratio > 1; 1 = uniform)."""
     result = colour_attention_in_boxes(predictor, num_images=100, seed=HELD_OUT_SEED)
     print({layer: round(r, 2) for layer, r in result.per_layer.items()})

@@ -1,4 +1,4 @@
-"""Tests for pixel_bert.metrics (PAPER.md section 4).
+"""Tests for pixel_bert.metrics (docs/paper.md#evaluation-protocols).
 
 Expected values are computed by hand from the rules of the official evaluators
 (GT-Vision-Lab/VQA vqaEval.py, lil-lab/nlvr nlvr2/eval/metrics.py); the comments show the working.

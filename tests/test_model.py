@@ -1,4 +1,4 @@
-"""The model's modules: shapes, masking, pixel sampling, attention paths, gradients (PAPER.md section 1)."""
+"""The model's modules: shapes, masking, pixel sampling, attention paths, gradients (Sec. 3.2 of the paper)."""
 import math
 
 import pytest

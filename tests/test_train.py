@@ -1,4 +1,4 @@
-"""Pre-training (PAPER.md section 2): MLM masking, ITM pairs, pixel sampling, and train.py end to end:
+"""Pre-training (Sec. 3.3 of the paper): MLM masking, ITM pairs, pixel sampling, and train.py end to end:
 learning, exact resume, and 2-process DDP."""
 import json
 import os

@@ -1,5 +1,5 @@
 """Weights: parity with transformers' BERT on a real checkpoint, HF pre-training heads, backbone
-weights, our own checkpoints, and clear errors on bad files (PAPER.md sections 1 and 8)."""
+weights, our own checkpoints, and clear errors on bad files (Sec. 3.2 of the paper; docs/paper.md)."""
 import os
 
 import pytest
