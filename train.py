@@ -1,4 +1,4 @@
-"""Pre-train Pixel-BERT with MLM (eq. 4) + ITM (eq. 5) and random pixel sampling (Sec. 3.3 of the paper).
+"""Pre-train Pixel-BERT with MLM (eq. 7) + ITM (eq. 8) and random pixel sampling (Sec. 3.3 of the paper).
 
     python train.py                                   # the synthetic CPU demo (tiny model, minutes)
     python train.py --init runs/demo/model.pt --synthetic-max-shapes 3 --itm_start_step 0 \\

@@ -73,7 +73,7 @@ class TrainConfig:
     weight_decay: float = 1e-2            # AdamW weight decay [paper]
     no_decay_1d: bool = True              # no AdamW weight decay on 1-D parameters: biases, LayerNorm
                                           # weights and s_v (BERT practice) [choice]
-    visual_embedding_optimizer: str = "adamw"  # eq. (1)'s 1x1 projection and s_v train with "adamw" (the
+    visual_embedding_optimizer: str = "adamw"  # eq. (5)'s 1x1 projection and s_v train with "adamw" (the
                                           # transformer's optimiser and lr: new layers at its width) or
                                           # "sgd" (the CNN's) [choice: the paper does not say]
     adam_betas: Tuple[float, float] = (0.9, 0.999)  # [choice, from SOHO]
@@ -86,7 +86,7 @@ class TrainConfig:
     decay_factor: float = 0.1             # lr multiplier at each decay epoch [paper]
     freeze_backbone: bool = False         # the ResNet trunk gets no gradient and keeps its BatchNorm in
                                           # eval mode (retrieval fine-tuning freezes the CNN [paper])
-    freeze_visual_proj: bool = False      # with freeze_backbone, also freeze eq. (1)'s 1x1 projection and
+    freeze_visual_proj: bool = False      # with freeze_backbone, also freeze eq. (5)'s 1x1 projection and
                                           # s_v [choice: false, they keep training]
     # ---- batch and precision ---------------------------------------------------------------------
     batch_size: int = 64                  # per process [paper: 64 per GPU x 64 GPUs = 4096]

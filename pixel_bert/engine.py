@@ -142,12 +142,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # -------------------------------------------------------------------------------------------------
 
 CNN_PREFIX = "bert.visual_embedding.backbone."      # the ResNet trunk
-VISUAL_PREFIXES = ("bert.visual_embedding.proj.", "bert.visual_embedding.semantic")  # eq. (1)'s conv and s_v
+VISUAL_PREFIXES = ("bert.visual_embedding.proj.", "bert.visual_embedding.semantic")  # eq. (5)'s conv and s_v
 
 
 def is_cnn_parameter(name: str, cfg: Optional[TrainConfig] = None) -> bool:
     """Whether a parameter (named as in a task model) trains with the CNN's SGD: the ResNet trunk,
-    plus the 1x1 projection and s_v of eq. (1) when ``cfg.visual_embedding_optimizer == "sgd"``."""
+    plus the 1x1 projection and s_v of eq. (5) when ``cfg.visual_embedding_optimizer == "sgd"``."""
     name = name if name.startswith("bert.") else f"bert.{name}"
     if name.startswith(CNN_PREFIX):
         return True

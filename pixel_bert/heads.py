@@ -1,7 +1,7 @@
 """Task heads on top of PixelBert, and the task models that combine them (Sec. 3.3 and 4.2 of the paper).
 
-    MLMHead        eq. (4)  BERT's transform + decoder tied to the word embeddings
-    ITMHead        eq. (5)  S_θ(w, I) = sigmoid(linear([CLS]))
+    MLMHead        eq. (7)  BERT's transform + decoder tied to the word embeddings
+    ITMHead        eq. (8)  S_θ(w, I) = sigmoid(linear([CLS]))
     VQAHead        sec. 4.2 Linear(H, 2H) -> GELU -> LayerNorm -> Linear(2H, answers), BCE on soft scores
     NLVR2Head      sec. 4.2 [CLS_left ; CLS_right] -> MLP -> true/false
     RetrievalHead  sec. 4.2 a linear score on [CLS]
@@ -31,7 +31,7 @@ def init_bert_style(module: nn.Module, std: float):
 
 
 class MLMHead(nn.Module):
-    """Eq. (4): P(w_m | w_\\m, I) = softmax(decoder(LN(act(dense(h_m))))).
+    """Eq. (7): P(w_m | w_\\m, I) = softmax(decoder(LN(act(dense(h_m))))).
 
     The decoder shares its weight with the word embedding table [choice, as BERT], plus its own bias.
     """
@@ -54,7 +54,7 @@ class MLMHead(nn.Module):
 
 
 class ITMHead(nn.Module):
-    """Eq. (5): the matching score S_θ(w, I) = sigmoid(w^T h_[CLS] + b); returns the logit."""
+    """Eq. (8): the matching score S_θ(w, I) = sigmoid(w^T h_[CLS] + b); returns the logit."""
 
     def __init__(self, config: PixelBertConfig):
         super().__init__()
@@ -111,7 +111,7 @@ class RetrievalHead(nn.Module):
 # -------------------------------------------------------------------------------------------------
 
 class PixelBertForPreTraining(nn.Module):
-    """PixelBert + MLM head (eq. 4) + ITM head (eq. 5): one forward pass serves both losses."""
+    """PixelBert + MLM head (eq. 7) + ITM head (eq. 8): one forward pass serves both losses."""
 
     def __init__(self, config: PixelBertConfig):
         super().__init__()

@@ -2,8 +2,8 @@
 
     from pixel_bert.inference import PixelBertPredictor
     p = PixelBertPredictor.from_checkpoint("runs/demo/model.pt")          # loads once
-    p.match("img.png", "a red circle above a blue square")             # ITM probability, eq. (5)
-    p.fill_mask("img.png", "the red shape is a [MASK]")                 # MLM top-k words, eq. (4)
+    p.match("img.png", "a red circle above a blue square")             # ITM probability, eq. (8)
+    p.fill_mask("img.png", "the red shape is a [MASK]")                 # MLM top-k words, eq. (7)
     p.answer("img.png", "what colour is the circle ?")                  # VQA (a "vqa" checkpoint)
     maps = p.attention_maps("img.png", "a red circle", layer=0)         # Sec. 4.4 of the paper
     maps.map_for("red")                                                 # (gh, gw) attention over pixels
@@ -15,7 +15,7 @@ random pixel sampling off: inference uses all feature pixels (Sec. 3.3 of the pa
 
 Attention maps (Sec. 4.4, Figure 3)
 -----------------------------------
-The joint sequence of eq. (3) is ``[CLS] w_1 .. w_n [SEP] v_1 .. v_k``. Row ``i`` of a layer's
+The joint sequence of eq. (6) is ``[CLS] w_1 .. w_n [SEP] v_1 .. v_k``. Row ``i`` of a layer's
 attention probabilities (B, heads, L, L) is how text token ``i`` spreads its attention over *all*
 tokens, words and feature pixels together (each row sums to 1). The map of a token is the pixel
 part of that row, put back on the feature grid with ``VisualTokens.positions``.
@@ -232,7 +232,7 @@ class PixelBertPredictor:
 
     @torch.no_grad()
     def match(self, images, texts) -> Union[float, torch.Tensor]:
-        """Image-text matching, eq. (5): S = sigmoid(ITM logit), the probability that the text
+        """Image-text matching, eq. (8): S = sigmoid(ITM logit), the probability that the text
         describes the image. One image and one text give a float; lists give a (N,) CPU tensor
         (equal lengths are paired item by item; one image or one text is paired with each of the
         other, and that image goes through the CNN once)."""
@@ -255,7 +255,7 @@ class PixelBertPredictor:
 
     @torch.no_grad()
     def fill_mask(self, image, text, top_k: int = 5):
-        """Masked language modelling, eq. (4): for each ``[MASK]`` in ``text`` (in order), the
+        """Masked language modelling, eq. (7): for each ``[MASK]`` in ``text`` (in order), the
         ``top_k`` words with their probabilities, highest first: ``[[(word, p), ...], ...]``.
         Probabilities are the softmax over the whole vocabulary (so each list sums to at most 1).
         Lists of images/texts give one such result per pair."""

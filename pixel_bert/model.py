@@ -4,9 +4,9 @@ paper; docs/paper.md maps every equation to the code).
 The file follows the paper's equations, one class per concept:
 
     PixelBertConfig        the network's sizes and switches (the fields this file reads)
-    VisualEmbedding        eq. (1)  v̂_i = v_i + s_v            CNN -> conv -> 2x2 max-pool -> pixels
-    TextEmbedding          eq. (2)  ŵ_i = LayerNorm(w_i + p_i)  BERT's embedding layer
-    SelfAttention/Block    eq. (3)  every token attends to every token, text and pixels alike
+    VisualEmbedding        eq. (5)  v̂_i = v_i + s_v            CNN -> conv -> 2x2 max-pool -> pixels
+    TextEmbedding          eq. (4)  ŵ_i = LayerNorm(w_i + p_i)  BERT's embedding layer
+    SelfAttention/Block    eq. (6)  every token attends to every token, text and pixels alike
     PixelBert                       [CLS] ŵ_1..ŵ_n [SEP] v̂_1..v̂_k -> hidden states (B, L, H)
 
 With ``images=None`` PixelBert is exactly BERT (a BERT checkpoint is verified this way).
@@ -32,7 +32,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 class PixelBertConfig:
     """The network's own configuration. Defaults are the paper's R50 model: ResNet-50 and BERT-base.
     [paper] marks what the paper states, [choice] what it leaves open (docs/paper.md has the table)."""
-    # ---- visual embedding, eq. (1) --------------------------------------------------------------
+    # ---- visual embedding, eq. (5) --------------------------------------------------------------
     backbone: str = "resnet50"            # resnet18/34/50/101/152 or resnext152_32x8d [paper: R50, X152]
     backbone_stages: int = 4              # ResNet stages kept (4 = full trunk, stride 32); tiny uses fewer
     freeze_backbone_bn: bool = True       # BatchNorm statistics frozen: padded, variable-size batches of
@@ -40,7 +40,7 @@ class PixelBertConfig:
     visual_proj_kernel: int = 1           # conv from backbone channels to hidden size: 1x1 [choice]
     visual_pool: int = 2                  # 2x2 max-pool after the conv -> stride 64 [paper]; ceil mode, so
                                           # the last row/column of an odd grid is pooled too [choice]
-    # ---- language embedding, eq. (2), and cross-modality transformer, eq. (3) --------------------
+    # ---- language embedding, eq. (4), and cross-modality transformer, eq. (6) --------------------
     vocab_size: int = 30522               # bert-base-uncased WordPiece vocabulary [choice]
     hidden_size: int = 768                # BERT-base sizes [paper: 12 layers; the rest BERT's, choice]
     num_layers: int = 12                  # transformer layers [paper]
@@ -50,7 +50,7 @@ class PixelBertConfig:
     hidden_dropout: float = 0.1           # dropout on embeddings and block outputs (BERT)
     attention_dropout: float = 0.1        # dropout on attention probabilities (BERT)
     max_position_embeddings: int = 512    # text positions the embedding table holds (BERT)
-    type_vocab_size: int = 2              # token-type table (only type 0 is used: s_w of eq. 2)
+    type_vocab_size: int = 2              # token-type table (only type 0 is used: s_w of eq. 4)
     layer_norm_eps: float = 1e-12         # BERT's LayerNorm epsilon
     initializer_range: float = 0.02       # BERT init: normal(0, 0.02), zero bias, LayerNorm 1/0 [choice]
     pad_token_id: int = 0                 # id of [PAD] in the vocabulary
@@ -157,7 +157,7 @@ class BackboneTrunk(nn.Module):
 class VisualTokens:
     """Feature pixels ready for the transformer.
 
-    embeddings: (B, K, H) v̂ of eq. (1); mask: (B, K) True on valid pixels;
+    embeddings: (B, K, H) v̂ of eq. (5); mask: (B, K) True on valid pixels;
     positions: (B, K) index of each token in the flattened (grid_h * grid_w) feature grid,
     so attention over sampled pixels can be put back on the grid; grid: (grid_h, grid_w).
     """
@@ -172,10 +172,10 @@ class VisualTokens:
 
 
 class VisualEmbedding(nn.Module):
-    """Eq. (1): v̂_i = v_i + s_v, with v_i the feature pixels of the CNN.
+    """Eq. (5): v̂_i = v_i + s_v, with v_i the feature pixels of the CNN.
 
     CNN trunk -> conv to the transformer width -> 2x2 max-pool -> flatten -> + s_v. There is no
-    positional embedding and no LayerNorm on visual tokens: eq. (1) is all [paper]. The padding
+    positional embedding and no LayerNorm on visual tokens: eq. (5) is all [paper]. The padding
     mask of a batch of padded images is carried to the feature grid; ``sample_pixels=k`` keeps k
     random valid pixels per image (random pixel sampling, Sec. 3.3); it applies in training mode
     only, since fine-tuning and testing use all pixels [paper].
@@ -246,7 +246,7 @@ class VisualEmbedding(nn.Module):
 
 
 class TextEmbedding(nn.Module):
-    """Eq. (2): ŵ_i = LayerNorm(w_i + p_i + s_w), BERT's embedding layer.
+    """Eq. (4): ŵ_i = LayerNorm(w_i + p_i + s_w), BERT's embedding layer.
 
     s_w is BERT's token-type-0 vector (it folds into p_i as the paper notes), kept as a separate
     table so that a BERT checkpoint loads unchanged [choice].
@@ -276,7 +276,7 @@ class TextEmbedding(nn.Module):
 # -------------------------------------------------------------------------------------------------
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the joint sequence of eq. (3), with a key-padding mask.
+    """Multi-head self-attention over the joint sequence of eq. (6), with a key-padding mask.
 
     One fused projection gives Q, K, V. The fast path is F.scaled_dot_product_attention; the manual
     path computes the same numbers and also returns the attention probabilities (visualisation).
@@ -345,7 +345,7 @@ class PixelBertOutput:
 
 
 class PixelBert(nn.Module):
-    """The whole model of Sec. 3.2 of the paper: eq. (1) + eq. (2) -> eq. (3) -> L BERT layers.
+    """The whole model of Sec. 3.2 of the paper: eq. (5) + eq. (4) -> eq. (6) -> L BERT layers.
 
     forward(input_ids, attention_mask, images, pixel_mask, sample_pixels) -> PixelBertOutput.
     The two halves are also callable apart, so that the CNN runs once per image when one image is
@@ -386,7 +386,7 @@ class PixelBert(nn.Module):
 
     def encode_image(self, images: torch.Tensor, pixel_mask: Optional[torch.Tensor] = None,
                      sample_pixels: int = 0) -> VisualTokens:
-        """Eq. (1) for a batch of (padded) images (B, 3, H, W) -> VisualTokens."""
+        """Eq. (5) for a batch of (padded) images (B, 3, H, W) -> VisualTokens."""
         return self.visual_embedding(images, pixel_mask, sample_pixels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -404,7 +404,7 @@ class PixelBert(nn.Module):
         if visual is not None:
             if visual.embeddings.shape[0] != x.shape[0]:
                 raise ValueError(f"{visual.embeddings.shape[0]} images for {x.shape[0]} texts")
-            x = torch.cat([x, visual.embeddings.to(x.dtype)], dim=1)       # (B, T+K, H), eq. (3)
+            x = torch.cat([x, visual.embeddings.to(x.dtype)], dim=1)       # (B, T+K, H), eq. (6)
             mask = torch.cat([attention_mask, visual.mask], dim=1)          # (B, T+K)
         manual = output_attentions or self.config.attention_impl == "manual"
         attentions = [] if output_attentions else None

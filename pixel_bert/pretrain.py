@@ -1,5 +1,5 @@
-"""Pre-training tasks (Sec. 3.3 of the paper): masked language modelling, eq. (4), and image-text
-matching, eq. (5), computed from one forward pass with random pixel sampling.
+"""Pre-training tasks (Sec. 3.3 of the paper): masked language modelling, eq. (7), and image-text
+matching, eq. (8), computed from one forward pass with random pixel sampling.
 
     make_itm_pairs   half of the pairs get the caption of a different image (label 0)
     mask_tokens      BERT's 15% / 80-10-10 masking, never special or padding tokens
@@ -19,7 +19,7 @@ IGNORE_INDEX = -100  # label of tokens that are not predicted (cross_entropy's i
 
 def make_itm_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_keys: Sequence[str],
                    negative_ratio: float = 0.5, generator: Optional[torch.Generator] = None):
-    """Eq. (5) data: choose ``negative_ratio`` of the pairs and give each the caption of another
+    """Eq. (8) data: choose ``negative_ratio`` of the pairs and give each the caption of another
     image in the batch (never a caption of the same image, as judged by ``image_keys``).
 
     Returns (input_ids, attention_mask, itm_labels) with labels 1.0 for matched pairs and 0.0 for
@@ -44,7 +44,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
                 vocab_size: int, mask_id: int, probability: float = 0.15,
                 replace_probs: Tuple[float, float] = (0.8, 0.1), predict: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None):
-    """Eq. (4) inputs: BERT's masking [choice].
+    """Eq. (7) inputs: BERT's masking [choice].
 
     Each real, non-special token is chosen with ``probability``; every caption gets at least one
     chosen token. A chosen token becomes [MASK] (80%), a random non-special token (10%) or stays
@@ -79,7 +79,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
 
 def pretrain_losses(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, itm_logits: torch.Tensor,
                     itm_labels: torch.Tensor, itm_weight: float = 1.0) -> Dict[str, torch.Tensor]:
-    """L = L_MLM (eq. 4, mean over predicted tokens) + L_ITM (eq. 5, binary cross-entropy)."""
+    """L = L_MLM (eq. 7, mean over predicted tokens) + L_ITM (eq. 8, binary cross-entropy)."""
     predicted = mlm_labels != IGNORE_INDEX
     if predicted.any():
         mlm_loss = F.cross_entropy(mlm_logits[predicted].float(), mlm_labels[predicted])
@@ -127,7 +127,7 @@ def evaluate_pretraining(model, loader, tokenizer, probe_groups: Sequence[Sequen
                          seed: int = 1234) -> Dict[str, float]:
     """Held-out evidence that the model looks at the pixels.
 
-    - ITM accuracy on pairs of which half are mismatched (eq. 5);
+    - ITM accuracy on pairs of which half are mismatched (eq. 8);
     - MLM accuracy on probe words (e.g. colour words, then shape words: one group masked at a time,
       so "the [MASK] shape is a triangle" can still be read off the triangle), predicted with the
       caption's own image and with another image of the batch. Learning from pixels shows as the

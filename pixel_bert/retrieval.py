@@ -24,13 +24,13 @@ the 21 pairs and a softmax cross-entropy puts the positive first. Hard negative 
    flow through the positive and the 5 hard negatives only (TaskConfig.retrieval_loss).
 
 The CNN is frozen (TrainConfig.freeze_backbone, set by the retrieval presets; finetune.py calls
-PixelBert.freeze_backbone); the visual projection and s_v of eq. (1) still train unless
+PixelBert.freeze_backbone); the visual projection and s_v of eq. (5) still train unless
 TrainConfig.freeze_visual_proj.
 
 Evaluation (see docs/paper.md) must score every image against every caption: 5M pairs for Flickr30K
 1K x 5K, 125M for COCO 5K x 25K. So:
 
-* the CNN runs once per image: `encode_images` keeps each image's visual tokens (eq. 1) in a
+* the CNN runs once per image: `encode_images` keeps each image's visual tokens (eq. 5) in a
   cache, optionally saved to disk and reused by later runs of the same checkpoint;
 * captions are tokenised once; pairs are scored in large batches (``pairs_per_batch``) by
   gathering cached visual tokens and token ids by index, under autocast on GPU;
@@ -197,7 +197,7 @@ ITM_TO_RETRIEVAL = {"itm.classifier.weight": "retrieval.score.weight", "itm.clas
 
 
 def itm_as_retrieval_head(state: Dict[str, torch.Tensor], log=print) -> Dict[str, torch.Tensor]:
-    """A copy of a pre-training state dict whose ITM classifier (eq. 5's linear layer) also serves
+    """A copy of a pre-training state dict whose ITM classifier (eq. 8's linear layer) also serves
     as the retrieval score layer (TaskConfig.retrieval_head_from_itm): the ITM logit already
     ranks matched pairs above unmatched ones. A state dict without an ITM head comes back as it is."""
     if not all(k in state for k in ITM_TO_RETRIEVAL):

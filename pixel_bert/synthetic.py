@@ -4,8 +4,8 @@ Real pre-training data (COCO + Visual Genome, Sec. 4.1 of the paper) is hundreds
 CPU in minutes that the model *uses the pixels*, this module draws small images of 1-3 coloured
 shapes on a dark noisy background and writes captions whose content words can only be predicted
 by looking at the image: "the red shape is a [MASK]" (circle? square?), "a blue square [MASK] a
-green cross" (above? left of?). MLM (eq. 4) on these captions therefore needs the visual tokens,
-and ITM (eq. 5) needs the caption to agree with the picture.
+green cross" (above? left of?). MLM (eq. 7) on these captions therefore needs the visual tokens,
+and ITM (eq. 8) needs the caption to agree with the picture.
 
 Everything is a pure function of (seed, image index): no files, no state, identical in every
 DataLoader worker. Scenes are plain dataclasses (`Shape`, `Scene`) with pixel boxes, so that

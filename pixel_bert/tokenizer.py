@@ -1,4 +1,4 @@
-"""WordPiece tokenisation for the language embedding (Sec. 3.2 of the paper, eq. 2).
+"""WordPiece tokenisation for the language embedding (Sec. 3.2 of the paper, eq. 4).
 
 Pixel-BERT reads text with BERT's WordPiece vocabulary (bert-base-uncased, 30,522 pieces) so that a
 BERT checkpoint loads unchanged. This module wraps the `tokenizers` library's BERT WordPiece
@@ -39,7 +39,7 @@ class TextBatch:
 class WordPieceTokenizer:
     """BERT's uncased WordPiece tokeniser built from a vocab.txt (one piece a line, id = line number).
 
-    Encoding gives ``[CLS] w_1 .. w_n [SEP]`` (the text half of eq. 3), truncated to ``max_length``.
+    Encoding gives ``[CLS] w_1 .. w_n [SEP]`` (the text half of eq. 6), truncated to ``max_length``.
     The literal string "[MASK]" inside a text is kept as the mask token, as in BERT.
     """
 

@@ -10,7 +10,7 @@
   and, when they go on, a name that module defines; ``TrainConfig.lr``-style references (and the
   fields listed in docs/paper.md's tables) name fields the config dataclasses have.
 - No file points outside the repository for the paper: paper references use the paper's own
-  numbering ("Sec. 3.2", "eq. (1)") and docs/paper.md.
+  numbering ("Sec. 3.2", "eq. (5)") and docs/paper.md.
 """
 import ast
 import io
