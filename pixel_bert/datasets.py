@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import multiprocessing
 import os
 import re
@@ -62,6 +61,7 @@ from . import nlvr2 as nlvr2_data
 from . import retrieval, vqa
 from .downstream import Progress
 from .engine import DistInfo, format_seconds
+from .files import write_json
 
 # ------------------------------------------------------------------------------------------------
 # Official sizes
@@ -514,8 +514,7 @@ def run_verify(args) -> int:
                             s.warnings for c in checks for s in c.splits) else "")))
     print("flags for these paths:\n" + "\n".join(f"  {command}" for command in report["commands"]))
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.report, report, indent=1)
         print(f"report: {args.report}")
     return 1 if unusable else 0
 

@@ -12,12 +12,12 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .engine import DistInfo, format_seconds
+from .engine import DistInfo, format_seconds, unwrap
 
 
 @dataclass
@@ -125,19 +125,6 @@ class Progress:
             print(f"{self.label}{self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.1f}%)  "
                   f"{rate:,.0f} {self.unit}/s  eta {format_seconds(eta)}", file=self.stream, flush=True)
 
-    @property
-    def rate(self) -> float:
-        return self.done / max(time.time() - self.start, 1e-9)
-
-
-def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    """Move the tensors of a batch dict to ``device`` (other values unchanged)."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def unwrap_model(model):
-    return model.module if hasattr(model, "module") else model
-
 
 def check_splits(split: str, forbidden: Sequence[str] = ("test",), what: str = "model selection"):
     """Refuse a test split where only val/dev is allowed (docs/paper.md#pitfalls-of-peer-systems)."""
@@ -150,4 +137,25 @@ def sharded_loader(dataset, info: DistInfo, batch_size: int, collate_fn, num_wor
     """A DataLoader over this rank's contiguous block of ``dataset`` (see `shard_range`), in order."""
     subset = torch.utils.data.Subset(dataset, list(shard_range(len(dataset), info)))
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                                       num_workers=num_workers)
+                                       num_workers=num_workers, pin_memory=info.device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_sharded(model, dataset, collate_fn, info: DistInfo, predict_batch: Callable, batch_size: int = 64,
+                    num_workers: int = 0, unit: str = "examples", label: str = "") -> Optional[Dict[Any, Any]]:
+    """Predictions for every item of ``dataset``: each rank runs its contiguous shard in eval mode under
+    autocast, with a progress line, and rank 0 gets the merged ``{id: prediction}`` (None elsewhere).
+    ``predict_batch(model, batch, device) -> {id: prediction}`` for a batch's good samples; the ids of
+    bad samples (unreadable images) are missing, and the task fills them in."""
+    model = unwrap(model).eval()
+    loader = sharded_loader(dataset, info, batch_size, collate_fn, num_workers)
+    progress = Progress(len(loader.dataset), unit, info, label=label)
+    preds: Dict[Any, Any] = {}
+    for batch in loader:
+        if batch["num_samples"]:
+            with eval_autocast(info.device):
+                preds.update(predict_batch(model, batch, info.device))
+        progress.update(batch["num_samples"] + batch["num_bad"])
+    progress.update(0, force=True)
+    gathered = gather_to_main(preds, info)
+    return None if gathered is None else {k: v for part in gathered for k, v in part.items()}

@@ -129,9 +129,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP and/or torch.compile wrappers (checkpoints hold its state dict, so a run
     resumes with compilation on or off and on any number of processes)."""
     while True:
-        if isinstance(model, DDP):
+        if isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DataParallel
             model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
             model = model._orig_mod
         else:
             return model

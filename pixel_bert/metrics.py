@@ -22,13 +22,14 @@ import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 from typing import (Any, Dict, Iterable, List, Mapping, NamedTuple, Sequence, Tuple,
                     Union)
 
 import numpy as np
 import torch
+
+from .files import atomic_write
 
 __all__ = [
     # VQA
@@ -375,47 +376,9 @@ def vqa_accuracy(predictions: Union[Mapping[int, str], Sequence[Mapping[str, Any
     if not anns:
         raise ValueError("vqa_accuracy: annotations is empty")
     preds = _predictions_dict(predictions)
-
-    ann_ids: List[Any] = []
-    seen = set()
-    for i, ann in enumerate(anns):
-        if not isinstance(ann, Mapping):
-            raise TypeError(f"annotations[{i}] must be a dict, got {type(ann).__name__}")
-        for key in ("question_id", "question_type", "answer_type", "answers"):
-            if key not in ann:
-                raise ValueError(f"annotations[{i}] (question_id={ann.get('question_id')!r}) has "
-                                 f"no {key!r}")
-        qid = ann["question_id"]
-        if qid in seen:
-            raise ValueError(f"annotations: question_id {qid!r} appears more than once")
-        seen.add(qid)
-        ann_ids.append(qid)
-
-    unknown = [q for q in preds if q not in seen]
-    missing = [q for q in ann_ids if q not in preds]
-    if unknown or missing:
-        parts = []
-        if unknown:
-            parts.append(_id_mismatch_message("predictions for question ids not in the annotations",
-                                              unknown, ann_ids))
-        if missing:
-            parts.append(_id_mismatch_message("annotated questions without a prediction",
-                                              missing, preds))
-        raise ValueError("vqa_accuracy: predictions do not match the annotations: "
-                         + "; ".join(parts))
-
+    _check_predictions_match(preds, _annotated_ids(anns))
     if questions is not None:
-        qs = _unwrap_list(questions, "questions", "vqa_accuracy questions")
-        image_of = {q["question_id"]: q.get("image_id") for q in qs}
-        no_q = [a["question_id"] for a in anns if a["question_id"] not in image_of]
-        if no_q:
-            raise ValueError("vqa_accuracy: " + _id_mismatch_message(
-                "annotated question ids absent from questions", no_q, image_of))
-        wrong_img = [a["question_id"] for a in anns
-                     if "image_id" in a and a["image_id"] != image_of[a["question_id"]]]
-        if wrong_img:
-            raise ValueError(f"vqa_accuracy: {len(wrong_img)} questions have a different image_id "
-                             f"in questions and annotations, e.g. question_id {wrong_img[0]!r}")
+        _check_questions_match(anns, _unwrap_list(questions, "questions", "vqa_accuracy questions"))
 
     acc_all: List[float] = []
     acc_qtype: Dict[Any, List[float]] = {}
@@ -441,6 +404,57 @@ def vqa_accuracy(predictions: Union[Mapping[int, str], Sequence[Mapping[str, Any
         "per_question": per_question,
         "n_questions": len(acc_all),
     }
+
+
+def _annotated_ids(anns: Sequence[Mapping[str, Any]]) -> List[Any]:
+    """The question ids of the annotations, in order; each annotation checked for the keys the
+    evaluation reads and for a duplicate id."""
+    ann_ids: List[Any] = []
+    seen = set()
+    for i, ann in enumerate(anns):
+        if not isinstance(ann, Mapping):
+            raise TypeError(f"annotations[{i}] must be a dict, got {type(ann).__name__}")
+        for key in ("question_id", "question_type", "answer_type", "answers"):
+            if key not in ann:
+                raise ValueError(f"annotations[{i}] (question_id={ann.get('question_id')!r}) has "
+                                 f"no {key!r}")
+        qid = ann["question_id"]
+        if qid in seen:
+            raise ValueError(f"annotations: question_id {qid!r} appears more than once")
+        seen.add(qid)
+        ann_ids.append(qid)
+    return ann_ids
+
+
+def _check_predictions_match(preds: Mapping[Any, str], ann_ids: List[Any]) -> None:
+    """Exactly one prediction per annotated question, as the official ``loadRes`` requires."""
+    annotated = set(ann_ids)
+    unknown = [q for q in preds if q not in annotated]
+    missing = [q for q in ann_ids if q not in preds]
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(_id_mismatch_message("predictions for question ids not in the annotations",
+                                              unknown, ann_ids))
+        if missing:
+            parts.append(_id_mismatch_message("annotated questions without a prediction",
+                                              missing, preds))
+        raise ValueError("vqa_accuracy: predictions do not match the annotations: "
+                         + "; ".join(parts))
+
+
+def _check_questions_match(anns: Sequence[Mapping[str, Any]], qs: Sequence[Mapping[str, Any]]) -> None:
+    """Every annotated question is in the questions file with the same image (no mixed splits)."""
+    image_of = {q["question_id"]: q.get("image_id") for q in qs}
+    no_q = [a["question_id"] for a in anns if a["question_id"] not in image_of]
+    if no_q:
+        raise ValueError("vqa_accuracy: " + _id_mismatch_message(
+            "annotated question ids absent from questions", no_q, image_of))
+    wrong_img = [a["question_id"] for a in anns
+                 if "image_id" in a and a["image_id"] != image_of[a["question_id"]]]
+    if wrong_img:
+        raise ValueError(f"vqa_accuracy: {len(wrong_img)} questions have a different image_id "
+                         f"in questions and annotations, e.g. question_id {wrong_img[0]!r}")
 
 
 def build_answer_vocab(annotations: Union[Sequence[Mapping[str, Any]], Mapping[str, Any]],
@@ -501,7 +515,7 @@ def write_vqa_submission(path: Union[str, os.PathLike],
         rows.append({"question_id": qid, "answer": ans})
     rows.sort(key=lambda r: r["question_id"])
     path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(rows, f, ensure_ascii=False)
     return path
 
@@ -524,9 +538,9 @@ def nlvr2_sentence_key(identifier: str) -> str:
     return "-".join(parts)
 
 
-def _nlvr2_bool(value: Any, what: str) -> bool:
-    # The distributed files store labels as the strings "True"/"False"; the official script
-    # compares case-insensitively.
+def parse_nlvr2_label(value: Any, what: str) -> bool:
+    """An NLVR2 label or prediction as a bool. The distributed files store labels as the strings
+    "True"/"False"; the official script compares case-insensitively."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -563,9 +577,9 @@ def nlvr2_metrics(predictions: Mapping[str, Union[bool, str]],
     consistent: Dict[str, bool] = {}
     for ident, label in labels.items():
         key = nlvr2_sentence_key(ident)
-        truth = _nlvr2_bool(label, f"label of {ident!r}")
+        truth = parse_nlvr2_label(label, f"label of {ident!r}")
         if ident in predictions:
-            ok = _nlvr2_bool(predictions[ident], f"prediction for {ident!r}") == truth
+            ok = parse_nlvr2_label(predictions[ident], f"prediction for {ident!r}") == truth
         else:
             ok = False
             missing += 1
@@ -789,16 +803,8 @@ def save_score_matrix(path: Union[str, os.PathLike], scores: Any, image_ids: Any
     arrays = {k: _to_numpy(v) for k, v in zip(_SCORE_KEYS, (scores, image_ids, caption_ids,
                                                             caption_image))}
     sm = _validate_score_arrays(arrays, f"save_score_matrix({path!r})")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_scores_", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **sm._asdict())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **sm._asdict())
     return path
 
 

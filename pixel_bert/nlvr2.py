@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from . import metrics
 from .data import AnnotationError, ImageLoadError, load_image, pad_images
-from .downstream import Progress, eval_autocast, gather_to_main, sharded_loader, unwrap_model
+from .downstream import predict_sharded
+from .files import write_text
 from .engine import DistInfo
 
 
@@ -38,12 +39,11 @@ class NLVR2Example(NamedTuple):
     right_path: str
 
 
-def _parse_label(value: Any, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise AnnotationError(f"{where}: label {value!r} is not 'True' or 'False'")
+def _label(value: Any, where: str) -> bool:
+    try:
+        return metrics.parse_nlvr2_label(value, f"{where}: label")
+    except ValueError as e:
+        raise AnnotationError(str(e)) from None
 
 
 def nlvr2_image_paths(image_root: str, identifier: str, directory: Optional[Any] = None):
@@ -77,7 +77,7 @@ def read_nlvr2(jsonl_path: str, image_root: str, max_examples: Optional[int] = N
             if not isinstance(obj, dict) or not isinstance(obj.get("identifier"), str) \
                     or not isinstance(obj.get("sentence"), str):
                 raise AnnotationError(f"{where}: expected an object with string 'identifier' and 'sentence'")
-            label = _parse_label(obj["label"], where) if "label" in obj else None
+            label = _label(obj["label"], where) if "label" in obj else None
             left, right = nlvr2_image_paths(image_root, obj["identifier"], obj.get("directory"))
             examples.append(NLVR2Example(obj["identifier"], obj["sentence"], label, left, right))
             if max_examples is not None and len(examples) >= max_examples:
@@ -145,26 +145,17 @@ def nlvr2_step(model, batch: dict, device) -> Dict[str, torch.Tensor]:
     return dict(loss=loss, acc=(logits.argmax(1) == labels).float().mean().detach())
 
 
-@torch.no_grad()
 def predict_nlvr2(model, dataset: NLVR2Dataset, collate: NLVR2Collator, info: DistInfo,
                   batch_size: int = 64, num_workers: int = 0) -> Dict[str, bool]:
-    """{identifier: prediction} for every example, gathered on rank 0 (empty dict elsewhere).
+    """{identifier: prediction} for every example on rank 0 (`predict_sharded`; empty dict elsewhere).
     An example whose images fail to load is predicted False (and so counted, not dropped)."""
-    model = unwrap_model(model).eval()
-    loader = sharded_loader(dataset, info, batch_size, collate, num_workers)
-    progress = Progress(len(loader.dataset), "examples", info, label="nlvr2 eval: ")
-    preds: Dict[str, bool] = {}
-    for batch in loader:
-        if len(batch["input_ids"]):
-            with eval_autocast(info.device):
-                logits = _forward(model, batch, info.device)
-            preds.update(zip(batch["identifiers"], (logits.float().argmax(1) == 1).tolist()))
-        progress.update(len(batch["input_ids"]) + batch["num_bad"])
-    progress.update(0, force=True)
-    gathered = gather_to_main(preds, info)
-    if gathered is None:
+    def predict_batch(model, batch, device):
+        return dict(zip(batch["identifiers"], (_forward(model, batch, device).float().argmax(1) == 1).tolist()))
+
+    merged = predict_sharded(model, dataset, collate, info, predict_batch, batch_size, num_workers,
+                             "examples", "nlvr2 eval: ")
+    if merged is None:
         return {}
-    merged = {k: v for part in gathered for k, v in part.items()}
     for ex in dataset.examples:
         merged.setdefault(ex.identifier, False)
     return merged
@@ -179,10 +170,7 @@ def score_nlvr2(predictions: Dict[str, bool], examples: Sequence[NLVR2Example]) 
 
 def write_predictions(path: str, predictions: Dict[str, bool]) -> str:
     """CSV ``identifier,True|False`` lines (module docstring), sorted by identifier."""
-    with open(path, "w", encoding="utf-8") as f:
-        for ident in sorted(predictions):
-            f.write(f"{ident},{bool(predictions[ident])}\n")
-    return path
+    return write_text(path, "".join(f"{ident},{bool(predictions[ident])}\n" for ident in sorted(predictions)))
 
 
 def read_predictions(path: str) -> Dict[str, bool]:

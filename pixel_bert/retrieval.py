@@ -54,9 +54,10 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import AnnotationError, _field, _karpathy_images, _list_field, load_image, pad_images
-from .downstream import Progress, eval_autocast, gather_to_main, shard_range, unwrap_model
-from .engine import DistInfo
+from .data import AnnotationError, json_field, karpathy_images, json_list, load_image, pad_images
+from .downstream import Progress, eval_autocast, gather_to_main, shard_range
+from .engine import DistInfo, unwrap
+from .files import save_torch
 from .model import VisualTokens
 
 # -------------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def read_karpathy_eval(dataset_json: str, image_root: str, split: str = "test",
     file order: COCO test = 5,000 images (the 5K set; its consecutive thousands are the 1K folds),
     Flickr30K test = 1,000 images. ``max_images`` keeps the first N images, ``max_captions`` at
     most that many captions per image (quick runs). Image paths as data.read_karpathy."""
-    path, dataset, selected = _karpathy_images(dataset_json, (split,))
+    path, dataset, selected = karpathy_images(dataset_json, (split,))
     if max_images is not None:
         selected = selected[:max_images]
     if not selected:
@@ -88,18 +89,18 @@ def read_karpathy_eval(dataset_json: str, image_root: str, split: str = "test",
     paths, image_ids, captions, caption_ids, caption_image = [], [], [], [], []
     for row, (i, image) in enumerate(selected):
         where = f"images[{i}]"
-        filename = _field(image, "filename", str, where, path)
-        filepath = _field(image, "filepath", str, where, path) if "filepath" in image else ""
+        filename = json_field(image, "filename", str, where, path)
+        filepath = json_field(image, "filepath", str, where, path) if "filepath" in image else ""
         paths.append(os.path.join(image_root, filepath, filename))
-        image_ids.append(_field(image, "cocoid", int, where, path) if "cocoid" in image
+        image_ids.append(json_field(image, "cocoid", int, where, path) if "cocoid" in image
                          else os.path.splitext(filename)[0])
-        sentences = _list_field(image, "sentences", where, path)[:max_captions]
+        sentences = json_list(image, "sentences", where, path)[:max_captions]
         if not sentences:
             raise AnnotationError(f"{path}: {where} has no sentences; every retrieval image needs a caption")
         for j, s in enumerate(sentences):
             w = f"{where}['sentences'][{j}]"
-            captions.append(_field(s, "raw", str, w, path).strip())
-            caption_ids.append(_field(s, "sentid", int, w, path) if "sentid" in s else len(caption_ids))
+            captions.append(json_field(s, "raw", str, w, path).strip())
+            caption_ids.append(json_field(s, "sentid", int, w, path) if "sentid" in s else len(caption_ids))
             caption_image.append(row)
     if len({type(x) for x in image_ids}) > 1:  # a mix of int and str ids: store all as str
         image_ids = [str(x) for x in image_ids]
@@ -225,7 +226,7 @@ def retrieval_step(model, batch: dict, device, num_negatives: int = 20, num_hard
     the hard 5 found without gradients, then the loss through the positive and those 5. Both passes
     run in the model's current mode (training: the same dropout), so the hard negatives are chosen
     under the conditions they are trained in."""
-    inner = unwrap_model(model)
+    inner = unwrap(model)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     images, pixel_mask = batch["images"].to(device, non_blocking=True), batch["pixel_mask"].to(device)
     img_rows, cap_rows = negative_pairs(batch["image_keys"], num_negatives, negative_kind)
@@ -296,7 +297,7 @@ def encode_images(model, paths: Sequence[str], rows: Sequence[int], transform, d
             log(f"visual features: {len(rows)} images from cache {cache_file}")
             return VisualCache(rows, saved["embeddings"].to(device), saved["mask"].to(device))
         log(f"visual features: cache {cache_file} is for other images or another checkpoint; recomputing")
-    bert = unwrap_model(model).bert.eval()
+    bert = unwrap(model).bert.eval()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ImageFiles(paths, transform), rows),
                                          batch_size=batch_size, num_workers=num_workers,
@@ -318,11 +319,8 @@ def encode_images(model, paths: Sequence[str], rows: Sequence[int], transform, d
         mask[start:start + len(e), :m.shape[1]] = m
         start += len(e)
     if cache_file:
-        os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
-        tmp = cache_file + ".tmp"
-        torch.save({"key": cache_key, "paths": [paths[r] for r in rows], "embeddings": embeddings.cpu(),
-                    "mask": mask.cpu()}, tmp)
-        os.replace(tmp, cache_file)
+        save_torch({"key": cache_key, "paths": [paths[r] for r in rows], "embeddings": embeddings.cpu(),
+                    "mask": mask.cpu()}, cache_file)
     return VisualCache(rows, embeddings, mask)
 
 
@@ -331,7 +329,7 @@ def score_rows(model, cache: VisualCache, input_ids: torch.Tensor, attention_mas
                pairs_per_batch: int = 1024, progress: Optional[Progress] = None) -> torch.Tensor:
     """Scores (len(cache.rows), n_captions) of every cached image against every caption: the pairs
     are enumerated in row-major order and scored ``pairs_per_batch`` at a time by indexing."""
-    model = unwrap_model(model).eval()
+    model = unwrap(model).eval()
     n_rows, n_cap = len(cache.rows), len(input_ids)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     out = torch.empty(n_rows * n_cap, dtype=torch.float32)
@@ -353,7 +351,7 @@ def score_pairs_uncached(model, images: torch.Tensor, pixel_mask: torch.Tensor, 
                          attention_mask: torch.Tensor, device, pairs_per_batch: int = 64) -> torch.Tensor:
     """The naive baseline: every pair runs the CNN on its image again (which docs/paper.md
     warns against). For the equivalence test and the throughput benchmark only."""
-    model = unwrap_model(model).eval()
+    model = unwrap(model).eval()
     n_img, n_cap = len(images), len(input_ids)
     out = torch.empty(n_img * n_cap)
     for start in range(0, n_img * n_cap, pairs_per_batch):

@@ -25,7 +25,6 @@ Run ``python -m pixel_bert.synthetic --out DIR`` to write a COCO-format copy plu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -34,9 +33,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD
-from pixel_bert.data import ImageTransform
-from pixel_bert.tokenizer import SPECIAL_TOKENS, write_vocab_file
+from .config import IMAGENET_MEAN, IMAGENET_STD
+from .data import ImageTransform
+from .files import write_json
+from .tokenizer import SPECIAL_TOKENS, write_vocab_file
 
 # ---- the world -----------------------------------------------------------------------------------
 
@@ -133,10 +133,10 @@ def make_scene(rng: np.random.Generator, image_size: int = 96, max_shapes: int =
 
 def scene_for(seed: int, image_index: int, image_size: int = 96, max_shapes: int = MAX_SHAPES) -> Scene:
     """The scene of image ``image_index`` of the world ``seed`` (what SyntheticCaptions shows)."""
-    return make_scene(_rng(seed, image_index, 0, 0), image_size, max_shapes)
+    return make_scene(rng_stream(seed, image_index, 0, 0), image_size, max_shapes)
 
 
-def _rng(seed: int, image_index: int, stream: int, sub_index: int) -> np.random.Generator:
+def rng_stream(seed: int, image_index: int, stream: int, sub_index: int = 0) -> np.random.Generator:
     """Independent random stream per (seed, image, purpose, sub-index): stream 0 = scene,
     1 = caption number ``sub_index``. Other tasks built on this world should use stream >= 2."""
     if seed < 0 or image_index < 0:
@@ -295,7 +295,7 @@ CAPTION_WORDS: Tuple[str, ...] = (
     ("a", "the", "there", "is", "and", "shape", "shapes", "one", "two", "three", ":", ",")
     + ("above", "below", "left", "right", "of")
     + tuple(COLOURS) + KINDS + SIZES)
-# Reserved now for the tasks that will be built on this world (synthetic VQA: "what colour is the
+# Words of the fine-tuning tasks built on this world in synthetic_tasks.py (VQA: "what colour is the
 # circle ?", "how many shapes are there ?"; NLVR2: "both images contain a red circle", "the left
 # image has more shapes than the right image"). They are in the vocabulary from the start so that a
 # model pre-trained on captions already has an embedding row for every fine-tuning word, at a
@@ -391,13 +391,13 @@ class SyntheticCaptions(Dataset):
     def caption(self, index: int) -> str:
         index = self._check(index)
         image_index, caption_index = divmod(index, self.captions_per_image)
-        return make_caption(self.scene(index), _rng(self.seed, image_index, 1, caption_index))
+        return make_caption(self.scene(index), rng_stream(self.seed, image_index, 1, caption_index))
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         index = self._check(index)
         scene = self.scene(index)
         image_index, caption_index = divmod(index, self.captions_per_image)
-        caption = make_caption(scene, _rng(self.seed, image_index, 1, caption_index))
+        caption = make_caption(scene, rng_stream(self.seed, image_index, 1, caption_index))
         return dict(image=self.transform(render(scene)), caption=caption,
                     image_key=self.image_key(index), index=index)
 
@@ -427,9 +427,7 @@ def write_coco_format(out_dir: str, num_images: int, seed: int, image_size: int 
             annotations.append(dict(id=len(annotations), image_id=image_index, caption=dataset.caption(index)))
     info = dict(description=f"pixel_bert synthetic shapes, seed {seed}", version="1.0")
     path = os.path.join(out_dir, "captions_train2014.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(dict(info=info, images=images, annotations=annotations), f)
-    return path
+    return write_json(path, dict(info=info, images=images, annotations=annotations), indent=None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

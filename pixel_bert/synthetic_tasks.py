@@ -39,14 +39,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import synthetic
-from .synthetic import COLOURS, KINDS, RELATIONS, Scene, make_caption, make_scene, relations, render
+from .files import write_json, write_text
+from .synthetic import (COLOURS, KINDS, RELATIONS, Scene, make_caption, make_scene, relations, render,
+                        rng_stream)
 
-# Random streams of synthetic._rng: 0 = scene, 1 = pre-training captions; the tasks use 2+.
+# Random streams of synthetic.rng_stream: 0 = scene, 1 = pre-training captions; the tasks use 2+.
 _VQA_STREAM, _NLVR2_STREAM, _RETRIEVAL_STREAM = 2, 3, 4
-
-
-def _rng(seed: int, index: int, stream: int, sub: int = 0) -> np.random.Generator:
-    return np.random.default_rng([seed, index, stream, sub])
 
 
 def _check_words(texts: Sequence[str]):
@@ -119,7 +117,7 @@ def write_vqa(out_dir: str, n_train: int = 2000, n_val: int = 300, n_test: int =
             scene = synthetic.scene_for(world, image_id, image_size)
             render(scene).save(os.path.join(out_dir, image_dir, f"COCO_{image_dir}_{image_id:012d}.jpg"), quality=95)
             for q in range(questions_per_image):
-                rng = _rng(world, image_id, _VQA_STREAM, q)
+                rng = rng_stream(world, image_id, _VQA_STREAM, q)
                 text, answer, qtype, atype, wrong = vqa_question(scene, rng)
                 qid = image_id * 100 + q
                 questions.append(dict(image_id=image_id, question=text, question_id=qid))
@@ -132,11 +130,11 @@ def write_vqa(out_dir: str, n_train: int = 2000, n_val: int = 300, n_test: int =
         _check_words([q["question"] for q in questions])
         info = dict(description=f"pixel_bert synthetic VQA, seed {world}", version="2.0")
         common = dict(info=info, task_type="Open-Ended", data_type="mscoco", license={}, data_subtype=split)
-        with open(os.path.join(out_dir, f"v2_OpenEnded_mscoco_{split}_questions.json"), "w") as f:
-            json.dump(dict(common, questions=questions), f)
+        write_json(os.path.join(out_dir, f"v2_OpenEnded_mscoco_{split}_questions.json"),
+                   dict(common, questions=questions), indent=None)
         if not split.startswith("test"):  # the real test splits have no public annotations
-            with open(os.path.join(out_dir, f"v2_mscoco_{split}_annotations.json"), "w") as f:
-                json.dump(dict(common, annotations=annotations), f)
+            write_json(os.path.join(out_dir, f"v2_mscoco_{split}_annotations.json"),
+                       dict(common, annotations=annotations), indent=None)
     return out_dir
 
 
@@ -212,7 +210,7 @@ def write_nlvr2(out_dir: str, n_train: int = 600, n_dev: int = 100, n_test: int 
         world = seed + 10 + k
         lines = []
         for setid in range(n):
-            rng = _rng(world, setid, _NLVR2_STREAM)
+            rng = rng_stream(world, setid, _NLVR2_STREAM)
             sentence, kind, pred = nlvr2_statement(rng)
             labels = rng.permutation([p % 2 == 0 for p in range(pairs_per_sentence)])
             directory = setid % 100 if split == "train" else None
@@ -228,8 +226,7 @@ def write_nlvr2(out_dir: str, n_train: int = 600, n_dev: int = 100, n_test: int 
                     entry["directory"] = directory
                 lines.append(entry)
         _check_words([e["sentence"] for e in lines])
-        with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
-            f.write("".join(json.dumps(e) + "\n" for e in lines))
+        write_text(os.path.join(out_dir, f"{split}.json"), "".join(json.dumps(e) + "\n" for e in lines))
     return out_dir
 
 
@@ -252,7 +249,7 @@ def write_retrieval(out_dir: str, n_train: int = 1500, n_val: int = 100, n_test:
         sentences = []
         for j in range(captions_per_image):
             # The first caption lists the whole scene (the most specific); the others are random.
-            raw = make_caption(scene, _rng(seed + 20, imgid, _RETRIEVAL_STREAM, j), "list" if j == 0 else None)
+            raw = make_caption(scene, rng_stream(seed + 20, imgid, _RETRIEVAL_STREAM, j), "list" if j == 0 else None)
             tokens = raw.replace(",", " ,").replace(":", " :").split()
             sentences.append(dict(tokens=tokens, raw=raw, imgid=imgid, sentid=sentid))
             sentid += 1
@@ -260,9 +257,7 @@ def write_retrieval(out_dir: str, n_train: int = 1500, n_val: int = 100, n_test:
                            sentids=[s["sentid"] for s in sentences], sentences=sentences))
     _check_words([s["raw"] for im in images for s in im["sentences"]])
     path = os.path.join(out_dir, "dataset_synthetic.json")
-    with open(path, "w") as f:
-        json.dump(dict(images=images, dataset="synthetic"), f)
-    return path
+    return write_json(path, dict(images=images, dataset="synthetic"), indent=None)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -14,19 +14,16 @@ from typing import List, Optional, Sequence
 import torch
 from tokenizers import BertWordPieceTokenizer
 
+from .files import write_text
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def write_vocab_file(tokens: Sequence[str], path: str) -> str:
-    """Write a vocab.txt (one token a line, id = line number) atomically: to a file of this process,
-    then renamed. Every rank of a torchrun job writes the same vocabulary into the run folder, and a
-    rank must never read another's half-written file (a short vocabulary = a wrong model)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(tokens) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write a vocab.txt (one token a line, id = line number) atomically (`files.write_text`): every
+    rank of a torchrun job writes the same vocabulary into the run folder, and a rank must never read
+    another's half-written file (a short vocabulary = a wrong model)."""
+    return write_text(path, "\n".join(tokens) + "\n")
 
 
 @dataclass
@@ -106,9 +103,6 @@ class WordPieceTokenizer:
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[row, : len(ids)] = True
         return TextBatch(input_ids, mask)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids))
 
 
 def tokenizer_for_run(config, out_dir: str, synthetic_data: bool, vocab: Optional[Sequence[str]] = None

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import AnnotationError, ImageLoadError, _field, _list_field, read_json, load_image, pad_images
-from .downstream import Progress, eval_autocast, gather_to_main, sharded_loader, unwrap_model
+from .data import AnnotationError, ImageLoadError, json_field, json_list, read_json, load_image, pad_images
+from .downstream import predict_sharded
+from .files import write_json
 from .engine import DistInfo
 
 # The COCO image folder of each VQA split: test-dev is a subset of the test2015 images.
@@ -91,23 +92,23 @@ def read_vqa(root: str, split: str, image_root: Optional[str] = None,
     q_path, a_path = vqa_files(root, split)
     image_root = root if image_root is None else image_root
     q_data = read_json(q_path, "a VQA questions file with 'questions'")
-    raw_questions = _list_field(q_data, "questions", "the top-level object", q_path)
+    raw_questions = json_list(q_data, "questions", "the top-level object", q_path)
     if max_questions is not None:
         raw_questions = raw_questions[:max_questions]
     annotations = None
     by_qid: Dict[int, dict] = {}
     if a_path is not None:
         a_data = read_json(a_path, "a VQA annotations file with 'annotations'")
-        annotations = _list_field(a_data, "annotations", "the top-level object", a_path)
+        annotations = json_list(a_data, "annotations", "the top-level object", a_path)
         for i, ann in enumerate(annotations):
-            qid = _field(ann, "question_id", int, f"annotations[{i}]", a_path)
+            qid = json_field(ann, "question_id", int, f"annotations[{i}]", a_path)
             by_qid[qid] = ann
     questions = []
     for i, q in enumerate(raw_questions):
         where = f"questions[{i}]"
-        qid = _field(q, "question_id", int, where, q_path)
-        image_id = _field(q, "image_id", int, where, q_path)
-        text = _field(q, "question", str, where, q_path)
+        qid = json_field(q, "question_id", int, where, q_path)
+        image_id = json_field(q, "image_id", int, where, q_path)
+        text = json_field(q, "question", str, where, q_path)
         answers, answer_type, question_type = (), "", ""
         if annotations is not None:
             if qid not in by_qid:
@@ -118,11 +119,11 @@ def read_vqa(root: str, split: str, image_root: Optional[str] = None,
             if ann.get("image_id", image_id) != image_id:
                 raise AnnotationError(f"{a_path}: {where_a} has image_id {ann.get('image_id')}, the question "
                                       f"file says {image_id}")
-            raw = _list_field(ann, "answers", where_a, a_path)
-            answers = tuple(_field(a, "answer", str, f"{where_a}['answers'][{j}]", a_path)
+            raw = json_list(ann, "answers", where_a, a_path)
+            answers = tuple(json_field(a, "answer", str, f"{where_a}['answers'][{j}]", a_path)
                             for j, a in enumerate(raw))
-            answer_type = _field(ann, "answer_type", str, where_a, a_path)
-            question_type = _field(ann, "question_type", str, where_a, a_path)
+            answer_type = json_field(ann, "answer_type", str, where_a, a_path)
+            question_type = json_field(ann, "question_type", str, where_a, a_path)
         questions.append(VQAQuestion(qid, image_id, text, vqa_image_path(image_root, split, image_id),
                                      answers, answer_type, question_type))
     if annotations is not None:
@@ -147,9 +148,7 @@ def answer_vocabulary(annotation_lists: Sequence[Sequence[dict]], min_count: int
 
 
 def save_answers(path: str, answers: Sequence[str]) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(list(answers), f, indent=0, ensure_ascii=False)
-    return path
+    return write_json(path, list(answers), indent=0)
 
 
 def load_answers(path: str) -> List[str]:
@@ -250,31 +249,20 @@ def vqa_step(model, batch: dict, device) -> Dict[str, torch.Tensor]:
 #                                        Evaluation
 # -------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def predict_vqa(model, dataset: VQADataset, collate: VQACollator, answers: Sequence[str], info: DistInfo,
                 batch_size: int = 64, num_workers: int = 0) -> Dict[int, str]:
-    """{question_id: answer string} for every question of ``dataset`` (all ranks' shards gathered on
-    rank 0; other ranks get an empty dict). Unreadable images get the most frequent answer so the
-    result file stays complete (the official evaluation requires one answer per question)."""
-    model = unwrap_model(model).eval()
-    loader = sharded_loader(dataset, info, batch_size, collate, num_workers)
-    progress = Progress(len(loader.dataset), "questions", info, label="vqa eval: ")
-    preds: Dict[int, str] = {}
-    for batch in loader:
-        if len(batch["input_ids"]):
-            with eval_autocast(info.device):
-                logits = model(batch["input_ids"].to(info.device), batch["attention_mask"].to(info.device),
-                               batch["images"].to(info.device), batch["pixel_mask"].to(info.device))
-            best = logits.float().argmax(1).tolist()
-            preds.update({qid: answers[i] for qid, i in zip(batch["question_ids"], best)})
-        progress.update(len(batch["input_ids"]) + batch["num_bad"])
-    progress.update(0, force=True)
-    gathered = gather_to_main(preds, info)
-    if gathered is None:
+    """{question_id: answer string} for every question of ``dataset`` on rank 0 (`predict_sharded`;
+    other ranks get an empty dict). Unreadable images get the most frequent answer so the result
+    file stays complete (the official evaluation requires one answer per question)."""
+    def predict_batch(model, batch, device):
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                       batch["images"].to(device, non_blocking=True), batch["pixel_mask"].to(device))
+        return {qid: answers[i] for qid, i in zip(batch["question_ids"], logits.float().argmax(1).tolist())}
+
+    merged = predict_sharded(model, dataset, collate, info, predict_batch, batch_size, num_workers,
+                             "questions", "vqa eval: ")
+    if merged is None:
         return {}
-    merged: Dict[int, str] = {}
-    for part in gathered:
-        merged.update(part)
     for q, _, _ in dataset.items:  # questions whose image failed to load
         merged.setdefault(q.question_id, answers[0])
     return merged

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, config_from_dict, config_to_dict
+from .files import save_torch
 
 HF_BERT_URL = "https://huggingface.co/{name}/resolve/main/{file}"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixel_bert")
@@ -318,10 +319,7 @@ def save_model(model: nn.Module, path: str, extra: Optional[dict] = None):
     """Weights + model config (+ ``extra``, e.g. an answer vocabulary), written atomically."""
     bert = model.bert if hasattr(model, "bert") else model
     payload = {"model": model.state_dict(), "model_config": config_to_dict(bert.config), **(extra or {})}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_torch(payload, path)
 
 
 def read_checkpoint(path: str) -> dict:

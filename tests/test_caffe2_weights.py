@@ -12,7 +12,7 @@ import torch.nn as nn
 from PIL import Image
 from torchvision.models.resnet import Bottleneck, ResNet, resnet18, resnet50
 
-import train
+from pixel_bert import train
 from pixel_bert.caffe2_weights import DETECTRON_X152_URL, caffe2_blob_name, trunk_tensors_from_blobs
 from pixel_bert.config import DETECTRON_PIXEL_MEANS, IMAGENET_MEAN, IMAGENET_STD, make_model_config
 from pixel_bert.data import ImageTransform

@@ -18,9 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-import evaluate
-import finetune
-import train
+from pixel_bert import evaluation, finetune, train
 from pixel_bert import data as D
 from pixel_bert import datasets as ds
 
@@ -288,7 +286,7 @@ def test_verify_flags_and_defaults_match_train_finetune_evaluate():
     args = verify.parse_args(["--vqa-root", "v", "--nlvr2-root", "n", "--karpathy-json", "k/dataset_coco.json"])
     resolved = ds.resolve_image_roots(args)
     assert (resolved["vqa_images"], resolved["nlvr2_images"], resolved["retrieval_images"]) == (
-        evaluate.vqa_images(args), evaluate.nlvr2_images(args), evaluate.retrieval_images(args))
+        evaluation.vqa_images(args), evaluation.nlvr2_images(args), evaluation.retrieval_images(args))
 
 
 def test_vg_left_out_images_match_the_reader_exclusion(tmp_path):

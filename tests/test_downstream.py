@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import evaluate
-import finetune
+from pixel_bert import evaluate, finetune
 from pixel_bert import metrics, nlvr2, retrieval, synthetic, synthetic_tasks, vqa
 from pixel_bert.config import make_model_config
 from pixel_bert.data import AnnotationError, ImageTransform, pad_images, load_image

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import train
+from pixel_bert import train
 from pixel_bert.config import make_model_config, make_train_config
 from pixel_bert.data import epoch_batch_sampler
 from pixel_bert.engine import (DistInfo, EpochStats, NonFiniteLossError, Trainer, amp_settings,

@@ -8,7 +8,6 @@ Expected values are computed by hand from the rules of the official evaluators
 import json
 import os
 import random
-import time
 
 import numpy as np
 import pytest
@@ -492,16 +491,14 @@ def test_coco_1k_folds():
         coco_1k_recall(np.zeros((5, 5)), np.arange(5), n_folds=5)
 
 
-def test_recall_is_fast_at_coco_5k_scale():
+def test_recall_at_coco_5k_scale():
+    """The full 5,000 x 25,000 matrix in one call (its time: benchmarks/recall_speed.py)."""
     n_img, n_cap = 5000, 25000
     g = torch.Generator().manual_seed(0)
     s = torch.rand(n_img, n_cap, generator=g)
     ci = torch.arange(n_cap) // 5
     s[ci, torch.arange(n_cap)] += 0.999  # true pairs mostly on top
-    t0 = time.perf_counter()
     r = retrieval_recall(s, ci)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 30, f"COCO 5K recall took {elapsed:.1f}s"
     assert 90 < r["ir_r1"] < 100 and r["tr_r1"] > 99
 
 

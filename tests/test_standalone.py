@@ -73,3 +73,20 @@ def test_blocks_do_not_share_activation_modules():
     model = PixelBertForPreTraining(make_model_config("tiny"))
     acts = [m.act for m in model.bert.layers] + [model.mlm.act]
     assert len({id(a) for a in acts}) == len(acts)
+
+
+def test_installing_adds_no_top_level_module_besides_pixel_bert(tmp_path):
+    """The scripts install as pixel_bert.train / .finetune / .evaluate (and pixel-bert-* commands), never
+    as top-level modules: a top-level `evaluate` would shadow the widely used package of that name."""
+    import glob
+    import zipfile
+    root = os.path.dirname(PACKAGE_DIR)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), root], check=True, capture_output=True, timeout=300)
+    (wheel,) = glob.glob(str(tmp_path / "*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"pixel_bert"}
+    for script in ("train", "finetune", "evaluate"):
+        assert f"pixel-bert-{script} = pixel_bert.{script}:cli" in entry_points

@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-import train
-from pixel_bert.config import TRAIN_PRESETS, make_model_config, make_train_config
-from pixel_bert.heads import PixelBertForPreTraining
+from pixel_bert import train
+from pixel_bert.config import make_model_config, make_train_config
+from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
 from pixel_bert.pretrain import IGNORE_INDEX, make_itm_pairs, mask_tokens, pretrain_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +88,6 @@ def test_itm_negatives_never_from_the_same_image():
 
 
 def test_pixel_sampling_only_in_pretraining(monkeypatch):
-    assert all(not TRAIN_PRESETS[t]["sample_pixels"] for t in ("vqa", "nlvr2", "retrieval-f30k", "retrieval-coco"))
     cfg = make_model_config("tiny", hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64,
                             num_sampled_pixels=7)
     model = PixelBertForPreTraining(cfg).train()
@@ -105,6 +104,11 @@ def test_pixel_sampling_only_in_pretraining(monkeypatch):
     out = pretrain_step(model, batch, Tok, make_train_config("pretrain"), torch.device("cpu"))
     assert seen[-1] == 7 and torch.isfinite(out["loss"])
     pretrain_step(model, batch, Tok, make_train_config("pretrain", sample_pixels=False), torch.device("cpu"))
+    assert seen[-1] == 36
+    # fine-tuning never samples: a task model in training mode sees every pixel
+    vqa = PixelBertForVQA(cfg).train()
+    vqa.bert.visual_embedding = model.bert.visual_embedding  # the spied module
+    vqa(ids, mask, batch["images"], batch["pixel_mask"])
     assert seen[-1] == 36
 
 

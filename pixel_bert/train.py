@@ -1,0 +1,204 @@
+"""Pre-train Pixel-BERT with MLM (eq. 7) + ITM (eq. 8) and random pixel sampling (Sec. 3.3 of the paper).
+
+    python train.py                                   # the synthetic CPU demo (tiny model, minutes)
+    python train.py --init runs/demo/model.pt --synthetic-max-shapes 3 --itm_start_step 0 \\
+        --output-dir runs/demo-scenes                 # its second stage: scenes of 1-3 shapes
+    torchrun --nproc_per_node=2 train.py              # the same demo in 2 processes
+    torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        train.py --config pretrain-r50 --coco-karpathy dataset_coco.json --coco-images COCO/ \\
+        --vg-regions region_descriptions.json --vg-image-data image_data.json --vg-images VG/
+
+Every ModelConfig / TrainConfig field is also a flag (``--lr 5e-5``); ``--help`` lists them all.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from pixel_bert import data as D
+from pixel_bert import synthetic
+from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, add_config_arguments, apply_overrides,
+                               config_to_dict,
+                               make_model_config, make_train_config)
+from pixel_bert.engine import (Trainer, all_reduce_mean, distributed, exit_after_distributed_run,
+                               share_cpu_threads, unwrap)
+from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
+from pixel_bert.files import write_json
+from pixel_bert.tokenizer import tokenizer_for_run
+from pixel_bert.weights import config_for_init, create_model, model_from_state, read_checkpoint
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo", choices=sorted(PRETRAIN_RECIPES),
+                        help="recipe preset: demo (tiny model, synthetic data, CPU), pretrain-r50 / "
+                             "pretrain-x152 (the paper's). Field flags below override it.")
+    parser.add_argument("--output-dir", default=None, help="run folder: config, checkpoints, metrics "
+                        "(default runs/<config>)")
+    parser.add_argument("--init", default="none", help="start from this checkpoint's weights (a model.pt of "
+                        "train.py): its model config and vocabulary are kept, the optimizers, schedule and step "
+                        "start afresh (e.g. continue pre-training on other data; the demo's second stage). "
+                        "'none': the preset's BERT / ImageNet initialisation")
+    parser.add_argument("--resume", default="auto", help="'auto': continue from the newest valid checkpoint "
+                        "in the run folder if any; a path: that checkpoint; 'none': start afresh")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
+                        "(for quick checks; the schedule still spans all epochs)")
+    data = parser.add_argument_group("data (default: the synthetic shapes world)")
+    data.add_argument("--coco-karpathy", help="Karpathy dataset_coco.json: COCO train + restval captions")
+    data.add_argument("--coco-images", help="COCO image root holding train2014/ and val2014/")
+    data.add_argument("--coco-captions", help="a COCO captions_*.json (e.g. one written by "
+                      "python -m pixel_bert.synthetic); images under --coco-captions-images")
+    data.add_argument("--coco-captions-images", help="image folder of --coco-captions")
+    data.add_argument("--vg-regions", help="Visual Genome region_descriptions.json")
+    data.add_argument("--vg-image-data", help="Visual Genome image_data.json (maps VG ids to COCO ids)")
+    data.add_argument("--vg-images", help="Visual Genome root holding VG_100K/ and VG_100K_2/")
+    data.add_argument("--synthetic-images", type=int, default=24000, help="synthetic training images")
+    data.add_argument("--synthetic-eval-images", type=int, default=1000, help="held-out synthetic images "
+                      "for the final ITM / MLM evaluation (0 = none)")
+    data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic world "
+                      "(held-out images use seed+1)")
+    data.add_argument("--synthetic-max-shapes", type=int, default=1, help="shapes per synthetic image, 1 to 3 "
+                      "(default 1: one-shape scenes are what the tiny CPU demo learns from scratch in minutes; "
+                      "from scratch on 1-3 shapes it had not started after 2,100 steps. The demo's second "
+                      "stage, --init from the one-shape model, learns 1-3 shapes)")
+    add_config_arguments(parser, ModelConfig)
+    add_config_arguments(parser, TrainConfig)
+    return parser
+
+
+def build_configs(args, init: Optional[dict] = None):
+    """(ModelConfig, TrainConfig): the preset's (the model's from the ``--init`` checkpoint when
+    given), then the field flags."""
+    model_preset, train_preset, train_overrides = PRETRAIN_RECIPES[args.config]
+    model_cfg = config_for_init(init) if init is not None else make_model_config(model_preset)
+    train_cfg = make_train_config(train_preset, **train_overrides)
+    apply_overrides(model_cfg, args)
+    apply_overrides(train_cfg, args)
+    return model_cfg, train_cfg
+
+
+def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """(train dataset, group ids or None, held-out dataset or None, uses synthetic data)."""
+    transform = D.ImageTransform.from_config(model_cfg)
+    records: List[D.CaptionRecord] = []
+    if args.coco_karpathy:
+        if not args.coco_images:
+            raise ValueError("--coco-karpathy needs --coco-images (the folder holding train2014/ and val2014/)")
+        records += D.read_karpathy(args.coco_karpathy, args.coco_images, splits=("train", "restval"))
+    if args.coco_captions:
+        coco = D.read_coco_captions(args.coco_captions, args.coco_captions_images or
+                                    os.path.join(os.path.dirname(args.coco_captions), "images"))
+        if any("val2014" in r.image_path for r in coco):
+            print(f"warning: {args.coco_captions} holds COCO val2014 images, among them the Karpathy val/test "
+                  "images that retrieval is evaluated on: pre-training on them leaks. For the paper's setup use "
+                  "--coco-karpathy (train + restval only)", file=sys.stderr)
+        records += coco
+    if args.vg_regions:
+        if not (args.vg_image_data and args.vg_images):
+            raise ValueError("--vg-regions needs --vg-image-data and --vg-images")
+        exclude = D.karpathy_coco_ids(args.coco_karpathy, ("val", "test")) if args.coco_karpathy else set()
+        if not exclude:
+            print("warning: no --coco-karpathy given, so Visual Genome images of the COCO Karpathy val/test "
+                  "splits cannot be excluded (retrieval evaluation would leak)", file=sys.stderr)
+        records += D.read_visual_genome(args.vg_regions, args.vg_image_data, args.vg_images, exclude)
+    if records:
+        dataset = D.CaptionDataset(records, transform, fatal_bad_samples=train_cfg.fatal_bad_samples)
+        groups = D.aspect_ratio_group_ids(records) if train_cfg.group_by_aspect_ratio else None
+        return dataset, groups, None, False
+    size = model_cfg.image_short_side
+    shapes = args.synthetic_max_shapes
+    train = synthetic.SyntheticCaptions(args.synthetic_images, args.synthetic_seed, size, transform=transform,
+                                        max_shapes=shapes)
+    held_out = (synthetic.SyntheticCaptions(args.synthetic_eval_images, args.synthetic_seed + 1, size,
+                                            transform=transform, max_shapes=shapes)
+                if args.synthetic_eval_images else None)
+    return train, None, held_out, True
+
+
+def main(argv: Optional[List[str]] = None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    init = read_checkpoint(args.init) if args.init != "none" else None
+    try:  # cross-field checks (e.g. max_text_len within the position table) as argparse errors
+        configs = build_configs(args, init)
+    except ValueError as e:
+        parser.error(str(e))
+    with distributed(args.device) as info:
+        return run(args, info, init, *configs)
+
+
+def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    out_dir = args.output_dir or os.path.join("runs", args.config)
+    os.makedirs(out_dir, exist_ok=True)
+    share_cpu_threads(info)
+    torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
+    log = print if info.is_main else (lambda *_: None)
+
+    dataset, groups, held_out, synthetic_data = build_datasets(args, model_cfg, train_cfg)
+    tokenizer = tokenizer_for_run(model_cfg, out_dir, synthetic_data, init and init.get("vocab"))
+    run_config = {"task": "pretrain", "preset": args.config, "init": args.init, "model": config_to_dict(model_cfg),
+                  "train": config_to_dict(train_cfg), "world_size": info.world_size,
+                  "data": {k: v for k, v in vars(args).items() if k.startswith(("coco", "vg", "synthetic"))},
+                  "model_extra": {"vocab": tokenizer.vocab}}
+    log(f"run folder {out_dir}: {len(dataset)} training pairs, model {model_cfg.backbone} + "
+        f"{model_cfg.num_layers}x{model_cfg.hidden_size} transformer, device {info.device}, "
+        f"{info.world_size} process(es)")
+    if init is not None:
+        model = model_from_state("pretrain", model_cfg, init["model"], args.init, log=log)
+    else:
+        model = create_model(model_cfg, "pretrain", verbose=info.is_main)
+
+    make_batch_sampler = D.epoch_batch_sampler(dataset, train_cfg.batch_size, train_cfg.seed, info.world_size,
+                                               info.rank, groups)
+    collate = D.CaptionCollator(tokenizer, model_cfg.max_text_len, model_cfg.feature_stride)
+    trainer = Trainer(model, train_cfg, out_dir, dataset, collate, make_batch_sampler,
+                      lambda m, batch, step: pretrain_step(m, batch, tokenizer, train_cfg, info.device, step),
+                      info, run_config)
+    trainer.resume(None if args.resume == "none" else args.resume)
+    if info.is_main:  # only once the resume is accepted: a refused resume leaves the run's files alone
+        write_json(os.path.join(out_dir, "config.json"),
+                   run_config | {"model_extra": {"vocab_size": tokenizer.vocab_size}})
+    started, start_step = time.time(), trainer.step
+    trainer.fit(max_steps=args.max_steps)
+    result = {"train_seconds": time.time() - started, "steps": trainer.step,
+              "steps_this_run": trainer.step - start_step, "resumed_from": trainer.resumed_from}
+    if held_out is not None:
+        result.update(evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info))
+    if info.is_main:
+        write_json(os.path.join(out_dir, "result.json"), result)
+    return result
+
+
+def evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info) -> dict:
+    """The demo's proof of learning: ITM accuracy, and MLM accuracy on colour/shape words with the
+    true image versus a shuffled one, on images never seen in training."""
+    sampler = DistributedSampler(held_out, num_replicas=info.world_size, rank=info.rank, shuffle=False)
+    loader = torch.utils.data.DataLoader(held_out, batch_size=64, sampler=sampler, collate_fn=collate,
+                                         num_workers=train_cfg.num_workers)
+    probe_groups = [[tokenizer.token_to_id(w) for w in words]
+                    for words in (synthetic.colour_words(), synthetic.shape_words())]
+    totals = evaluate_pretraining(unwrap(trainer.model), loader, tokenizer, probe_groups, info.device)
+    totals = {k: v * info.world_size for k, v in all_reduce_mean(totals, info).items()}
+    result = summarise_pretraining_eval(totals)
+    trainer.log(f"held-out ({int(result['pairs'])} pairs): ITM accuracy {result['itm_acc']:.3f} (chance 0.5); "
+                f"MLM accuracy on colour/shape words ({int(result['probe_words'])} words): "
+                f"true image {result['mlm_acc_true_image']:.3f}, shuffled image "
+                f"{result['mlm_acc_shuffled_image']:.3f}")
+    return result
+
+
+def cli():
+    """The command-line entry point (pixel-bert-train, python -m pixel_bert.train, train.py)."""
+    main()
+    exit_after_distributed_run()
+
+
+if __name__ == "__main__":
+    cli()
