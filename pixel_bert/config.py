@@ -142,7 +142,7 @@ FIELD_RANGES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
     "vocab_size": (1, None), "hidden_size": (1, None), "num_layers": (1, None), "num_heads": (1, None),
     "intermediate_size": (1, None), "hidden_dropout": (0, 1), "attention_dropout": (0, 1),
     "max_position_embeddings": (2, None), "type_vocab_size": (1, None), "layer_norm_eps": (0, None),
-    "initializer_range": (0, None), "num_answers": (1, None), "num_sampled_pixels": (0, None),
+    "initializer_range": (0, None), "num_answers": (1, None), "classifier_expansion": (1, None), "num_sampled_pixels": (0, None),
     "image_short_side": (1, None), "image_long_side": (1, None), "max_text_len": (3, None),
     "cnn_lr": (0, None), "cnn_weight_decay": (0, None), "cnn_momentum": (0, 1), "lr": (0, None),
     "weight_decay": (0, None), "adam_eps": (0, None), "warmup_steps": (0, None), "warmup_start_factor": (0, 1),

@@ -71,11 +71,13 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, eps: float) -> nn.Sequential:
 
 
 class VQAHead(nn.Module):
-    """Sec. 4.2: Linear(H, 2H) -> GELU -> LayerNorm -> Linear(2H, num_answers) on [CLS] [choice]."""
+    """Sec. 4.2: Linear(H, 2H) -> GELU -> LayerNorm -> Linear(2H, num_answers) on [CLS] [choice:
+    ``classifier_expansion`` = 2]."""
 
     def __init__(self, config: PixelBertConfig):
         super().__init__()
-        self.mlp = _mlp(config.hidden_size, 2 * config.hidden_size, config.num_answers, config.layer_norm_eps)
+        width = config.classifier_expansion * config.hidden_size
+        self.mlp = _mlp(config.hidden_size, width, config.num_answers, config.layer_norm_eps)
         init_bert_style(self, config.initializer_range)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,8 @@ class NLVR2Head(nn.Module):
 
     def __init__(self, config: PixelBertConfig):
         super().__init__()
-        self.mlp = _mlp(2 * config.hidden_size, 2 * config.hidden_size, 2, config.layer_norm_eps)
+        self.mlp = _mlp(2 * config.hidden_size, config.classifier_expansion * config.hidden_size, 2,
+                        config.layer_norm_eps)
         init_bert_style(self, config.initializer_range)
 
     def forward(self, cls_left: torch.Tensor, cls_right: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,8 @@ class PixelBertConfig:
     # ---- heads (pixel_bert/heads.py) -------------------------------------------------------------
     tie_mlm_decoder: bool = True          # MLM output layer tied to the word embeddings [choice]
     num_answers: int = 3129               # VQA answer vocabulary size [choice: community standard]
+    classifier_expansion: int = 2         # the VQA and NLVR2 MLPs: Linear(in, k*h) -> GELU -> LayerNorm ->
+                                          # Linear(k*h, out) with k this [choice: UNITER's and ViLT's 2]
 
     @property
     def feature_stride(self) -> int:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
+from .engine import unwrap
 
 IGNORE_INDEX = -100  # label of tokens that are not predicted (cross_entropy's ignore_index)
 
@@ -43,13 +44,15 @@ def make_itm_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Sequence[int],
                 vocab_size: int, mask_id: int, probability: float = 0.15,
                 replace_probs: Tuple[float, float] = (0.8, 0.1), predict: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None):
+                generator: Optional[torch.Generator] = None, min_one: bool = False):
     """Eq. (7) inputs: BERT's masking [choice].
 
-    Each real, non-special token is chosen with ``probability``; every caption gets at least one
-    chosen token. A chosen token becomes [MASK] (80%), a random non-special token (10%) or stays
-    (10%). ``predict`` (B,) bool limits the labels to some captions (matched pairs only); the
-    masking itself is applied to every caption, so it carries no hint of which pairs match.
+    Each real token not in ``special_ids`` is chosen independently with ``probability`` (the paper's
+    15%: a short caption often has none). ``min_one`` forces one chosen token into every caption
+    that drew none, which raises the rate of short captions far above ``probability``. A chosen
+    token becomes [MASK] (80%), a random non-special token (10%) or stays (10%). ``predict`` (B,)
+    bool limits the labels to some captions (matched pairs only); the masking itself is applied to
+    every caption, so it carries no hint of which pairs match.
     Returns (masked_ids, labels) with labels = IGNORE_INDEX where nothing is predicted.
     """
     device = input_ids.device
@@ -58,11 +61,10 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
     special = special.to(device)
     candidate = attention_mask.bool() & ~special[input_ids]                  # (B, T)
     chosen = (torch.rand(input_ids.shape, generator=generator).to(device) < probability) & candidate
-    # at least one prediction per caption: where none was drawn, take one random candidate
-    fallback = torch.rand(input_ids.shape, generator=generator).to(device).masked_fill(~candidate, -1.0)
-    fallback = F.one_hot(fallback.argmax(dim=1), input_ids.shape[1]).bool() & candidate
-    none_chosen = ~chosen.any(dim=1, keepdim=True)
-    chosen = chosen | (fallback & none_chosen)
+    if min_one:  # where a caption drew none, take one random candidate
+        fallback = torch.rand(input_ids.shape, generator=generator).to(device).masked_fill(~candidate, -1.0)
+        fallback = F.one_hot(fallback.argmax(dim=1), input_ids.shape[1]).bool() & candidate
+        chosen = chosen | (fallback & ~chosen.any(dim=1, keepdim=True))
     # Labels only where asked (matched pairs), but every caption is masked alike: masking only the
     # matched ones would tell the ITM head the answer (a caption with [MASK] = a matched pair).
     labelled = chosen if predict is None else chosen & predict.to(device)[:, None]
@@ -94,32 +96,39 @@ def pretrain_losses(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, itm_logi
 
 
 def prepare_pretrain_batch(batch: dict, tokenizer, train_cfg: TrainConfig, vocab_size: int, itm: bool = True):
-    """Caption batch (pixel_bert.data.CaptionCollator) -> model inputs with ITM pairs and MLM labels.
+    """Caption batch (pixel_bert.data.CaptionCollator) -> model inputs with ITM pairs and MLM labels,
+    plus the effective masking rate (predicted tokens / maskable tokens of the labelled captions).
     ``itm=False``: no mismatched pairs (MLM alone, see TrainConfig.itm_start_step)."""
     ids, mask, itm_labels = make_itm_pairs(batch["input_ids"], batch["attention_mask"], batch["image_keys"],
                                            train_cfg.itm_negative_ratio if itm else 0.0)
     probability = train_cfg.mlm_probability
     if not itm and train_cfg.mlm_probability_before_itm is not None:
         probability = train_cfg.mlm_probability_before_itm
-    masked_ids, mlm_labels = mask_tokens(ids, mask, tokenizer.special_ids, vocab_size, tokenizer.mask_id,
-                                         probability, train_cfg.mlm_replace_probs,
-                                         predict=itm_labels.bool())  # MLM on matched pairs only [choice]
-    return masked_ids, mask, mlm_labels, itm_labels
+    never = [tokenizer.token_to_id(t) for t in train_cfg.mlm_never_mask]
+    predict = itm_labels.bool() if train_cfg.mlm_on_matched_only else torch.ones_like(itm_labels, dtype=torch.bool)
+    masked_ids, mlm_labels = mask_tokens(ids, mask, never, vocab_size, tokenizer.mask_id, probability,
+                                         train_cfg.mlm_replace_probs, predict=predict,
+                                         min_one=train_cfg.mlm_min_one_mask)
+    maskable = (mask.bool() & ~torch.isin(ids, torch.tensor(never)))[predict].sum()
+    mask_rate = (mlm_labels != IGNORE_INDEX).sum() / maskable.clamp_min(1)
+    return masked_ids, mask, mlm_labels, itm_labels, mask_rate
 
 
 def pretrain_step(model, batch: dict, tokenizer, train_cfg: TrainConfig, device, step: int = 0) -> Dict[str, torch.Tensor]:
     """One micro-batch of pre-training: ITM pairs, MLM masking, one forward pass, both losses.
     ``step`` (optimizer steps so far) switches ITM on at ``train_cfg.itm_start_step``."""
-    bert_config = (model.module if hasattr(model, "module") else model).config
+    bert_config = unwrap(model).config
     itm = step >= train_cfg.itm_start_step
-    ids, mask, mlm_labels, itm_labels = prepare_pretrain_batch(batch, tokenizer, train_cfg, bert_config.vocab_size, itm)
+    ids, mask, mlm_labels, itm_labels, mask_rate = prepare_pretrain_batch(batch, tokenizer, train_cfg,
+                                                                          bert_config.vocab_size, itm)
     sample = bert_config.num_sampled_pixels if train_cfg.sample_pixels else 0
     _, mlm_logits, itm_logits = model(ids.to(device), mask.to(device), batch["images"].to(device, non_blocking=True),
                                       batch["pixel_mask"].to(device, non_blocking=True), sample_pixels=sample)
     # before itm_start_step all pairs are matched: the ITM head stays in the graph (DDP needs every
     # parameter used) with weight 0
-    return pretrain_losses(mlm_logits, mlm_labels.to(device), itm_logits, itm_labels.to(device),
-                           itm_weight=1.0 if itm else 0.0)
+    out = pretrain_losses(mlm_logits, mlm_labels.to(device), itm_logits, itm_labels.to(device),
+                          itm_weight=1.0 if itm else 0.0)
+    return {**out, "mask_rate": mask_rate}
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pixel_bert import train
@@ -21,6 +22,15 @@ TINY = ["--hidden_size", "64", "--num_layers", "2", "--num_heads", "4", "--inter
 SPECIAL = (0, 1, 2, 3, 4)  # [PAD] [UNK] [CLS] [SEP] [MASK] in the synthetic vocabulary
 
 
+class Tok:
+    """The tokenizer attributes the pre-training step reads, for the synthetic vocabulary."""
+    special_ids, mask_id, vocab_size = SPECIAL, 4, 64
+
+    @staticmethod
+    def token_to_id(token):
+        return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].index(token)
+
+
 def _captions(B=4000, T=12, V=64):
     ids = torch.randint(5, V, (B, T))
     ids[:, 0] = 2
@@ -34,7 +44,7 @@ def _captions(B=4000, T=12, V=64):
 def test_mask_tokens_follows_bert_rules():
     ids, mask = _captions()
     predict = torch.rand(len(ids)) < 0.5
-    masked, labels = mask_tokens(ids, mask, SPECIAL, 64, 4, 0.15, (0.8, 0.1), predict=predict)
+    masked, labels = mask_tokens(ids, mask, SPECIAL, 64, 4, 0.15, (0.8, 0.1), predict=predict, min_one=True)
     special = (ids <= 4)
     changed = masked != ids
     assert not changed[special].any(), "special and padding tokens are never masked"
@@ -63,8 +73,26 @@ def test_every_caption_gets_a_prediction():
     ids = torch.tensor([[2, 10, 3, 0], [2, 11, 12, 3]])
     mask = ids != 0
     for _ in range(20):
-        _, labels = mask_tokens(ids, mask, SPECIAL, 64, 4, probability=0.0)
+        _, labels = mask_tokens(ids, mask, SPECIAL, 64, 4, probability=0.0, min_one=True)
         assert ((labels != IGNORE_INDEX).sum(dim=1) == 1).all()
+
+
+@pytest.mark.parametrize("words", [3, 14])
+def test_masking_rate_is_what_the_config_says(words):
+    """The paper's independent 15% on short captions (most Visual Genome phrases) and long ones alike;
+    forcing one mask per caption (mlm_min_one_mask) would raise 3-word captions to about 35%."""
+    from pixel_bert.pretrain import prepare_pretrain_batch
+    B = 6000
+    ids = torch.cat([torch.full((B, 1), 2), torch.randint(5, 64, (B, words)), torch.full((B, 1), 3)], 1)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids, dtype=torch.bool),
+                 image_keys=[str(i) for i in range(B)])
+    rates = {}
+    for min_one in (False, True):
+        cfg = make_train_config("pretrain", mlm_min_one_mask=min_one)
+        *_, rates[min_one] = prepare_pretrain_batch(batch, Tok, cfg, 64)
+    assert abs(rates[False].item() - 0.15) < 0.015
+    forced = 0.15 + 0.85 ** words / words  # one forced pick among the captions that drew none
+    assert abs(rates[True].item() - forced) < 0.015
 
 
 def test_itm_negatives_never_from_the_same_image():
@@ -95,9 +123,6 @@ def test_pixel_sampling_only_in_pretraining(monkeypatch):
     original = model.bert.visual_embedding.forward
     monkeypatch.setattr(model.bert.visual_embedding, "forward",
                         lambda *a, **k: seen.append(original(*a, **k).embeddings.shape[1]) or original(*a, **k))
-
-    class Tok:
-        special_ids, mask_id, vocab_size = SPECIAL, 4, 64
     ids, mask = _captions(4, 8)
     batch = dict(input_ids=ids, attention_mask=mask, images=torch.randn(4, 3, 96, 96),
                  pixel_mask=torch.ones(4, 96, 96, dtype=torch.bool), image_keys=list("abcd"))
@@ -239,9 +264,6 @@ def test_itm_joins_at_itm_start_step():
     from that step on, half the pairs are mismatched and ITM is in the loss."""
     cfg = make_model_config("tiny", hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64)
     model = PixelBertForPreTraining(cfg).train()
-
-    class Tok:
-        special_ids, mask_id, vocab_size = SPECIAL, 4, 64
     ids, mask = _captions(64, 10)
     batch = dict(input_ids=ids, attention_mask=mask, images=torch.randn(64, 3, 64, 64),
                  pixel_mask=torch.ones(64, 64, 64, dtype=torch.bool), image_keys=[str(i) for i in range(64)])
@@ -249,10 +271,10 @@ def test_itm_joins_at_itm_start_step():
     early = pretrain_step(model, batch, Tok, train_cfg, torch.device("cpu"), step=9)
     assert torch.allclose(early["loss"], early["mlm_loss"])  # ITM weighs nothing yet
     from pixel_bert.pretrain import prepare_pretrain_batch
-    masked, _, labels, itm_labels = prepare_pretrain_batch(batch, Tok, train_cfg, 64, itm=False)
+    masked, _, labels, itm_labels, _ = prepare_pretrain_batch(batch, Tok, train_cfg, 64, itm=False)
     assert itm_labels.eq(1).all()  # no mismatched pairs while MLM runs alone
     early_rate = (labels != IGNORE_INDEX).float().sum() / (mask & (ids > 4)).sum()
-    masked, _, labels, itm_labels = prepare_pretrain_batch(batch, Tok, train_cfg, 64, itm=True)
+    masked, _, labels, itm_labels, _ = prepare_pretrain_batch(batch, Tok, train_cfg, 64, itm=True)
     assert 0.3 < itm_labels.mean() < 0.7
     pos = itm_labels.bool()  # matched rows keep their own caption, so ids[pos] is what was masked
     late_rate = (labels[pos] != IGNORE_INDEX).float().sum() / (mask[pos] & (ids[pos] > 4)).sum()
