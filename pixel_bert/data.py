@@ -627,6 +627,20 @@ class CaptionCollator:
                     num_samples=len(good), num_bad=num_bad)
 
 
+def add_pretrain_data_arguments(parser, title: str = "pre-training data (the official layouts)"):
+    """The flags of the pre-training readers above (train.py's, and `python -m pixel_bert.datasets verify`'s)."""
+    g = parser.add_argument_group(title)
+    g.add_argument("--coco-karpathy", help="Karpathy dataset_coco.json: COCO train + restval captions")
+    g.add_argument("--coco-images", help="COCO image root holding train2014/ and val2014/")
+    g.add_argument("--coco-captions", help="a COCO captions_*.json (e.g. one written by python -m "
+                   "pixel_bert.synthetic); images under --coco-captions-images")
+    g.add_argument("--coco-captions-images", help="image folder of --coco-captions (default: images/ next to it)")
+    g.add_argument("--vg-regions", help="Visual Genome region_descriptions.json")
+    g.add_argument("--vg-image-data", help="Visual Genome image_data.json (maps VG ids to COCO ids)")
+    g.add_argument("--vg-images", help="Visual Genome root holding VG_100K/ and VG_100K_2/")
+    return g
+
+
 # ------------------------------------------------------------------------------------------------
 # Aspect-ratio grouping
 # ------------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from . import nlvr2 as nlvr2_data
 from . import retrieval, vqa
 from .downstream import Progress
 from .engine import DistInfo, format_seconds
+from .evaluation import add_data_arguments
 from .files import write_json
 
 # ------------------------------------------------------------------------------------------------
@@ -827,25 +828,8 @@ def run_download(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
-    pre = p.add_argument_group("pre-training data (train.py's flags)")
-    pre.add_argument("--coco-karpathy", help="Karpathy dataset_coco.json: COCO train + restval captions")
-    pre.add_argument("--coco-images", help="COCO image root holding train2014/ and val2014/")
-    pre.add_argument("--coco-captions", help="a COCO captions_*.json; images under --coco-captions-images")
-    pre.add_argument("--coco-captions-images", help="image folder of --coco-captions (default: images/ next to it)")
-    pre.add_argument("--vg-regions", help="Visual Genome region_descriptions.json")
-    pre.add_argument("--vg-image-data", help="Visual Genome image_data.json (maps VG ids to COCO ids)")
-    pre.add_argument("--vg-images", help="Visual Genome root holding VG_100K/ and VG_100K_2/")
-    task = p.add_argument_group("fine-tuning data (finetune.py's and evaluate.py's flags)")
-    task.add_argument("--vqa-root", help="folder with v2_OpenEnded_mscoco_<split>_questions.json and "
-                      "v2_mscoco_<split>_annotations.json")
-    task.add_argument("--vqa-images", help="COCO image root holding train2014/ val2014/ test2015/ "
-                      "(default: --vqa-root)")
-    task.add_argument("--nlvr2-root", help="folder with the NLVR2 JSON-lines files train.json, dev.json, test1.json")
-    task.add_argument("--nlvr2-images", help="NLVR2 image root holding train/<directory>/, dev/, test1/ "
-                      "(default: <nlvr2-root>/images)")
-    task.add_argument("--karpathy-json", help="Karpathy dataset_coco.json or dataset_flickr30k.json (retrieval)")
-    task.add_argument("--retrieval-images", help="image root: COCO's (holding train2014/ val2014/) or Flickr30K's "
-                      "flickr30k-images/ folder (default: the json's folder)")
+    D.add_pretrain_data_arguments(p, "pre-training data (train.py's flags)")
+    add_data_arguments(p, "fine-tuning data (finetune.py's and evaluate.py's flags)")
     check = p.add_argument_group("checking")
     check.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                        help="processes opening images in parallel (default: all CPU cores)")

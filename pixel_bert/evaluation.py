@@ -20,9 +20,10 @@ from .engine import DistInfo
 from .files import write_json
 
 
-def add_data_arguments(parser: argparse.ArgumentParser):
-    """Data-path flags for the real (and synthetic, same formats) layouts of docs/paper.md#data-formats."""
-    g = parser.add_argument_group("data (the official layouts, docs/paper.md#data-formats)")
+def add_data_arguments(parser: argparse.ArgumentParser, title: str = "data (the official layouts, "
+                       "docs/paper.md#data-formats)"):
+    """Data-path flags for the real (and synthetic, same formats) layouts of the three tasks."""
+    g = parser.add_argument_group(title)
     g.add_argument("--vqa-root", help="folder with v2_OpenEnded_mscoco_<split>_questions.json and "
                    "v2_mscoco_<split>_annotations.json")
     g.add_argument("--vqa-images", help="COCO image root holding train2014/ val2014/ test2015/ (default: --vqa-root)")

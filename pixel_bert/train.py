@@ -50,15 +50,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
                         "(for quick checks; the schedule still spans all epochs)")
-    data = parser.add_argument_group("data (default: the synthetic shapes world)")
-    data.add_argument("--coco-karpathy", help="Karpathy dataset_coco.json: COCO train + restval captions")
-    data.add_argument("--coco-images", help="COCO image root holding train2014/ and val2014/")
-    data.add_argument("--coco-captions", help="a COCO captions_*.json (e.g. one written by "
-                      "python -m pixel_bert.synthetic); images under --coco-captions-images")
-    data.add_argument("--coco-captions-images", help="image folder of --coco-captions")
-    data.add_argument("--vg-regions", help="Visual Genome region_descriptions.json")
-    data.add_argument("--vg-image-data", help="Visual Genome image_data.json (maps VG ids to COCO ids)")
-    data.add_argument("--vg-images", help="Visual Genome root holding VG_100K/ and VG_100K_2/")
+    D.add_pretrain_data_arguments(parser, "data (default, when none is given: the synthetic shapes world)")
+    data = parser.add_argument_group("the synthetic shapes world")
     data.add_argument("--synthetic-images", type=int, default=24000, help="synthetic training images")
     data.add_argument("--synthetic-eval-images", type=int, default=1000, help="held-out synthetic images "
                       "for the final ITM / MLM evaluation (0 = none)")
