@@ -535,8 +535,8 @@ def save_model_folder(model: nn.Module, folder: str, extra: Optional[dict] = Non
 def _folder_error(folder: str, problem: str) -> FileNotFoundError:
     """A missing file, with the pickle files the folder holds instead named and refused."""
     pickles = sorted(n for n in os.listdir(folder) if n.lower().endswith(PICKLE_SUFFIXES))
-    refused = (f"; it holds {', '.join(pickles)}, pickle file(s) that are never opened here because unpickling "
-               "can run code" if pickles else "")
+    refused = (f"; the folder holds {', '.join(pickles)} instead: pickle files are never opened here "
+               "(unpickling can run code)" if pickles else "")
     return FileNotFoundError(f"{folder}: {problem}{refused}. A model folder holds config.json, model.safetensors "
                              "and vocab.txt (+ answers.json for VQA): write it with python -m pixel_bert.export "
                              "RUN/model.pt OUT/")
