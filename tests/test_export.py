@@ -106,6 +106,31 @@ def test_tied_decoder_is_stored_once_and_tied_again(pretrain_folder):
     assert model.mlm.decoder_weight[3, 0] == model.bert.text_embedding.word.weight[3, 0]
 
 
+def test_untied_decoder_is_stored_and_stays_untied(config, tmp_path):
+    config.tie_mlm_decoder = False
+    export.main([_model_pt("pretrain", config, tmp_path / "model.pt"), str(tmp_path / "untied")])
+    with safe_open(str(tmp_path / "untied" / "model.safetensors"), framework="pt") as f:
+        assert "mlm.decoder_weight" in set(f.keys())
+    model, _ = load_model(str(tmp_path / "untied"))
+    assert model.mlm.decoder_weight is not model.bert.text_embedding.word.weight
+    assert not torch.equal(model.mlm.decoder_weight, model.bert.text_embedding.word.weight)
+
+
+def test_detectron_input_convention_travels_with_the_folder(tmp_path):
+    """A model whose CNN came from Detectron's .pkl reads BGR 0-255 pixels minus Detectron's means;
+    the folder keeps that convention although it drops the local weight paths."""
+    from pixel_bert.config import DETECTRON_PIXEL_MEANS, make_model_config
+    config = make_model_config("tiny", backbone_weights="/data/X-152-32x8d-IN5k.pkl")
+    assert config.image_format == "bgr255"
+    export.main([_model_pt("pretrain", config, tmp_path / "model.pt"), str(tmp_path / "bgr")])
+    stored = json.load(open(tmp_path / "bgr" / "config.json"))
+    assert stored["model_config"]["backbone_weights"] is None
+    assert stored["preprocessing"]["image_format"] == "bgr255"
+    assert stored["preprocessing"]["image_mean"] == list(DETECTRON_PIXEL_MEANS)
+    transform = PixelBertPredictor.from_pretrained(str(tmp_path / "bgr")).transform
+    assert transform.image_format == "bgr255" and transform.mean.flatten().tolist() == pytest.approx(DETECTRON_PIXEL_MEANS)
+
+
 # ---- every consumer takes the folder ------------------------------------------------------------
 
 def test_predictor_and_visualize_take_the_folder(pretrain_folder, tmp_path):
