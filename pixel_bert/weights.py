@@ -477,7 +477,7 @@ def check_vocab_and_answers(task: str, config: ModelConfig, vocab, answers, voca
         raise ValueError(f"{vocab_source}: {len(vocab)} tokens for a model with vocab_size {config.vocab_size}")
     if task == "vqa" and not answers:
         raise ValueError(f"{answers_source}: a 'vqa' model needs its answer list to name its answers")
-    if answers is not None and task == "vqa" and len(answers) != config.num_answers:
+    if task == "vqa" and len(answers) != config.num_answers:
         raise ValueError(f"{answers_source}: {len(answers)} answers for a VQA head of {config.num_answers}")
 
 
