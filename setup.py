@@ -15,7 +15,7 @@ setup(
     # evaluate.py at the repository's top level are thin launchers that are not installed, so the
     # package adds no top-level module besides pixel_bert (no clash with e.g. the `evaluate` package).
     entry_points={"console_scripts": [f"pixel-bert-{name} = pixel_bert.{name}:cli"
-                                      for name in ("train", "finetune", "evaluate")]},
+                                      for name in ("train", "finetune", "evaluate", "export")]},
     python_requires=">=3.9",
     install_requires=requirements,
     extras_require={

@@ -4,7 +4,7 @@ mixed precision, gradient accumulation, atomic checkpoints with exact resume, an
 
 The loop is task-agnostic and reads top to bottom, as torchvision's ``train_one_epoch`` does::
 
-    Trainer.fit               epochs until the step budget is spent, then the final model.pt
+    Trainer.fit               epochs until the step budget is spent, then the final model.pt and model/
       Trainer.train_one_epoch   this epoch's batches (a resumed run starts where its checkpoint stopped)
         Trainer.micro_batch       forward + backward of one batch under autocast
         Trainer.optimizer_step    one finiteness vote, unscale, clip, step both optimisers, schedule
@@ -537,10 +537,11 @@ class Trainer:
         if info.world_size > 1:
             self.log(f"weights identical on all {info.world_size} ranks: {self.replicas_in_sync()}")
         if info.is_main:  # the trained weights alone, for finetune.py / evaluate.py / inference
-            from .weights import save_model
-            save_model(unwrap(self.model), os.path.join(self.out_dir, "model.pt"),
-                       extra={"task": self.run_config.get("task", "pretrain"),
-                              **self.run_config.get("model_extra", {})})
+            from .weights import save_model, save_model_folder
+            extra = {"task": self.run_config.get("task", "pretrain"), **self.run_config.get("model_extra", {})}
+            save_model(unwrap(self.model), os.path.join(self.out_dir, "model.pt"), extra=extra)
+            # the same model without pickle, in the layout models are shared in (weights.write_model_folder)
+            save_model_folder(unwrap(self.model), os.path.join(self.out_dir, "model"), extra=extra)
         self.writer.close()
         return self
 

@@ -1,7 +1,7 @@
 """Evaluate a fine-tuned Pixel-BERT on VQA 2.0, NLVR2 or image-text retrieval (protocols: docs/paper.md),
 or score result files without a model.
 
-With a model (``--checkpoint``, a model.pt written by finetune.py)::
+With a model (``--checkpoint``, a model.pt written by finetune.py or its model folder RUN/model/)::
 
     python evaluate.py --task vqa --checkpoint runs/vqa/model.pt --vqa-root VQA/ --vqa-images COCO/ --split val2014
     python evaluate.py --task vqa --checkpoint runs/vqa/model.pt --vqa-root VQA/ --vqa-images COCO/ \\
@@ -82,7 +82,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=["vqa", "nlvr2", "retrieval"], help="downstream task")
-    p.add_argument("--checkpoint", help="a fine-tuned model.pt (from finetune.py) to run")
+    p.add_argument("--checkpoint", help="a fine-tuned model.pt (from finetune.py), or its model folder "
+                   "(RUN/model/), to run")
     p.add_argument("--split", help="split to evaluate: VQA val2014 / test-dev2015 / test2015, NLVR2 dev / "
                    "test1, retrieval val / test (Karpathy). Default: val2014, dev, test")
     p.add_argument("--output-dir", help="where predictions, scores and metrics go (default: the checkpoint's folder)")

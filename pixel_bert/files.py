@@ -5,6 +5,10 @@ matrices, feature caches, config and result JSON) goes through `atomic_write`: t
 temporary file in the same folder, are flushed and fsync'ed, and only then renamed over the
 target. A reader sees the old file or the new one, never a mixture; on any error the temporary
 file is removed and the old file is left as it was.
+
+A folder of files that belong together (a model folder: config.json, model.safetensors, vocab.txt)
+is written with `atomic_folder`: into a temporary sibling folder, renamed into place once every
+file is complete, so the folder appears whole or not at all.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator, Optional
 
@@ -49,6 +54,54 @@ def save_torch(obj: Any, path: str) -> str:
     with atomic_write(path) as f:
         torch.save(obj, f)
     return path
+
+
+def write_bytes(path: str, data: bytes) -> str:
+    with atomic_write(path) as f:
+        f.write(data)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """``with atomic_folder("RUN/model") as tmp: write files into tmp``: when the block ends without
+    an error, ``tmp`` is renamed to ``path`` (an old folder there is replaced); on an error it is
+    removed and the old folder is left as it was. A crash can leave the old folder renamed aside
+    (``.NAME.*.old``) and ``path`` absent, never a ``path`` that holds only some of the files."""
+    path = os.path.abspath(path)
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} exists and is not a folder; choose another output folder")
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.isdir(path):  # rename() cannot replace a non-empty folder: move the old one aside
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".old")
+        os.replace(path, old)  # onto the empty placeholder just made
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_folder(parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _fsync_folder(path: str) -> None:
+    """Make a rename inside ``path`` durable (a folder's entries are flushed like a file's bytes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str, obj: Any, indent: Optional[int] = 2) -> str:

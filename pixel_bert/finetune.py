@@ -18,7 +18,8 @@ evaluate on the val/dev split (docs/paper.md#evaluation-protocols).
 ``--init`` is a pre-training checkpoint (its bert.* weights are loaded, the report says which
 heads start new) or ``none``: BERT + ImageNet weights as the model config asks. Every
 ModelConfig / TrainConfig / TaskConfig field is a flag. Checkpoints, resume, AMP, DDP and logging
-are engine.Trainer's. The final model.pt carries "task", "vocab" and, for VQA, "answers".
+are engine.Trainer's. The final model.pt carries "task", "vocab" and, for VQA, "answers"; the
+same model is also written without pickle as the folder RUN/model/ (pixel_bert.weights.write_model_folder).
 Model selection and the reported figures use the val/dev split only, never a test split.
 """
 from __future__ import annotations
@@ -53,7 +54,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=["vqa", "nlvr2", "retrieval"], help="downstream task")
-    p.add_argument("--init", default="none", help="pre-training checkpoint (model.pt of train.py) whose shared "
+    p.add_argument("--init", default="none", help="pre-training checkpoint (model.pt of train.py, or its model folder "
+                   "RUN/model/) whose shared "
                    "bert.* weights start the model, or 'none': BERT + ImageNet weights per the model config")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/finetune-<task>)")
     p.add_argument("--resume", default="auto", help="'auto': newest valid checkpoint of the run folder if any; "

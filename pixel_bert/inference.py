@@ -2,6 +2,7 @@
 
     from pixel_bert.inference import PixelBertPredictor
     p = PixelBertPredictor.from_checkpoint("runs/demo/model.pt")          # loads once
+    p = PixelBertPredictor.from_pretrained("runs/demo/model")             # the same, from the model folder
     p.match("img.png", "a red circle above a blue square")             # ITM probability, eq. (8)
     p.fill_mask("img.png", "the red shape is a [MASK]")                 # MLM top-k words, eq. (7)
     p.answer("img.png", "what colour is the circle ?")                  # VQA (a "vqa" checkpoint)
@@ -156,11 +157,13 @@ class PixelBertPredictor:
 
     @classmethod
     def from_checkpoint(cls, path: str, device="cpu") -> "PixelBertPredictor":
-        """Load a pixel-bert checkpoint (``model.pt`` of train.py or of a fine-tuning run) once.
+        """Load a pixel-bert checkpoint once: a ``model.pt`` of train.py or of a fine-tuning run, or
+        a model folder (``RUN/model/`` of the same runs, or one written by ``python -m pixel_bert.export``).
 
         The task model is the checkpoint's own (``ckpt["task"]``: "pretrain" gives the MLM and ITM
         heads, "vqa" the VQA head). The vocabulary is the checkpoint's ``vocab`` list, else the
-        config's ``vocab_file``. Tensors are read with ``weights_only=True`` (`weights.load_model`).
+        config's ``vocab_file``. A model.pt is read with ``weights_only=True``, a folder without any
+        pickle (`weights.read_checkpoint`). ``from_pretrained`` is the same function.
         """
         model, ckpt = load_model(path)
         task = ckpt.get("task", "pretrain")
@@ -189,6 +192,8 @@ class PixelBertPredictor:
             if len(answers) != model.config.num_answers:
                 raise ValueError(f"{path}: {len(answers)} answers for a head of {model.config.num_answers}")
         return cls(model, tokenizer, task, answers, source=path, device=device)
+
+    from_pretrained = from_checkpoint  # the name the ecosystem loads a model folder with
 
     def _head(self, name: str) -> torch.nn.Module:
         if not hasattr(self.model, name):

@@ -276,6 +276,8 @@ class VisualCache:
 
 
 def _cache_key(checkpoint: Optional[str]) -> str:
+    if checkpoint and os.path.isdir(checkpoint):  # a model folder: its weights file identifies it
+        checkpoint = os.path.join(checkpoint, "model.safetensors")
     if checkpoint and os.path.isfile(checkpoint):
         st = os.stat(checkpoint)
         return f"{os.path.abspath(checkpoint)}:{st.st_size}:{int(st.st_mtime)}"

@@ -42,7 +42,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default=None, help="run folder: config, checkpoints, metrics "
                         "(default runs/<config>)")
     parser.add_argument("--init", default="none", help="start from this checkpoint's weights (a model.pt of "
-                        "train.py): its model config and vocabulary are kept, the optimizers, schedule and step "
+                        "train.py, or its model folder RUN/model/): its model config and vocabulary are kept, the optimizers, schedule and step "
                         "start afresh (e.g. continue pre-training on other data; the demo's second stage). "
                         "'none': the preset's BERT / ImageNet initialisation")
     parser.add_argument("--resume", default="auto", help="'auto': continue from the newest valid checkpoint "

@@ -183,7 +183,8 @@ def attention_figure(image: Image.Image, maps: AttentionMaps, tokens: Optional[S
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pixel_bert.visualize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a pixel-bert checkpoint (model.pt of train.py)")
+    p.add_argument("--checkpoint", required=True, help="a pixel-bert checkpoint: model.pt of train.py, or its model "
+                   "folder (RUN/model/)")
     p.add_argument("--image", required=True, help="image file (any format Pillow reads)")
     p.add_argument("--text", required=True, help="the text whose words' attention is drawn")
     p.add_argument("--tokens", nargs="+", default=None, metavar="TOKEN",
