@@ -21,6 +21,15 @@ import tempfile
 from typing import Any, Iterator, Optional
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class DiskFullError(OSError):
     """The disk filled up while writing; the message names the file and its folder."""
 
@@ -32,6 +41,7 @@ def atomic_write(path: str, mode: str = "wb", encoding: Optional[str] = None) ->
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the mode open() would give them
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
@@ -74,6 +84,7 @@ def atomic_folder(path: str) -> Iterator[str]:
         raise FileExistsError(f"{path} exists and is not a folder; choose another output folder")
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a shared model folder must be readable by others
     try:
         yield tmp
     except BaseException:

@@ -132,3 +132,14 @@ def test_a_full_disk_keeps_the_previous_file_and_names_the_folder(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert path.read_bytes() == b"previous checkpoint"
     assert os.listdir(tmp_path) == [path.name]  # the temporary file is gone
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Outputs (checkpoints, model folders) get the mode plain open() / mkdir would give them under the
+    process's umask, not mkstemp's owner-only 0600: a model shared on a cluster must be readable."""
+    import pixel_bert.files as files
+    path = files.write_text(str(tmp_path / "a.txt"), "x")
+    with files.atomic_folder(str(tmp_path / "model")) as folder:
+        files.write_text(os.path.join(folder, "config.json"), "{}")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~files._UMASK
+    assert os.stat(tmp_path / "model").st_mode & 0o777 == 0o777 & ~files._UMASK
