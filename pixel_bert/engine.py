@@ -24,7 +24,6 @@ import datetime
 import glob
 import json
 import os
-import pickle
 import random
 import re
 import sys
@@ -41,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .config import TrainConfig, config_to_dict
 from .data import BadSampleReporter, describe_bad_samples
 from .files import atomic_write, save_torch
+from .weights import load_weights_only
 
 # -------------------------------------------------------------------------------------------------
 #                                        Distributed
@@ -239,14 +239,7 @@ def read_training_checkpoint(path: str) -> dict:
     ``weights_only=True``; a missing, damaged, foreign or code-carrying file raises an error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to load: it holds Python objects other than tensors and plain values, "
-                         f"which could run code when unpickled ({e})") from e
-    except Exception as e:  # truncated, zero bytes, not a torch file at all
-        raise ValueError(f"{path}: not a readable checkpoint, the file is truncated or damaged "
-                         f"({type(e).__name__}: {e})") from e
+    ckpt = load_weights_only(path, "checkpoint")
     missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a training checkpoint (no {', '.join(missing)}). --resume takes a "
