@@ -905,3 +905,73 @@ def test_visualize_refuses_a_panel_size_or_column_count_below_one(capsys, flag, 
         visualize.get_args_parser().parse_args(["--checkpoint", "m.pt", "--image", "i.png", "--text", "a",
                                                 flag, value])
     assert exit_info.value.code == 2 and f"{flag}: must be >= 1, got '{value}'" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------
+#        Refusals that keep a run honest: wrong flags, another batch layout, too many bad samples
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--ckpt-every", "0", "must be >= 1"), ("--keep-checkpoints", "0", "must be >= 1"),
+    ("--mlm-probability", "1.5", "must be between 0 and 1"), ("--hidden-size", "0", "must be >= 1"),
+    ("--batch-size", "eight", "expected an integer"), ("--max-text-len", "1", "must be >= 3"),
+    ("--max-text-len", "65", "exceeds the 64 text positions")])
+def test_a_wrong_field_flag_is_an_argparse_error_naming_it(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + [flag, value, "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and (flag.lstrip("-").replace("-", "_") in err or flag in err)
+    assert_nothing_written(tmp_path / "run")
+
+
+@pytest.mark.parametrize("flags, differs", [(["--grad-accum-steps", "2"], "grad_accum_steps 1 -> 2"),
+                                            (["--batch-size", "4"], "batch_size 8 -> 4")])
+def test_resume_with_another_batch_layout_is_refused(tmp_path, finished_run, flags, differs):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt_00000004.pt").write_bytes((finished_run / "ckpt_00000004.pt").read_bytes())
+    with pytest.raises(ValueError, match=f"this run has {differs}.*--init"):
+        run_train(TINY + ["--synthetic-images", "32", "--batch-size", "8", "--epochs", "1", "--output-dir", str(run)]
+                  + flags)
+    assert "config.json" not in os.listdir(run) and "model.pt" not in os.listdir(run)  # nothing trained
+    assert (run / "ckpt_00000004.pt").read_bytes() == (finished_run / "ckpt_00000004.pt").read_bytes()
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path, finished_run):
+    trainer = tiny_trainer(tmp_path / "run")
+    trainer.info = DistInfo(world_size=2)  # only the layout check reads it: a 1-process checkpoint on 2
+    path = str(finished_run / "ckpt_00000004.pt")
+    with pytest.raises(ValueError, match="this run has world_size 1 -> 2"):
+        trainer.check_layout(path, read_training_checkpoint(path))
+
+
+def test_too_many_bad_samples_stop_the_run_mid_epoch(tmp_path, coco_world):
+    """Half the images missing: the run stops as soon as bad_sample_check_after samples are seen."""
+    good = sorted(str(p) for p in (coco_world / "images").iterdir())
+    records = [CaptionRecord(p, "a red circle", "k") for pair in zip(good, [str(tmp_path / "gone.png")] * 8)
+               for p in pair] * 2
+    cfg = make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    train_cfg = make_train_config("pretrain", batch_size=4, num_workers=0, bad_sample_check_after=8)
+    dataset = CaptionDataset(records, ImageTransform(32, 32, IMAGENET_MEAN, IMAGENET_STD))
+    steps = []
+    step_fn = lambda m, batch, step: steps.append(step) or {"loss": m.bert.text_embedding.word.weight.pow(2).mean()}  # noqa
+    trainer = Trainer(PixelBertForPreTraining(cfg), train_cfg, str(tmp_path / "run"), dataset,
+                      CaptionCollator(WordPieceTokenizer(str(coco_world / "vocab.txt")), 8),
+                      epoch_batch_sampler(dataset, 4, 0), step_fn, DistInfo(), {})
+    with pytest.raises(BadDataError, match=r"of the 8 samples seen in epoch 0 were bad.*--max-bad-sample-fraction "
+                                           rf"0.05.*{re.escape(str(tmp_path / 'gone.png'))} \(missing_file\)"), \
+            pytest.warns(BadSampleWarning):
+        trainer.fit()
+    assert len(steps) == 2  # two batches of the 8 in the epoch, then the stop
+
+
+def test_evaluate_refuses_a_vqa_checkpoint_whose_answers_do_not_fit_its_head(tmp_path, coco_world):
+    from pixel_bert.heads import PixelBertForVQA
+    from pixel_bert.weights import save_model
+    model = PixelBertForVQA(make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2,
+                                              intermediate_size=64, num_answers=3))
+    path = str(tmp_path / "model.pt")
+    vocab = (coco_world / "vocab.txt").read_text().splitlines()
+    save_model(model, path, extra={"task": "vqa", "vocab": vocab, "answers": ["red", "blue"]})
+    with pytest.raises(SystemExit, match="lists 2 answers but its VQA head scores 3"):
+        evaluate.main(["--task", "vqa", "--checkpoint", path])
