@@ -562,6 +562,10 @@ class Trainer:
         self.clock = (time.time(), self.step, total_steps)
         while self.epoch < cfg.epochs and self.step < total_steps:
             self.train_one_epoch(total_steps)
+        # Stop the persistent DataLoader workers now, while nothing else refers to them: they hold memory
+        # through the final evaluation otherwise, and stopping them from the garbage collector (the
+        # Trainer is in reference cycles) waits out a 5 s timeout per worker.
+        self.loader = None
         if info.world_size > 1:
             self.log(f"weights identical on all {info.world_size} ranks: {self.replicas_in_sync()}")
         if info.is_main:  # the trained weights alone, for finetune.py / evaluate.py / inference
