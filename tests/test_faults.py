@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pixel_bert import engine, evaluate, files, finetune, nlvr2, synthetic, train, visualize, vqa
+from pixel_bert import engine, evaluate, finetune, nlvr2, synthetic, train, visualize, vqa
 from pixel_bert.caffe2_weights import read_caffe2_blobs
 from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD, make_model_config, make_train_config
 from pixel_bert.data import (AnnotationError, BadSample, BadSampleWarning, CaptionCollator, CaptionDataset,
@@ -40,7 +40,7 @@ from pixel_bert.files import DiskFullError, UnwritableError
 from pixel_bert.heads import PixelBertForPreTraining
 from pixel_bert.inference import PixelBertPredictor
 from pixel_bert.tokenizer import WordPieceTokenizer
-from pixel_bert.weights import load_backbone_weights, load_bert_weights, read_checkpoint, read_state_dict
+from pixel_bert.weights import load_backbone_weights, load_bert_weights, read_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
@@ -412,7 +412,8 @@ def test_an_output_folder_that_cannot_be_created_stops_before_any_work(tmp_path)
     """A real fault for any user, root included: the output folder's parent is a regular file."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(UnwritableError, match=f"cannot create the output folder {re.escape(str(blocker))}/run.*--output-dir"):
+    expected = f"cannot create the output folder {re.escape(str(blocker))}/run.*--output-dir"
+    with pytest.raises(UnwritableError, match=expected):
         run_train(FOLDER_RUN + ["--output-dir", str(blocker / "run")])
     assert os.listdir(tmp_path) == ["a-file"]
 
@@ -461,7 +462,8 @@ def test_a_checkpoint_write_that_fails_keeps_the_last_checkpoint_and_resumes(tmp
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         fail_checkpoint_write(patch, out, 4, fault)
-        with pytest.raises(error, match=f"{message} {re.escape(str(out))}/ckpt_00000004.pt.*folder {re.escape(str(out))}.*intact"):
+        folder = re.escape(str(out))
+        with pytest.raises(error, match=f"{message} {folder}/ckpt_00000004.pt.*folder {folder}.*intact"):
             run_train(FOLDER_RUN + ["--output-dir", str(out), "--resume", "none"])
     os.chmod(out, 0o755)
     assert sorted(f for f in os.listdir(out) if "ckpt" in f) == ["ckpt_00000002.pt"]  # no temporary file left
@@ -678,7 +680,8 @@ ANNOTATION_CASES = {
     ("vg image_data", "duplicate id"): (repeat_first(), r"\[2\] is image 1, listed earlier"),
     ("vg image_data", "empty list"): (clear, "image 1, which .*image_data.json does not list"),
     ("vqa questions", "missing key"): (drop("question", "questions", 1), r"questions\[1\] has no 'question'"),
-    ("vqa questions", "id pointing nowhere"): (entry("questions", 1, question_id=99), "no annotation for question_id 99"),
+    ("vqa questions", "id pointing nowhere"): (entry("questions", 1, question_id=99),
+                                               "no annotation for question_id 99"),
     ("vqa questions", "duplicate id"): (repeat_first("questions"), r"questions\[2\] has question_id 10, asked earlier"),
     ("vqa questions", "empty list"): (empty("questions"), "2 annotations are of questions .* does not have"),
     ("vqa annotations", "missing key"): (drop("answers", "annotations", 0), "question_id 10 has no 'answers'"),
@@ -687,7 +690,8 @@ ANNOTATION_CASES = {
     ("vqa annotations", "duplicate id"): (repeat_first("annotations"),
                                           r"annotations\[2\] has question_id 10, annotated earlier"),
     ("vqa annotations", "empty list"): (empty("annotations"), "no annotation for question_id 10"),
-    ("nlvr2", "missing key"): (drop("sentence", 1), "line 2: expected an object with string 'identifier' and 'sentence'"),
+    ("nlvr2", "missing key"): (drop("sentence", 1),
+                               "line 2: expected an object with string 'identifier' and 'sentence'"),
     ("nlvr2", "id pointing nowhere"): (entry(1, identifier="dev-1-1"), "line 2: NLVR2 identifier 'dev-1-1' is not"),
     ("nlvr2", "duplicate id"): (repeat_first(), "line 3: identifier 'dev-1-0-0' is on line 1 too"),
     ("nlvr2", "empty list"): (clear, "no examples"),
@@ -818,8 +822,9 @@ def test_finetune_refuses_task_files_that_yield_nothing_and_foreign_flags(tmp_pa
     (tmp_path / "nlvr2" / "train.json").write_text("\n")
     with pytest.raises(AnnotationError, match="train.json: no examples"):
         finetune.main(["--task", "nlvr2", "--nlvr2-root", str(tmp_path / "nlvr2")] + common)
-    for flags, message in [(["--task", "vqa", "--nlvr2-root", "x"], "--nlvr2-root is a data flag of --task nlvr2"),
-                           (["--task", "nlvr2", "--nlvr2-images", "x"], "--nlvr2-images is given without --nlvr2-root")]:
+    for flags, message in [
+            (["--task", "vqa", "--nlvr2-root", "x"], "--nlvr2-root is a data flag of --task nlvr2"),
+            (["--task", "nlvr2", "--nlvr2-images", "x"], "--nlvr2-images is given without --nlvr2-root")]:
         with pytest.raises(SystemExit) as exit_info:
             finetune.main(flags + common)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -954,7 +959,10 @@ def test_too_many_bad_samples_stop_the_run_mid_epoch(tmp_path, coco_world):
     train_cfg = make_train_config("pretrain", batch_size=4, num_workers=0, bad_sample_check_after=8)
     dataset = CaptionDataset(records, ImageTransform(32, 32, IMAGENET_MEAN, IMAGENET_STD))
     steps = []
-    step_fn = lambda m, batch, step: steps.append(step) or {"loss": m.bert.text_embedding.word.weight.pow(2).mean()}  # noqa
+
+    def step_fn(model, batch, step):
+        steps.append(step)
+        return {"loss": model.bert.text_embedding.word.weight.pow(2).mean()}
     trainer = Trainer(PixelBertForPreTraining(cfg), train_cfg, str(tmp_path / "run"), dataset,
                       CaptionCollator(WordPieceTokenizer(str(coco_world / "vocab.txt")), 8),
                       epoch_batch_sampler(dataset, 4, 0), step_fn, DistInfo(), {})
