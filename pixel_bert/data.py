@@ -9,21 +9,24 @@ The pipeline, in the order data flows through it:
 2. `CaptionDataset` loads one image (`load_image`: any Pillow mode -> RGB, EXIF orientation
    applied, decompression bombs refused), resizes it with `ImageTransform` (keep the aspect
    ratio, short side 800 / long side at most 1333 for R50, Sec. 4.1) and returns a dict. A bad
-   sample (missing or corrupt file, empty caption) becomes ``None`` and is counted.
-3. `CaptionCollator` drops the ``None`` entries, pads the images to the batch's largest size
+   sample (missing or corrupt file, empty caption) becomes a `BadSample(path, reason, message)`.
+3. `CaptionCollator` drops the `BadSample` entries, pads the images to the batch's largest size
    (`pad_images`, with a pixel mask so padded feature pixels can be masked out of attention and
    out of pixel sampling, docs/paper.md#model-architecture) and tokenises the captions.
 4. `GroupedBatchSampler` (with `aspect_ratio_group_ids`) batches images of similar aspect ratio
    together so that little of each batch is padding.
 
-Bad-sample accounting across DataLoader workers
------------------------------------------------
-`CaptionDataset.bad_counts` is a per-process counter: with ``num_workers > 0`` each worker has
-its own copy and the main process never sees it. The count that reaches the training loop is
-therefore carried *by the batches*: `CaptionCollator` runs in the worker, counts the ``None``
-entries it drops and puts that number in ``batch["num_bad"]``. The training loop sums
-``batch["num_bad"]`` over the epoch (and, under DDP, all-reduces the sum) for its summary line;
-the per-file reasons are in the warnings each worker emits (`BadSampleWarning`).
+Bad samples across DataLoader workers
+-------------------------------------
+Datasets run inside DataLoader worker processes, each with its own memory, so nothing a dataset
+counts or remembers there reaches the training loop, and a warning printed there would repeat in
+every worker and every epoch. A bad sample therefore travels *in the batch*: the dataset returns a
+`BadSample`, the collator (`drop_bad_samples`, also in the worker) drops it and puts
+``batch["num_bad"]`` and ``batch["bad_samples"]`` into the batch, and the process that reads the
+batches (`pixel_bert.engine.Trainer`, `pixel_bert.downstream.predict_sharded`) hands them to one
+`BadSampleReporter`, which warns once per file for the whole run and counts every occurrence. The
+Trainer sums ``num_bad`` over the epoch (under DDP all-reduced) for its summary line, and stops the
+run when too large a share of an epoch is bad, naming the first bad files.
 """
 from __future__ import annotations
 
@@ -107,13 +110,12 @@ def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
       (`ALPHA_BACKGROUND`), 16-bit greyscale is scaled (not clipped) to 8 bits.
     - Images with more than ``max_pixels`` pixels are refused before decoding (decompression-bomb
       guard; Pillow's own DecompressionBombWarning/Error become `ImageLoadError` too).
-    - A missing, truncated or corrupt file raises `ImageLoadError` naming the file.
+    - A missing, truncated or corrupt file raises `ImageLoadError` naming the file. Its message
+      speaks of the file alone (callers with a dataset behind them add where to look, `BadSample`).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ImageLoadError(f"{path}: image file not found; check the image root directory passed to "
-                             "the annotation reader and that the dataset's images are fully extracted",
-                             path, "missing_file")
+        raise ImageLoadError(f"{path}: image file not found", path, "missing_file")
     try:
         with warnings.catch_warnings():
             # Pillow warns (and above 2x its limit raises) on huge images; make the warning an
@@ -137,8 +139,7 @@ def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     except Exception as err:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ...)
         # on broken files; any of them means "this file is unusable", never "stop the run".
         raise ImageLoadError(f"{path}: cannot decode image ({type(err).__name__}: {err}); the file is "
-                             "truncated or corrupt: re-download or re-extract it, or drop it from the "
-                             "annotations", path, "corrupt_image") from err
+                             "truncated or corrupt", path, "corrupt_image") from err
     if rgb.mode != "RGB":  # defensive: every branch of _to_rgb returns RGB
         raise ImageLoadError(f"{path}: could not convert mode {rgb.mode} to RGB", path, "corrupt_image")
     return rgb
@@ -344,10 +345,15 @@ def read_coco_captions(annotation_json: str, image_root: str) -> List[CaptionRec
     images = json_list(data, "images", "the top-level object", path)
     annotations = json_list(data, "annotations", "the top-level object", path)
     by_id: Dict[int, Tuple[str, Optional[Tuple[int, int]]]] = {}
+    first_index: Dict[int, int] = {}
     for i, image in enumerate(images):
         where = f"images[{i}]"
         image_id = json_field(image, "id", int, where, path)
         file_name = json_field(image, "file_name", str, where, path)
+        if image_id in first_index:
+            raise AnnotationError(f"{path}: {where} has id {image_id}, which images[{first_index[image_id]}] has "
+                                  "too: captions of that id would be paired with the wrong image")
+        first_index[image_id] = i
         size = None
         if "width" in image and "height" in image:
             size = (json_field(image, "width", int, where, path), json_field(image, "height", int, where, path))
@@ -404,11 +410,16 @@ def read_karpathy(dataset_json: str, image_root: str,
     """
     path, dataset, selected = karpathy_images(dataset_json, splits)
     records = []
+    first_index: Dict[str, int] = {}
     for i, image in selected:
         where = f"images[{i}]"
         filename = json_field(image, "filename", str, where, path)
         filepath = json_field(image, "filepath", str, where, path) if "filepath" in image else ""
         image_path = os.path.join(image_root, filepath, filename)
+        if image_path in first_index:
+            raise AnnotationError(f"{path}: {where} is image {os.path.join(filepath, filename)}, which "
+                                  f"images[{first_index[image_path]}] is too: each image must be listed once")
+        first_index[image_path] = i
         if "cocoid" in image:
             key = f"coco:{json_field(image, 'cocoid', int, where, path)}"
         else:
@@ -474,6 +485,8 @@ def read_visual_genome(region_json: str, image_data_json: str, image_root: str,
         if "width" in entry and "height" in entry:
             size = (json_field(entry, "width", int, where, info_path),
                     json_field(entry, "height", int, where, info_path))
+        if image_id in info:
+            raise AnnotationError(f"{info_path}: {where} is image {image_id}, listed earlier in the file too")
         info[image_id] = (coco_id, size)
 
     path = os.fspath(region_json)
@@ -481,11 +494,16 @@ def read_visual_genome(region_json: str, image_data_json: str, image_root: str,
     if not isinstance(regions_by_image, list):
         raise AnnotationError(f"{path}: top level is a {type(regions_by_image).__name__}, expected a list")
     records = []
+    seen: Set[int] = set()
     for i, entry in enumerate(regions_by_image):
         where = f"[{i}]"
         id_key = "id" if isinstance(entry, dict) and "id" in entry else "image_id"
         image_id = json_field(entry, id_key, int, where, path)
         regions = json_list(entry, "regions", where, path)
+        if image_id in seen:
+            raise AnnotationError(f"{path}: {where} is image {image_id}, listed earlier in the file too: its "
+                                  "regions would be counted twice")
+        seen.add(image_id)
         if image_id not in info:
             raise AnnotationError(f"{path}: {where} is image {image_id}, which {info_path} does not list; "
                                   "are the two files from the same Visual Genome version?")
@@ -530,55 +548,113 @@ class BadSampleError(ValueError):
     """A bad sample with ``fatal_bad_samples=True`` (image errors raise `ImageLoadError` instead)."""
 
 
+# What to do about a bad sample of a dataset, by reason (load_image's own messages speak of the file only).
+BAD_SAMPLE_ADVICE = {
+    "missing_file": "; check that the image folder flag points at the folder holding the dataset's images "
+                    "and that they are fully extracted",
+    "corrupt_image": "; re-download or re-extract it, or drop it from the annotations",
+}
+
+
+class BadSample(NamedTuple):
+    """What a dataset returns instead of a sample it cannot use: the file at fault, why
+    (``"missing_file"``, ``"corrupt_image"``, ``"too_large"``, ``"empty_caption"``) and a message
+    naming the file and the fix. A small picklable tuple, so it crosses from DataLoader workers."""
+    path: str
+    reason: str
+    message: str
+
+    @classmethod
+    def from_error(cls, err: ImageLoadError) -> "BadSample":
+        return cls(err.path, err.reason, f"{err}{BAD_SAMPLE_ADVICE.get(err.reason, '')}")
+
+
+def drop_bad_samples(samples: Sequence[Any]) -> Tuple[List[Any], Dict[str, Any]]:
+    """(the good samples, the batch's bad-sample keys): ``num_bad`` and ``bad_samples`` (the
+    `BadSample` of each dropped sample, at most a batch of small tuples). Every collator calls this."""
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    bad = [s for s in samples if isinstance(s, BadSample)]
+    return good, {"num_bad": len(bad), "bad_samples": bad}
+
+
+class BadSampleReporter:
+    """Warns about bad samples in the process that reads the batches (module docstring): once per
+    (file, reason) for as long as the reporter lives (a run: every epoch, every DataLoader worker),
+    and at most ``max_warnings`` files per reason; ``counts`` counts every occurrence by reason."""
+
+    def __init__(self, max_warnings: int = 10):
+        self.max_warnings = max_warnings
+        self.counts: collections.Counter = collections.Counter()
+        self.warned: Set[Tuple[str, str]] = set()
+        self.warned_per_reason: collections.Counter = collections.Counter()
+
+    def report(self, bad_samples: Iterable[BadSample]) -> None:
+        for bad in bad_samples:
+            self.counts[bad.reason] += 1
+            key = (bad.path, bad.reason)
+            if key in self.warned or self.warned_per_reason[bad.reason] >= self.max_warnings:
+                continue
+            self.warned.add(key)
+            self.warned_per_reason[bad.reason] += 1
+            suffix = (f" (further '{bad.reason}' files are not named; the epoch summary still counts them)"
+                      if self.warned_per_reason[bad.reason] == self.max_warnings else "")
+            warnings.warn(f"skipping bad sample: {bad.message}{suffix}", BadSampleWarning, stacklevel=2)
+
+
+def describe_bad_samples(bad_samples: Sequence[BadSample]) -> str:
+    """The first bad files with their reasons and, when all of them are missing, the folder that is
+    likely wrong: the part of their common folder that does not exist, or a folder that exists but
+    holds none of them (a wrong image-root flag, or images not extracted)."""
+    if not bad_samples:
+        return "no bad file was named (see the warnings above)"
+    text = "first bad files: " + ", ".join(f"{b.path} ({b.reason})" for b in bad_samples)
+    if all(b.reason == "missing_file" for b in bad_samples):
+        folder = os.path.commonpath([os.path.dirname(os.path.abspath(b.path)) for b in bad_samples])
+        existing = folder
+        while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        where = (f"{folder} does not exist (the nearest folder that does is {existing})" if existing != folder
+                 else f"{folder} exists but holds none of them")
+        text += (f". All of these are missing and {where}: the image folder flag most likely names the wrong "
+                 "root, or the images are not extracted there")
+    return text
+
+
 class CaptionDataset(Dataset):
     """(image, caption) pairs from `CaptionRecord`s.
 
-    ``dataset[i]`` is ``dict(image=Tensor(3, h, w), caption=str, image_key=str, index=i)``, or
-    ``None`` for a bad sample (missing file, truncated/corrupt/oversized image, empty caption) so
-    that one broken file among millions does not stop a run. Each bad sample is counted in
-    ``self.bad_counts`` (a Counter by reason, per process) and warned about (`BadSampleWarning`,
-    naming the file; after ``max_warnings`` per reason the warnings stop, the counting does not).
-    `CaptionCollator` drops the ``None`` entries and reports how many in ``batch["num_bad"]``,
-    which is how the count reaches the training loop from DataLoader workers (module docstring).
-    With ``fatal_bad_samples=True`` (TrainConfig.fatal_bad_samples) a bad sample raises instead.
+    ``dataset[i]`` is ``dict(image=Tensor(3, h, w), caption=str, image_key=str, index=i)``, or a
+    `BadSample` for a bad sample (missing file, truncated/corrupt/oversized image, empty caption) so
+    that one broken file among millions does not stop a run. `CaptionCollator` drops it and carries
+    it in the batch (``num_bad``, ``bad_samples``) to the training loop, which warns and counts
+    (module docstring). With ``fatal_bad_samples=True`` (TrainConfig.fatal_bad_samples) a bad
+    sample raises instead.
     """
 
     def __init__(self, records: Sequence[CaptionRecord], transform: ImageTransform,
-                 fatal_bad_samples: bool = False, max_pixels: int = MAX_IMAGE_PIXELS, max_warnings: int = 10):
+                 fatal_bad_samples: bool = False, max_pixels: int = MAX_IMAGE_PIXELS):
         self.records = records
         self.transform = transform
         self.fatal_bad_samples = fatal_bad_samples
         self.max_pixels = max_pixels
-        self.max_warnings = max_warnings
-        self.bad_counts: collections.Counter = collections.Counter()
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _bad(self, reason: str, message: str) -> None:
-        self.bad_counts[reason] += 1
-        count = self.bad_counts[reason]
-        if count <= self.max_warnings:
-            suffix = (f" (further '{reason}' warnings from this process are suppressed; "
-                      "the batches still count them in num_bad)") if count == self.max_warnings else ""
-            warnings.warn(f"skipping bad sample: {message}{suffix}", BadSampleWarning, stacklevel=3)
-
-    def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
+    def __getitem__(self, index: int) -> Union[Dict[str, Any], BadSample]:
         record = self.records[index]
         if not record.caption.strip():
             message = (f"record {index} (image {record.image_path}, key {record.image_key}) has an empty "
                        "caption; fix or drop it in the annotation file")
             if self.fatal_bad_samples:
                 raise BadSampleError(message + " (fatal_bad_samples=True; set it False to skip bad samples)")
-            self._bad("empty_caption", message)
-            return None
+            return BadSample(record.image_path, "empty_caption", message)
         try:
             image = load_image(record.image_path, max_pixels=self.max_pixels)
         except ImageLoadError as err:
             if self.fatal_bad_samples:
                 raise
-            self._bad(err.reason, str(err))
-            return None
+            return BadSample.from_error(err)
         return dict(image=self.transform(image), caption=record.caption,
                     image_key=record.image_key, index=index)
 
@@ -586,16 +662,16 @@ class CaptionDataset(Dataset):
 class CaptionCollator:
     """``collate_fn`` for a DataLoader over `CaptionDataset` or `pixel_bert.synthetic.SyntheticCaptions`.
 
-    Drops ``None`` (bad) samples, pads images (`pad_images`) and tokenises captions with
-    ``tokenizer(captions, max_length=max_text_len)`` (a `pixel_bert.tokenizer.WordPieceTokenizer`).
+    Drops `BadSample` entries (`drop_bad_samples`), pads images (`pad_images`) and tokenises captions
+    with ``tokenizer(captions, max_length=max_text_len)`` (a `pixel_bert.tokenizer.WordPieceTokenizer`).
     Returns a dict:
 
     - ``images`` float (B, 3, H, W), ``pixel_mask`` bool (B, H, W), True on real pixels;
     - ``input_ids`` long (B, T), ``attention_mask`` bool (B, T), True on real tokens;
     - ``image_keys``, ``captions``: lists of B strings; ``indices``: long (B,) dataset indices;
-    - ``num_samples``: B; ``num_bad``: int, how many samples of this batch were bad and dropped.
-      The training loop sums it over the epoch: it is the only bad-sample count that crosses worker
-      processes.
+    - ``num_samples``: B; ``num_bad``: how many samples of this batch were bad and dropped, and
+      ``bad_samples``: their `BadSample` tuples. The training loop sums the first over the epoch and
+      warns about the second: they are how bad samples cross from worker processes.
 
     If every sample was bad, B is 0 (tensors with a zero batch dimension). A training loop should
     skip the forward pass for such a batch, or under DDP run a zero-loss step so ranks stay in step.
@@ -608,15 +684,14 @@ class CaptionCollator:
         self.max_text_len = max_text_len
         self.size_divisor = size_divisor
 
-    def __call__(self, samples: Sequence[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
-        good = [s for s in samples if s is not None]
-        num_bad = len(samples) - len(good)
+    def __call__(self, samples: Sequence[Union[Dict[str, Any], BadSample]]) -> Dict[str, Any]:
+        good, bad = drop_bad_samples(samples)
         if not good:
             return dict(images=torch.zeros((0, 3, 0, 0)), pixel_mask=torch.zeros((0, 0, 0), dtype=torch.bool),
                         input_ids=torch.zeros((0, 0), dtype=torch.long),
                         attention_mask=torch.zeros((0, 0), dtype=torch.bool),
                         image_keys=[], captions=[], indices=torch.zeros((0,), dtype=torch.long),
-                        num_samples=0, num_bad=num_bad)
+                        num_samples=0, **bad)
         images, pixel_mask = pad_images([s["image"] for s in good], self.size_divisor)
         captions = [s["caption"] for s in good]
         text = self.tokenizer(captions, max_length=self.max_text_len)
@@ -624,7 +699,7 @@ class CaptionCollator:
                     input_ids=text.input_ids, attention_mask=text.attention_mask,
                     image_keys=[s["image_key"] for s in good], captions=captions,
                     indices=torch.tensor([s["index"] for s in good], dtype=torch.long),
-                    num_samples=len(good), num_bad=num_bad)
+                    num_samples=len(good), **bad)
 
 
 def add_pretrain_data_arguments(parser, title: str = "pre-training data (the official layouts)"):

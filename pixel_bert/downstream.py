@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .engine import DistInfo, format_seconds, unwrap
+from .data import BadSampleReporter, describe_bad_samples
+from .engine import BadDataError, DistInfo, format_seconds, unwrap
 
 
 @dataclass
@@ -146,16 +147,25 @@ def predict_sharded(model, dataset, collate_fn, info: DistInfo, predict_batch: C
     """Predictions for every item of ``dataset``: each rank runs its contiguous shard in eval mode under
     autocast, with a progress line, and rank 0 gets the merged ``{id: prediction}`` (None elsewhere).
     ``predict_batch(model, batch, device) -> {id: prediction}`` for a batch's good samples; the ids of
-    bad samples (unreadable images) are missing, and the task fills them in."""
+    bad samples (unreadable images) are missing, and the task fills them in. Each bad file is warned
+    about once; a shard whose every item is bad stops with `BadDataError` (a wrong image folder must
+    not produce a metrics file)."""
     model = unwrap(model).eval()
     loader = sharded_loader(dataset, info, batch_size, collate_fn, num_workers)
     progress = Progress(len(loader.dataset), unit, info, label=label)
     preds: Dict[Any, Any] = {}
+    reporter, first_bad, good = BadSampleReporter(), [], 0
     for batch in loader:
         if batch["num_samples"]:
             with eval_autocast(info.device):
                 preds.update(predict_batch(model, batch, info.device))
+        reporter.report(batch["bad_samples"])
+        first_bad += batch["bad_samples"][: 5 - len(first_bad)]
+        good += batch["num_samples"]
         progress.update(batch["num_samples"] + batch["num_bad"])
     progress.update(0, force=True)
+    if first_bad and not good:
+        raise BadDataError(f"every one of the {len(loader.dataset)} {unit} of this shard was bad: "
+                           f"{describe_bad_samples(first_bad)}")
     gathered = gather_to_main(preds, info)
     return None if gathered is None else {k: v for part in gathered for k, v in part.items()}

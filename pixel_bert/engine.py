@@ -13,8 +13,9 @@ The loop is task-agnostic and reads top to bottom, as torchvision's ``train_one_
 
 A task plugs in ``step_fn(model, batch, step) -> {"loss": tensor, other scalars}``; ``step`` is the
 number of optimizer steps taken so far. Batches are dicts; the loop reads only their bookkeeping
-keys ``num_samples`` (0 when every sample of the batch was bad) and ``num_bad`` / ``bad_paths``
-(bad samples the collator dropped).
+keys ``num_samples`` (0 when every sample of the batch was bad) and ``num_bad`` / ``bad_samples``
+(the `pixel_bert.data.BadSample` of each sample the collator dropped: warned about once per file per
+run, and the first few named when too many are bad).
 """
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config import TrainConfig, config_to_dict
+from .data import BadSampleReporter, describe_bad_samples
 from .files import atomic_write, save_torch
+from .weights import load_weights_only
 
 # -------------------------------------------------------------------------------------------------
 #                                        Distributed
@@ -231,21 +234,37 @@ def list_checkpoints(out_dir: str) -> List[str]:
     return sorted(paths, key=lambda p: int(CKPT_PATTERN.search(p).group(1)))
 
 
+def read_training_checkpoint(path: str) -> dict:
+    """The contents of a training checkpoint (a ``ckpt_*.pt`` of a run folder), read with
+    ``weights_only=True``; a missing, damaged, foreign or code-carrying file raises an error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    ckpt = load_weights_only(path, "checkpoint")
+    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a training checkpoint (no {', '.join(missing)}). --resume takes a "
+                         f"ckpt_*.pt of a run folder; to start from a model.pt's weights use --init")
+    return ckpt
+
+
 def newest_valid_checkpoint(out_dir: str) -> Optional[Tuple[str, dict]]:
     """(path, contents) of the newest checkpoint that loads and holds a training state; a damaged
     or foreign file is reported and passed over."""
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            print(f"warning: skipping unreadable checkpoint {path}: {type(e).__name__}: {e}", file=sys.stderr)
-            continue
-        missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-        if missing:
-            print(f"warning: skipping {path}: not a training checkpoint (no {', '.join(missing)})", file=sys.stderr)
-            continue
-        return path, ckpt
+            return path, read_training_checkpoint(path)
+        except ValueError as e:
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
     return None
+
+
+def remove_interrupted_checkpoint_writes(out_dir: str) -> List[str]:
+    """Delete the temporary files of checkpoint writes that a kill interrupted (`files.atomic_write`
+    names them ``.ckpt_<step>.pt.<random>.tmp``): never a checkpoint, but as large as one."""
+    stale = glob.glob(os.path.join(out_dir, ".ckpt_*.pt.*.tmp"))
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def rng_state() -> dict:
@@ -394,14 +413,14 @@ class EpochStats:
     pending: Dict[str, list] = field(default_factory=lambda: defaultdict(list))
     samples: int = 0
     bad: int = 0
-    bad_paths: List[str] = field(default_factory=list)
+    bad_samples: list = field(default_factory=list)  # the first few BadSample tuples, for the error message
     skipped_steps: int = 0
     scale_skips: int = 0
 
     def add_batch(self, batch: dict, out: Dict[str, torch.Tensor]):
         self.samples += int(batch.get("num_samples", 0))
         self.bad += int(batch.get("num_bad", 0))
-        self.bad_paths += list(batch.get("bad_paths", []))[: max(0, 5 - len(self.bad_paths))]
+        self.bad_samples += list(batch.get("bad_samples", []))[: max(0, 5 - len(self.bad_samples))]
         for k, v in out.items():  # kept on the device: no GPU sync per step
             self.pending[k].append(v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v)))
 
@@ -456,6 +475,7 @@ class Trainer:
         self.window_finite = torch.ones((), dtype=torch.bool, device=info.device)
         self.resumed_from: Optional[str] = None
         self.writer = MetricsWriter(out_dir, info.is_main)
+        self.bad_sample_reporter = BadSampleReporter()  # one for the run: each bad file is warned about once
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -481,7 +501,7 @@ class Trainer:
             dist.barrier()
 
     def load_checkpoint(self, path: str, ckpt: Optional[dict] = None):
-        ckpt = ckpt if ckpt is not None else torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = ckpt if ckpt is not None else read_training_checkpoint(path)
         self.check_layout(path, ckpt)
         unwrap(self.model).load_state_dict(ckpt["model"])
         for o, s in zip(self.optimizers, ckpt["optimizers"]):
@@ -511,10 +531,18 @@ class Trainer:
                 f"--output-dir (or --resume none).")
 
     def resume(self, spec: Optional[str]):
-        """``spec`` "auto" takes the newest valid checkpoint in the run folder (none: start fresh)."""
+        """``spec`` "auto" takes the newest valid checkpoint in the run folder (none there: start
+        fresh; some there but none readable: refuse, rather than silently redo days of work)."""
+        if self.info.is_main:
+            for path in remove_interrupted_checkpoint_writes(self.out_dir):
+                self.log(f"removed {path}: the temporary file of a checkpoint write that was interrupted")
         if not spec:
             return
         found = newest_valid_checkpoint(self.out_dir) if spec == "auto" else (spec, None)
+        if found is None and list_checkpoints(self.out_dir):
+            raise ValueError(f"no readable checkpoint in {self.out_dir}: every ckpt_*.pt there is damaged or "
+                             f"foreign (see the warnings above). Resume from another copy with --resume PATH, or "
+                             f"start afresh with --resume none after moving them out of the folder")
         if found is None:
             self.log(f"no checkpoint in {self.out_dir}: starting from scratch")
             return
@@ -534,6 +562,10 @@ class Trainer:
         self.clock = (time.time(), self.step, total_steps)
         while self.epoch < cfg.epochs and self.step < total_steps:
             self.train_one_epoch(total_steps)
+        # Stop the persistent DataLoader workers now, while nothing else refers to them: they hold memory
+        # through the final evaluation otherwise, and stopping them from the garbage collector (the
+        # Trainer is in reference cycles) waits out a 5 s timeout per worker.
+        self.loader = None
         if info.world_size > 1:
             self.log(f"weights identical on all {info.world_size} ranks: {self.replicas_in_sync()}")
         if info.is_main:  # the trained weights alone, for finetune.py / evaluate.py / inference
@@ -579,6 +611,7 @@ class Trainer:
         self.window_finite &= torch.isfinite(out["loss"].detach()).all()
         self.batch_in_epoch += 1
         stats.add_batch(batch, out)
+        self.bad_sample_reporter.report(batch.get("bad_samples", ()))
         self.check_bad_samples(stats)
 
     def optimizer_step(self, stats: EpochStats) -> Optional[torch.Tensor]:
@@ -626,16 +659,21 @@ class Trainer:
                 f"{self.nonfinite_streak} consecutive non-finite steps at step {self.step}: stopping. The last good "
                 f"checkpoint is in {self.out_dir}; lower the lr, use --amp bf16/none, or check the data.")
 
-    def check_bad_samples(self, stats: EpochStats):
-        """Stop when too many samples are bad: a wrong image root must not train on nothing."""
+    def check_bad_samples(self, stats: EpochStats, whole_epoch: bool = False):
+        """Stop when too many samples are bad: a wrong image root must not train on nothing. Checked
+        once ``bad_sample_check_after`` samples are seen, and at the end of an epoch whatever its size
+        (so a small dataset whose every image is missing stops too)."""
         seen = stats.samples + stats.bad
-        if seen < self.cfg.bad_sample_check_after or stats.bad <= self.cfg.max_bad_sample_fraction * seen:
+        if not stats.bad or stats.bad <= self.cfg.max_bad_sample_fraction * seen:
+            return
+        if seen < self.cfg.bad_sample_check_after and not whole_epoch:
             return
         raise BadDataError(
             f"{stats.bad} of the {seen} samples seen in epoch {self.epoch} were bad (missing or unreadable "
             f"images, empty captions): more than --max-bad-sample-fraction {self.cfg.max_bad_sample_fraction}. "
-            f"First bad files: {stats.bad_paths or 'see the warnings above'}. Check that the image folder flags "
-            f"point at the folders that hold these files (python -m pixel_bert.datasets verify checks a layout).")
+            f"{describe_bad_samples(stats.bad_samples)}. Check that the image folder flags point at the folders "
+            f"that hold these files (python -m pixel_bert.datasets verify checks a layout). The last good "
+            f"checkpoint is in {self.out_dir}.")
 
     def after_step(self, stats: EpochStats, total_steps: int):
         if self.step % self.cfg.log_every == 0 or self.step == total_steps:
@@ -645,6 +683,7 @@ class Trainer:
             self.save_checkpoint()
 
     def end_of_epoch(self, stats: EpochStats, epoch_done: bool):
+        self.check_bad_samples(stats, whole_epoch=True)
         stats.flush()
         summary = all_reduce_mean({k: m.global_avg for k, m in stats.meters.items()}, self.info)
         counts = all_reduce_mean({"bad": stats.bad, "skipped": stats.skipped_steps}, self.info)

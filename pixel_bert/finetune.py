@@ -41,7 +41,7 @@ from pixel_bert.downstream import TaskConfig, check_splits
 from pixel_bert.engine import Trainer, distributed, exit_after_distributed_run, share_cpu_threads, unwrap
 from pixel_bert.evaluation import (EvalSettings, add_data_arguments, evaluate_split, nlvr2_images,
                                    retrieval_images, vqa_images)
-from pixel_bert.files import write_json, write_text
+from pixel_bert.files import make_output_folder, write_json, write_text
 from pixel_bert.tokenizer import tokenizer_for_run
 from pixel_bert.weights import config_for_init, create_model, model_from_state, read_checkpoint
 
@@ -88,8 +88,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+# Each task's data flags: (annotations, images). The images flag is read only with the annotations flag.
+TASK_DATA_FLAGS = {"vqa": ("vqa_root", "vqa_images"), "nlvr2": ("nlvr2_root", "nlvr2_images"),
+                   "retrieval": ("karpathy_json", "retrieval_images")}
+
+
 def has_real_data(args) -> bool:
-    return bool({"vqa": args.vqa_root, "nlvr2": args.nlvr2_root, "retrieval": args.karpathy_json}[args.task])
+    return bool(getattr(args, TASK_DATA_FLAGS[args.task][0]))
+
+
+def unused_data_flags(args) -> Optional[str]:
+    """Why the data flags cannot be used as given (another task's flag, or an image folder without its
+    annotations, would be ignored and the run would fall back to synthetic data), or None."""
+    flag = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
+    for task, names in TASK_DATA_FLAGS.items():
+        given = [flag(n) for n in names if getattr(args, n)]
+        if task != args.task and given:
+            return f"{given[0]} is a data flag of --task {task}, but this is --task {args.task}"
+    annotations, images = TASK_DATA_FLAGS[args.task]
+    if getattr(args, images) and not getattr(args, annotations):
+        return f"{flag(images)} is given without {flag(annotations)}, which names the annotations to read"
+    return None
 
 
 def prepare_synthetic(args, out_dir: str, image_size: int, info) -> None:
@@ -134,6 +153,10 @@ def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_c
         images = vqa_images(args)
         splits = [s for s in args.vqa_train_splits.split(",") if s]
         train = [vqa.read_vqa(args.vqa_root, s, images) for s in splits]
+        for s, t in zip(splits, train):
+            if not t.questions:
+                raise D.AnnotationError(f"{vqa.vqa_files(args.vqa_root, s)[0]}: 'questions' is an empty list, so "
+                                        f"--vqa-train-splits {s} gives no training question")
         if any(t.annotations is None for t in train):
             raise ValueError(f"--vqa-train-splits {args.vqa_train_splits}: a split without annotations cannot train")
         vocab_splits = {s: t for s, t in zip(splits, train)}
@@ -164,6 +187,9 @@ def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_c
     coco = "coco" in os.path.basename(args.karpathy_json)
     splits = ("train", "restval") if coco else ("train",)
     records = D.read_karpathy(args.karpathy_json, retrieval_images(args), splits=splits)
+    if not records:
+        raise D.AnnotationError(f"--karpathy-json {args.karpathy_json}: no caption in the {'/'.join(splits)} "
+                                "split(s), so it gives no training pair")
     dataset = D.CaptionDataset(records, transform, fatal_bad_samples=train_cfg.fatal_bad_samples)
     log(f"retrieval: {len(dataset)} training pairs from splits {splits}; {task_cfg.retrieval_negatives} negatives "
         f"({task_cfg.retrieval_negative_kind}), {task_cfg.retrieval_hard_negatives} hard; CNN frozen: "
@@ -179,6 +205,8 @@ def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_c
 def main(argv: Optional[List[str]] = None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if unused_data_flags(args):
+        parser.error(unused_data_flags(args))
     with distributed(args.device) as info:
         try:
             return run(args, info)
@@ -227,7 +255,7 @@ def build_task_model(args, ckpt, model_cfg: ModelConfig, train_cfg: TrainConfig,
 def run(args, info):
     log = print if info.is_main else (lambda *_: None)
     out_dir = args.output_dir or os.path.join("runs", f"finetune-{args.task}")
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_folder(out_dir)
     share_cpu_threads(info)
     synthetic_data = not has_real_data(args)
     eval_split = args.eval_split or VAL_SPLITS[args.task]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import AnnotationError, ImageLoadError, load_image, pad_images
+from .data import AnnotationError, BadSample, ImageLoadError, drop_bad_samples, load_image, pad_images
 from .downstream import predict_sharded
 from .files import write_text
 from .engine import DistInfo
@@ -64,31 +64,48 @@ def read_nlvr2(jsonl_path: str, image_root: str, max_examples: Optional[int] = N
         raise FileNotFoundError(
             f"{jsonl_path}: NLVR2 file not found. --nlvr2-root must hold the official train.json / dev.json / "
             "test1.json (JSON lines) or use `python -m pixel_bert.synthetic_tasks --task nlvr2 --out DIR`")
-    examples = []
-    with open(jsonl_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{jsonl_path}: line {line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AnnotationError(f"{where}: not valid JSON ({e}); the file must hold one JSON object a line")
-            if not isinstance(obj, dict) or not isinstance(obj.get("identifier"), str) \
-                    or not isinstance(obj.get("sentence"), str):
-                raise AnnotationError(f"{where}: expected an object with string 'identifier' and 'sentence'")
-            label = _label(obj["label"], where) if "label" in obj else None
-            left, right = nlvr2_image_paths(image_root, obj["identifier"], obj.get("directory"))
-            examples.append(NLVR2Example(obj["identifier"], obj["sentence"], label, left, right))
-            if max_examples is not None and len(examples) >= max_examples:
-                break
+    examples, first_line = [], {}
+    for line_no, line in _numbered_lines(jsonl_path):
+        where = f"{jsonl_path}: line {line_no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AnnotationError(f"{where}: not valid JSON ({e}); the file must hold one JSON object a line")
+        if not isinstance(obj, dict) or not isinstance(obj.get("identifier"), str) \
+                or not isinstance(obj.get("sentence"), str):
+            raise AnnotationError(f"{where}: expected an object with string 'identifier' and 'sentence'")
+        identifier = obj["identifier"]
+        if identifier in first_line:
+            raise AnnotationError(f"{where}: identifier {identifier!r} is on line {first_line[identifier]} too")
+        first_line[identifier] = line_no
+        label = _label(obj["label"], where) if "label" in obj else None
+        try:
+            left, right = nlvr2_image_paths(image_root, identifier, obj.get("directory"))
+        except AnnotationError as e:
+            raise AnnotationError(f"{where}: {e}") from None
+        examples.append(NLVR2Example(identifier, obj["sentence"], label, left, right))
+        if max_examples is not None and len(examples) >= max_examples:
+            break
     if not examples:
         raise AnnotationError(f"{jsonl_path}: no examples")
     return examples
 
 
+def _numbered_lines(path: str):
+    """(line number, line) of the non-blank lines of a UTF-8 text file; other bytes raise AnnotationError."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise AnnotationError(f"{path}: line {line_no} is not UTF-8 text ({e})") from None
+            if line.strip():
+                yield line_no, line
+
+
 class NLVR2Dataset(torch.utils.data.Dataset):
-    """Items ``dict(left, right, sentence, label, identifier)``; ``None`` when an image is bad."""
+    """Items ``dict(left, right, sentence, label, identifier)``; a `pixel_bert.data.BadSample` naming
+    the first bad image of the pair when one is missing or unreadable (unless ``fatal_bad_samples``)."""
 
     def __init__(self, examples: Sequence[NLVR2Example], transform, fatal_bad_samples: bool = False):
         self.examples, self.transform, self.fatal_bad_samples = list(examples), transform, fatal_bad_samples
@@ -100,10 +117,10 @@ class NLVR2Dataset(torch.utils.data.Dataset):
         ex = self.examples[index]
         try:
             left, right = load_image(ex.left_path), load_image(ex.right_path)
-        except ImageLoadError:
+        except ImageLoadError as err:
             if self.fatal_bad_samples:
                 raise
-            return None
+            return BadSample.from_error(err)
         return dict(left=self.transform(left), right=self.transform(right), sentence=ex.sentence,
                     label=-1 if ex.label is None else int(ex.label), identifier=ex.identifier)
 
@@ -115,18 +132,16 @@ class NLVR2Collator:
         self.tokenizer, self.max_text_len, self.size_divisor = tokenizer, max_text_len, size_divisor
 
     def __call__(self, samples):
-        good = [s for s in samples if s is not None]
-        num_bad = len(samples) - len(good)
+        good, bad = drop_bad_samples(samples)
         if not good:
-            return dict(input_ids=torch.zeros((0, 0), dtype=torch.long), num_samples=0, num_bad=num_bad,
-                        identifiers=[])
+            return dict(input_ids=torch.zeros((0, 0), dtype=torch.long), num_samples=0, identifiers=[], **bad)
         left, left_mask = pad_images([s["left"] for s in good], self.size_divisor)
         right, right_mask = pad_images([s["right"] for s in good], self.size_divisor)
         text = self.tokenizer([s["sentence"] for s in good], max_length=self.max_text_len)
         return dict(images_left=left, pixel_mask_left=left_mask, images_right=right, pixel_mask_right=right_mask,
                     input_ids=text.input_ids, attention_mask=text.attention_mask,
                     labels=torch.tensor([s["label"] for s in good]),
-                    identifiers=[s["identifier"] for s in good], num_samples=len(good), num_bad=num_bad)
+                    identifiers=[s["identifier"] for s in good], num_samples=len(good), **bad)
 
 
 def _forward(model, batch, device):

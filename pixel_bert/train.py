@@ -13,6 +13,7 @@ Every ModelConfig / TrainConfig field is also a flag (``--lr 5e-5``); ``--help``
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, add_c
 from pixel_bert.engine import (Trainer, all_reduce_mean, distributed, exit_after_distributed_run,
                                share_cpu_threads, unwrap)
 from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
-from pixel_bert.files import write_json
+from pixel_bert.files import make_output_folder, write_json
 from pixel_bert.tokenizer import tokenizer_for_run
 from pixel_bert.weights import config_for_init, create_model, model_from_state, read_checkpoint
 
@@ -77,17 +78,51 @@ def build_configs(args, init: Optional[dict] = None):
     return model_cfg, train_cfg
 
 
-def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
-    """(train dataset, group ids or None, held-out dataset or None, uses synthetic data)."""
-    transform = D.ImageTransform.from_config(model_cfg)
+# An image folder flag is read only together with its annotation flag: alone it would be ignored.
+IMAGE_FLAG_NEEDS = {"coco_images": "--coco-karpathy", "coco_captions_images": "--coco-captions",
+                    "vg_images": "--vg-regions", "vg_image_data": "--vg-regions"}
+
+
+def unused_data_flags(args) -> Optional[str]:
+    """Why the data flags cannot be used as given (an image folder without its annotation file would
+    be ignored and the run would fall back to the synthetic world), or None."""
+    for name, needs in IMAGE_FLAG_NEEDS.items():
+        if getattr(args, name) and not getattr(args, needs.lstrip("-").replace("-", "_")):
+            return f"--{name.replace('_', '-')} is given without {needs}, which names the annotations to read"
+    return None
+
+
+def require_records(records: List[D.CaptionRecord], flag: str, path: str, what: str) -> List[D.CaptionRecord]:
+    """``records``, or an AnnotationError naming the file: a data flag that yields no pair is an error,
+    never a silent fall-back to the synthetic world."""
+    if not records:
+        raise D.AnnotationError(f"{flag} {path}: {what}, so it gives no training pair. Check that this is the "
+                                "intended file (python -m pixel_bert.datasets verify checks a layout)")
+    return records
+
+
+def karpathy_split_counts(path: str) -> str:
+    """How many images each split of a Karpathy file has, for the error message of an empty split."""
+    _, _, images = D.karpathy_images(path, D.KARPATHY_SPLITS)
+    counts = collections.Counter(image["split"] for _, image in images)
+    return ", ".join(f"{split} {counts[split]}" for split in D.KARPATHY_SPLITS)
+
+
+def read_caption_records(args) -> List[D.CaptionRecord]:
+    """The (image, caption) records of the real-data flags (empty when none is given)."""
     records: List[D.CaptionRecord] = []
     if args.coco_karpathy:
         if not args.coco_images:
             raise ValueError("--coco-karpathy needs --coco-images (the folder holding train2014/ and val2014/)")
-        records += D.read_karpathy(args.coco_karpathy, args.coco_images, splits=("train", "restval"))
+        records += require_records(
+            D.read_karpathy(args.coco_karpathy, args.coco_images, splits=("train", "restval")), "--coco-karpathy",
+            args.coco_karpathy, f"no caption in the train and restval splits (images per split: "
+                                f"{karpathy_split_counts(args.coco_karpathy)})")
     if args.coco_captions:
-        coco = D.read_coco_captions(args.coco_captions, args.coco_captions_images or
-                                    os.path.join(os.path.dirname(args.coco_captions), "images"))
+        coco = require_records(
+            D.read_coco_captions(args.coco_captions, args.coco_captions_images or
+                                 os.path.join(os.path.dirname(args.coco_captions), "images")),
+            "--coco-captions", args.coco_captions, "'annotations' lists no caption")
         if any("val2014" in r.image_path for r in coco):
             print(f"warning: {args.coco_captions} holds COCO val2014 images, among them the Karpathy val/test "
                   "images that retrieval is evaluated on: pre-training on them leaks. For the paper's setup use "
@@ -100,7 +135,18 @@ def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
         if not exclude:
             print("warning: no --coco-karpathy given, so Visual Genome images of the COCO Karpathy val/test "
                   "splits cannot be excluded (retrieval evaluation would leak)", file=sys.stderr)
-        records += D.read_visual_genome(args.vg_regions, args.vg_image_data, args.vg_images, exclude)
+        records += require_records(
+            D.read_visual_genome(args.vg_regions, args.vg_image_data, args.vg_images, exclude), "--vg-regions",
+            args.vg_regions, "no region description (every image's 'regions' list is empty, or every image is a "
+                             "COCO Karpathy val/test image, left out of pre-training)")
+    return records
+
+
+def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """(train dataset, group ids or None, held-out dataset or None, uses synthetic data): the real
+    data the flags name, or the synthetic world when no data flag is given."""
+    transform = D.ImageTransform.from_config(model_cfg)
+    records = read_caption_records(args)
     if records:
         dataset = D.CaptionDataset(records, transform, fatal_bad_samples=train_cfg.fatal_bad_samples)
         groups = D.aspect_ratio_group_ids(records) if train_cfg.group_by_aspect_ratio else None
@@ -118,6 +164,8 @@ def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
 def main(argv: Optional[List[str]] = None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if unused_data_flags(args):
+        parser.error(unused_data_flags(args))
     init = read_checkpoint(args.init) if args.init != "none" else None
     try:  # cross-field checks (e.g. max_text_len within the position table) as argparse errors
         configs = build_configs(args, init)
@@ -129,7 +177,7 @@ def main(argv: Optional[List[str]] = None):
 
 def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig):
     out_dir = args.output_dir or os.path.join("runs", args.config)
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_folder(out_dir)
     share_cpu_threads(info)
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     log = print if info.is_main else (lambda *_: None)

@@ -180,6 +180,17 @@ def attention_figure(image: Image.Image, maps: AttentionMaps, tokens: Optional[S
     return fig
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a size or a count of panels)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pixel_bert.visualize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,8 +205,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="transformer layer, 0 = first (the paper's figure), -1 = last (default 0)")
     p.add_argument("--head", type=int, default=None,
                    help="one attention head; default: the mean of all heads")
-    p.add_argument("--panel-size", type=int, default=160, help="longer side of each panel in pixels (default 160)")
-    p.add_argument("--columns", type=int, default=6, help="panels per row (default 6)")
+    p.add_argument("--panel-size", type=positive_int, default=160,
+                   help="longer side of each panel in pixels, at least 1 (default 160)")
+    p.add_argument("--columns", type=positive_int, default=6, help="panels per row, at least 1 (default 6)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", default="attention.png", help="output PNG (default attention.png)")
     return p

@@ -28,13 +28,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import AnnotationError, ImageLoadError, json_field, json_list, read_json, load_image, pad_images
+from .data import (AnnotationError, BadSample, ImageLoadError, drop_bad_samples, json_field, json_list, load_image,
+                   pad_images, read_json)
 from .downstream import predict_sharded
 from .files import write_json
 from .engine import DistInfo
@@ -102,11 +103,17 @@ def read_vqa(root: str, split: str, image_root: Optional[str] = None,
         annotations = json_list(a_data, "annotations", "the top-level object", a_path)
         for i, ann in enumerate(annotations):
             qid = json_field(ann, "question_id", int, f"annotations[{i}]", a_path)
+            if qid in by_qid:
+                raise AnnotationError(f"{a_path}: annotations[{i}] has question_id {qid}, annotated earlier too")
             by_qid[qid] = ann
     questions = []
+    seen = set()
     for i, q in enumerate(raw_questions):
         where = f"questions[{i}]"
         qid = json_field(q, "question_id", int, where, q_path)
+        if qid in seen:
+            raise AnnotationError(f"{q_path}: {where} has question_id {qid}, asked earlier in the file too")
+        seen.add(qid)
         image_id = json_field(q, "image_id", int, where, q_path)
         text = json_field(q, "question", str, where, q_path)
         answers, answer_type, question_type = (), "", ""
@@ -127,8 +134,11 @@ def read_vqa(root: str, split: str, image_root: Optional[str] = None,
         questions.append(VQAQuestion(qid, image_id, text, vqa_image_path(image_root, split, image_id),
                                      answers, answer_type, question_type))
     if annotations is not None:
-        kept = {q.question_id for q in questions}
-        annotations = [a for a in annotations if a["question_id"] in kept]
+        orphans = sorted(set(by_qid) - seen)
+        if orphans and max_questions is None:
+            raise AnnotationError(f"{a_path}: {len(orphans)} annotations are of questions {q_path} does not have "
+                                  f"(question_id {orphans[0]}, ...); are the two files of the same split?")
+        annotations = [a for a in annotations if a["question_id"] in seen]
     return VQASplit(split, questions, annotations, raw_questions)
 
 
@@ -166,8 +176,8 @@ def load_answers(path: str) -> List[str]:
 class VQADataset(torch.utils.data.Dataset):
     """Items ``dict(image, question, question_id, labels, scores, index)``: the resized, normalised
     image, the question text, and the soft-score target as (answer indices, scores) from
-    metrics.vqa_targets. A missing or corrupt image gives ``None`` (skipped and counted by the
-    collator) unless ``fatal_bad_samples``."""
+    metrics.vqa_targets. A missing or corrupt image gives a `pixel_bert.data.BadSample` (dropped and
+    carried in the batch by the collator) unless ``fatal_bad_samples``."""
 
     def __init__(self, questions: Sequence[VQAQuestion], answers: Sequence[str], transform,
                  drop_unanswerable: bool = False, fatal_bad_samples: bool = False):
@@ -186,14 +196,14 @@ class VQADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
+    def __getitem__(self, index: int) -> Union[Dict[str, Any], BadSample]:
         q, labels, scores = self.items[index]
         try:
             image = load_image(q.image_path)
-        except ImageLoadError:
+        except ImageLoadError as err:
             if self.fatal_bad_samples:
                 raise
-            return None
+            return BadSample.from_error(err)
         return dict(image=self.transform(image), question=q.question, question_id=q.question_id,
                     labels=labels, scores=scores, index=index)
 
@@ -206,10 +216,9 @@ class VQACollator:
         self.size_divisor = size_divisor
 
     def __call__(self, samples):
-        good = [s for s in samples if s is not None]
-        num_bad = len(samples) - len(good)
+        good, bad = drop_bad_samples(samples)
         if not good:
-            return dict(input_ids=torch.zeros((0, 0), dtype=torch.long), num_samples=0, num_bad=num_bad)
+            return dict(input_ids=torch.zeros((0, 0), dtype=torch.long), num_samples=0, **bad)
         images, pixel_mask = pad_images([s["image"] for s in good], self.size_divisor)
         text = self.tokenizer([s["question"] for s in good], max_length=self.max_text_len)
         # Scatter every (row, answer, score) triple at once: no loop over answers.
@@ -220,7 +229,7 @@ class VQACollator:
         targets[rows, cols] = vals
         return dict(images=images, pixel_mask=pixel_mask, input_ids=text.input_ids,
                     attention_mask=text.attention_mask, targets=targets,
-                    question_ids=[s["question_id"] for s in good], num_samples=len(good), num_bad=num_bad)
+                    question_ids=[s["question_id"] for s in good], num_samples=len(good), **bad)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 import pickle
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -55,6 +55,25 @@ class LoadReport:
 #                                    Reading tensor files
 # -------------------------------------------------------------------------------------------------
 
+def load_weights_only(path: str, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU. A file that is no torch file (empty,
+    truncated, random bytes) raises ValueError "not a readable {what}"; one that asks for a Python
+    class or function beyond tensors and plain values (which could run code when unpickled) is
+    refused with ValueError "refused to load". Both name the file; nothing from it is run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e.__context__ or e).strip()
+        if "GLOBAL" in str(e):  # the weights-only unpickler met a class or function it does not allow
+            raise ValueError(f"{path}: refused to load: it holds Python objects other than tensors and plain "
+                             f"values, which could run code when unpickled; nothing from it was run. Re-save it "
+                             f"as a plain state dict (or .safetensors). ({detail})") from e
+        raise ValueError(f"{path}: not a readable {what}: the file is truncated or damaged ({detail})") from e
+    except Exception as e:  # zero bytes (EOFError), a cut zip archive (RuntimeError), ...
+        raise ValueError(f"{path}: not a readable {what}: the file is truncated or damaged "
+                         f"({type(e).__name__}: {e})") from e
+
+
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Tensors from a .safetensors file or a PyTorch file, the latter loaded with
     ``weights_only=True`` so a file that would run code on unpickling is refused."""
@@ -66,14 +85,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             return load_file(path)
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: refused to load: the file holds Python objects other than tensors, which could run "
-            f"code when unpickled. Re-save it as a plain state dict (or .safetensors). Details: {e}") from e
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+    obj = load_weights_only(path, "PyTorch weights file")
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # a pixel-bert or training checkpoint
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -335,13 +347,7 @@ def read_checkpoint(path: str) -> dict:
         return read_model_folder(os.path.dirname(path) or ".")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to load: it holds Python objects other than tensors and plain "
-                         f"values, which could run code when unpickled ({e})") from e
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    ckpt = load_weights_only(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path}: not a pixel-bert checkpoint (expected keys 'model' and 'model_config')")
     return ckpt

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD, make_model_config
 from pixel_bert.data import (
-    ALPHA_BACKGROUND, AnnotationError, BadSampleError, BadSampleWarning, CaptionCollator, CaptionDataset,
-    CaptionRecord, GroupedBatchSampler, ImageLoadError, ImageTransform, aspect_ratio_group_ids,
+    ALPHA_BACKGROUND, AnnotationError, BadSample, BadSampleError, BadSampleReporter, BadSampleWarning,
+    CaptionCollator, CaptionDataset, CaptionRecord, GroupedBatchSampler, ImageLoadError, ImageTransform, aspect_ratio_group_ids,
     build_pretrain_records, karpathy_coco_ids, load_image, pad_images, read_coco_captions, read_image_size,
     read_karpathy, read_visual_genome)
 from pixel_bert import synthetic
@@ -394,16 +394,25 @@ def mixed_records(tmp_path):
             CaptionRecord(good2, "the circle is red", "k:4")]
 
 
-def test_bad_samples_skipped_counted_and_warned(mixed_records):
+def test_bad_samples_become_markers_that_name_the_file_and_are_warned_once(mixed_records):
     transform = ImageTransform(32, 64, IMAGENET_MEAN, IMAGENET_STD)
     dataset = CaptionDataset(mixed_records, transform)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [isinstance(item, BadSample) for item in items] == [False, True, True, True, False]
+    assert [(b.path, b.reason) for b in items if isinstance(b, BadSample)] == [
+        (mixed_records[1].image_path, "missing_file"), (mixed_records[2].image_path, "corrupt_image"),
+        (mixed_records[3].image_path, "empty_caption")]
+    assert "image folder flag" in items[1].message and "truncated.png" in items[2].message
+    assert items[0]["image"].shape == (3, 32, 64) and items[0]["index"] == 0 and items[0]["image_key"] == "k:0"
+    reporter = BadSampleReporter(max_warnings=10)
+    bad = [item for item in items if isinstance(item, BadSample)]
     with pytest.warns(BadSampleWarning) as caught:
-        items = [dataset[i] for i in range(len(dataset))]
-    assert [item is None for item in items] == [False, True, True, True, False]
-    assert dict(dataset.bad_counts) == {"missing_file": 1, "corrupt_image": 1, "empty_caption": 1}
+        reporter.report(bad)
+        reporter.report(bad)  # the same files again (the next epoch): counted, not warned again
+    assert len(caught) == 3
+    assert dict(reporter.counts) == {"missing_file": 2, "corrupt_image": 2, "empty_caption": 2}
     messages = " ".join(str(w.message) for w in caught)
     assert "missing.png" in messages and "truncated.png" in messages
-    assert items[0]["image"].shape == (3, 32, 64) and items[0]["index"] == 0 and items[0]["image_key"] == "k:0"
 
 
 def test_bad_samples_fatal_mode(mixed_records):
@@ -433,23 +442,23 @@ def test_image_load_error_survives_the_trip_from_a_worker():
     assert (str(err), err.path, err.reason) == ("x.jpg: broken", "x.jpg", "corrupt_image")
 
 
-def test_bad_sample_count_reaches_the_loop_from_worker_processes(mixed_records, tokenizer):
+def test_bad_samples_reach_the_loop_from_worker_processes(mixed_records, tokenizer):
     dataset = CaptionDataset(mixed_records, ImageTransform(32, 64, IMAGENET_MEAN, IMAGENET_STD))
     loader = DataLoader(dataset, batch_size=2, num_workers=2,
                         collate_fn=CaptionCollator(tokenizer, max_text_len=16))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", BadSampleWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         batches = list(loader)
-    assert sum(b["num_bad"] for b in batches) == 3  # counted in the workers, carried by the batches
+    assert sum(b["num_bad"] for b in batches) == 3  # found in the workers, carried by the batches
     assert sum(b["images"].shape[0] for b in batches) == 2
-    assert sum(dataset.bad_counts.values()) == 0    # the main process's counter never saw them
+    assert sorted(b.path for batch in batches for b in batch["bad_samples"]) == sorted(
+        r.image_path for r in mixed_records[1:4])
+    assert not [w for w in caught if issubclass(w.category, BadSampleWarning)]  # the loop warns, not the data
 
 
 def test_collator_shapes_and_dtypes(mixed_records, tokenizer):
     dataset = CaptionDataset(mixed_records, ImageTransform(32, 64, IMAGENET_MEAN, IMAGENET_STD))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", BadSampleWarning)
-        samples = [dataset[i] for i in range(len(dataset))]
+    samples = [dataset[i] for i in range(len(dataset))]
     batch = CaptionCollator(tokenizer, max_text_len=16)(samples)
     # good.png 60x30 -> 64x32 (long side capped); good2.png 20x50 -> 26x64
     assert batch["images"].shape == (2, 3, 64, 64) and batch["images"].dtype == torch.float32
@@ -461,10 +470,12 @@ def test_collator_shapes_and_dtypes(mixed_records, tokenizer):
     assert batch["attention_mask"][0].tolist() == [True] * 5 + [False]
     assert batch["image_keys"] == ["k:0", "k:4"] and batch["captions"] == ["a red circle", "the circle is red"]
     assert batch["indices"].tolist() == [0, 4] and batch["num_bad"] == 3
+    assert [b.reason for b in batch["bad_samples"]] == ["missing_file", "corrupt_image", "empty_caption"]
     short = CaptionCollator(tokenizer, max_text_len=4)(samples)
     assert short["input_ids"].shape[1] == 4 and short["input_ids"][1, -1] == tokenizer.sep_id
-    empty = CaptionCollator(tokenizer, max_text_len=16)([None, None])
-    assert empty["images"].shape[0] == 0 and empty["input_ids"].shape[0] == 0 and empty["num_bad"] == 2
+    empty = CaptionCollator(tokenizer, max_text_len=16)(samples[1:4])
+    assert empty["images"].shape[0] == 0 and empty["input_ids"].shape[0] == 0 and empty["num_bad"] == 3
+    assert empty["num_samples"] == 0 and len(empty["bad_samples"]) == 3
 
 
 # ---- aspect-ratio grouping -----------------------------------------------------------------------
