@@ -572,8 +572,10 @@ class Trainer:
             from .weights import save_model, save_model_folder
             extra = {"task": self.run_config.get("task", "pretrain"), **self.run_config.get("model_extra", {})}
             save_model(unwrap(self.model), os.path.join(self.out_dir, "model.pt"), extra=extra)
-            # the same model without pickle, in the layout models are shared in (weights.write_model_folder)
-            save_model_folder(unwrap(self.model), os.path.join(self.out_dir, "model"), extra=extra)
+            # the same model without pickle, in the layout models are shared in (weights.write_model_folder),
+            # which carries the vocabulary: a run given none (a bare Trainer) writes model.pt alone
+            if "vocab" in extra:
+                save_model_folder(unwrap(self.model), os.path.join(self.out_dir, "model"), extra=extra)
         self.writer.close()
         return self
 
