@@ -31,10 +31,18 @@ class ModelConfig:
     visual_proj_kernel: int = 1           # conv from backbone channels to hidden size: 1x1 [choice]
     visual_pool: int = 2                  # 2x2 max-pool after the conv -> stride 64 [paper]
     num_sampled_pixels: int = 100         # random pixel sampling in pre-training [paper]
+    channels_last: bool = True            # CNN activations and weights in NHWC layout: the fast layout of
+                                          # cuDNN's tensor-core and oneDNN's CPU convolutions; same numbers
+    backbone_checkpointing: bool = False  # recompute the CNN's stem and residual blocks in backward to save
+                                          # memory (x152 at 600x1000, r50 at 64/GPU on a 32 GB card); needs
+                                          # freeze_backbone_bn
     image_short_side: int = 800           # keep-ratio resize [paper: 800/1333 for R50]
     image_long_side: int = 1333           # cap on the longer side after the resize [paper: 1333 for R50]
     image_mean: Tuple[float, float, float] = IMAGENET_MEAN  # of the torchvision weights [choice]
     image_std: Tuple[float, float, float] = IMAGENET_STD  # per-channel std of the normalisation [choice]
+    image_jpeg_draft: bool = True         # decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when
+                                          # that still covers the resize target and gives the same output
+                                          # size: far less decoding work for large photos [choice]
     # ---- language embedding, eq. (2), and cross-modality transformer, eq. (3) --------------------
     vocab_size: int = 30522               # bert-base-uncased WordPiece vocabulary [choice]
     hidden_size: int = 768                # BERT-base sizes [paper: 12 layers; the rest BERT's, choice]
