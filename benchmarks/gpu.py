@@ -1,0 +1,159 @@
+"""The paper-scale figures on one GPU, in one command and one table (about 8 minutes on an H100-class card).
+
+    python benchmarks/gpu.py --json gpu.json        # on a machine with a GPU
+    python benchmarks/gpu.py --smoke --json s.json  # CPU, tiny sizes, well under a minute (a test runs it)
+
+Runs, at the paper's settings (r50 at 800x1333, BERT-base, 64 samples per GPU):
+1. step.py: the whole pre-training step in bf16 and fp16, eager and torch.compile; plus bf16 with
+   CNN activation checkpointing and bf16 with all pixels kept. images/s, model FLOP utilisation
+   (FlopCounterMode's model FLOPs / time / the card's dense peak for that dtype, from
+   common.GPU_PEAK_TFLOPS matched on torch.cuda.get_device_name; on CPU the measured matmul's
+   FLOP/s stands in), peak memory (max_memory_allocated);
+2. encoder.py: our BERT-base layers vs Hugging Face's at 140 and 313 positions, bf16;
+3. data_loading.py: images/s per worker and the workers one GPU needs at the measured step time;
+4. retrieval_throughput.py: pairs/s with the feature cache and without, hours for Flickr30K and
+   COCO 5K on 8 GPUs.
+The sub-benchmarks' own output goes into the JSON ("logs"); the screen gets one table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+
+import torch
+
+import data_loading
+import encoder
+import retrieval_throughput
+from common import (DTYPES, device_peak_tflops, machine, matmul_flops, peak_memory, print_table, setup, time_runs,
+                    write_json)
+from step import Setup
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, to check the script end to end")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default auto)")
+    p.add_argument("--batch", type=int, default=64, help="samples per GPU (default 64, the paper's)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
+    p.add_argument("--repeat", type=int, default=5, help="timed steps per setting (default 5)")
+    p.add_argument("--json", default=None, help="also write everything to this JSON file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def step_settings(args, device):
+    """(dtype, compile, pixels, checkpointing) of each whole-step setting."""
+    if args.smoke:
+        return [("fp32", False, "sampled", False), ("fp32", False, "all", False)]
+    dtypes = ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+    settings = [(d, False, "sampled", False) for d in dtypes]
+    if not args.no_compile:
+        settings += [(d, True, "sampled", False) for d in dtypes]
+    return settings + [(dtypes[0], False, "sampled", True), (dtypes[0], False, "all", False)]
+
+
+def step_rows(args, device, folder):
+    preset, size = ("tiny", (64, 64)) if args.smoke else ("r50", (800, 1333))
+    options = argparse.Namespace(layers=None, batch=2 if args.smoke else args.batch, compile=False)
+    rows, flops, matmul = [], {}, {}
+    for dtype, compiled, pixels, ckpt in step_settings(args, device):
+        options.compile = compiled
+        label = f"{preset} {size[0]}x{size[1]} {dtype} {'compile' if compiled else 'eager'} pixels={pixels}" + \
+                (" ckpt" if ckpt else "")
+        row = {"part": "step", "setting": label, "unit": "images/s", "note": ""}
+        try:
+            s = Setup(preset, size, pixels, ckpt, options, device, dtype, folder)
+            s.step()
+            if pixels not in flops:
+                flops[pixels] = s.model_flops()
+            t = time_runs(s.step, device, 2 if compiled else 1, args.repeat)["median"]
+            row.update(rate=options.batch / t, ms=1000 * t, batch=options.batch,
+                       peak_mem_gb=peak_memory(s.step, device) / 2**30)
+            card = device_peak_tflops(device, dtype)
+            if card["tflops"]:
+                peak, row["peak_source"] = card["tflops"] * 1e12, f"{card['matched']} dense {dtype}"
+            else:
+                matmul.setdefault(dtype, matmul_flops(device, DTYPES[dtype]))
+                peak, row["peak_source"] = matmul[dtype], "measured matmul"
+            row["mfu"] = flops[pixels] / t / peak
+        except torch.cuda.OutOfMemoryError:
+            row["note"] = "out of memory"
+        except Exception as err:  # noqa: BLE001 - e.g. torch.compile failing on this machine: report, go on
+            if not compiled:
+                raise
+            row["note"] = f"compile failed: {type(err).__name__}: {str(err)[:80]}"
+        rows.append(row)
+        s = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def quietly(fn, argv, logs, name):
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        result = fn(argv)
+    logs[name] = buffer.getvalue()
+    return result
+
+
+def other_rows(args, steps, logs):
+    smoke = args.smoke
+    dev = ["--device", "cpu" if smoke else "cuda"]
+    enc = quietly(encoder.main, dev + (["--layers", "1", "--hidden", "64", "--batch", "2", "--pixels", "12",
+                                        "--repeat", "1", "--impls", "ours,hf-sdpa"] if smoke else
+                                       ["--layers", "12", "--batch", str(args.batch), "--dtype", "bf16",
+                                        "--repeat", "5"]), logs, "encoder")
+    card = device_peak_tflops(torch.device(dev[1]), enc["dtype"])["tflops"]  # MFU as the step rows have it
+    rows = [{"part": "encoder", "setting": f"{r['positions']} positions, padding {r['padding']}, {r['impl']}",
+             "rate": 1000 / r["ms"] * enc["batch"], "unit": "sequences/s", "ms": r["ms"],
+             "mfu": r["tflops"] / card if card else r["of_matmul"], "note": f"{r['vs_hf_sdpa']:.2f}x HF-SDPA time"}
+            for r in enc["rows"] if r["impl"] != "hf-eager"]
+    # the first measured step, scaled to --batch images: the pace the data workers must keep
+    step_s = next((r["ms"] / 1000 * args.batch / r["batch"] for r in steps if r.get("ms")), None)
+    data_argv = dev + ["--batch", str(args.batch)] + (["--step-seconds", str(step_s)] if step_s else [])
+    data = quietly(data_loading.main, data_argv + (["--photos", "64x48", "--images", "2", "--short", "32", "--long",
+                                                    "48", "--repeat", "1"] if smoke else []), logs, "data_loading")
+    for r in data["rows"]:
+        key = f"{r['photo']} {r['loader']}"
+        rows.append({"part": "data", "setting": key, "rate": r["images_s"], "unit": "images/s per worker",
+                     "note": f"{data['workers_per_gpu'][key]} workers per GPU" if key in data["workers_per_gpu"] else ""})
+    for r in data["padding"]:
+        rows.append({"part": "data", "setting": f"padding, {r['batching']}", "rate": r["padded_pixels"],
+                     "unit": "padded share", "note": ""})
+    ret = quietly(retrieval_throughput.main, dev + (["--preset", "tiny", "--images", "2", "--captions", "4"] if smoke
+                                                    else ["--images", "64", "--captions", "320", "--uncached-pairs", "128"]),
+                  logs, "retrieval")
+    rows += [{"part": "retrieval", "setting": r["path"], "rate": r["pairs_s"], "unit": "pairs/s", "note": ""}
+             for r in ret["rows"]]
+    rows += [{"part": "retrieval", "setting": f"{p['dataset']} on 8 {'CPUs like this' if smoke else 'GPUs'}",
+              "rate": p["hours_cache"], "unit": "hours",
+              "note": f"{p['hours_cnn_per_pair']:.1f} h with the CNN per pair"} for p in ret["projections"]]
+    return rows, {"encoder": enc, "data_loading": data, "retrieval": ret}
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.smoke and args.device == "auto":
+        args.device = "cpu"
+    args.warmup, args.repeat = 1, 1 if args.smoke else args.repeat
+    device = setup(args)
+    logs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        steps = step_rows(args, device, folder)
+    others, details = other_rows(args, steps, logs)
+    card = device_peak_tflops(device, "bf16")
+    print(f"{card['name']} ({'peaks of ' + card['matched'] if card['matched'] else 'no nominal peak known'}), "
+          f"torch {torch.__version__}{', smoke run' if args.smoke else ''}")
+    print_table(steps + others, ["part", "setting", "rate", "unit", "ms", "mfu", "peak_mem_gb", "note"])
+    result = {"benchmark": "gpu", "machine": machine(device), "smoke": args.smoke, "card": card, "step": steps,
+              "rows": others, **details, "logs": logs}
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
