@@ -45,11 +45,11 @@ GPU_PEAK_TFLOPS = [
 ]
 
 
-def add_common_args(parser, repeat: int = 5):
+def add_common_args(parser, repeat: int = 5, warmup: int = 1):
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: $OMP_NUM_THREADS if set, else torch's default)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs before timing (default {warmup})")
     parser.add_argument("--repeat", type=int, default=repeat, help=f"timed runs; the median is reported "
                         f"(default {repeat})")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -89,10 +89,29 @@ def time_runs(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
     return {"median": statistics.median(times), "min": min(times), "times": times}
 
 
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int = 1,
+                     repeat: int = 5) -> Dict[str, float]:
+    """Median seconds per call of each of ``fns``, timed in turns (a, b, c, a, b, c, ...) so that a
+    change in the machine's load during the measurement affects all of them alike: ratios between
+    them stay fair on a shared machine."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(max(repeat, 1)):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, repeat: int = 5) -> float:
     """FLOP/s of one large square matmul (2 n^3 FLOPs) on ``device``: the practical peak that the
     models' FLOP/s are compared against, measured in the same process and state."""
-    n = n or (8192 if device.type == "cuda" else 2048)
+    n = n or (8192 if device.type == "cuda" else 2048 if dtype == torch.float32 else 1024)  # CPU bf16 can be slow
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = time_runs(lambda: a @ b, device, warmup=2, repeat=repeat)["median"]
@@ -131,6 +150,54 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
         current += nbytes
         peak = max(peak, current)
     return peak
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def operator_kind(name: str) -> str:
+    """conv, attention, matmul or other, from a profiler event's name."""
+    if "convolution" in name:
+        return "conv"
+    if "attention" in name:  # aten::_scaled_dot_product_*_attention* and their backward
+        return "attention"
+    return "matmul" if name in MATMUL_OPS else "other"
+
+
+def operators_by_section(run_sections: Callable, device: torch.device, exclude: Sequence[str] = (),
+                         within: Sequence[str] = ()) -> Dict:
+    """Profile ``run_sections(marked)``, which runs each part of a step as ``marked(name, fn)``, and
+    sum the operators' self time by section and kind (conv, matmul, attention, other) as shares of
+    the total without the ``exclude`` sections. On CPU every event's self CPU time counts (Python
+    and autograd overhead are 'other'); on GPU the device time of the kernels each operator
+    launched itself. An operator belongs to the section in which it started. Also returns the share
+    of 'other' time outside the ``within`` sections (e.g. outside the CNN: time in neither the CNN
+    nor attention nor matmuls)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def marked(name, fn):
+        with record_function(f"section:{name}"):
+            out = fn()
+            sync(device)
+        return out
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_sections(marked)
+    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    spans = [(e.time_range.start, e.time_range.end, e.name[len("section:"):]) for e in events
+             if e.name.startswith("section:")]
+    table: Dict[str, Dict[str, float]] = {}
+    for e in events:
+        section = next((k for start, end, k in spans if start <= e.time_range.start <= end), None)
+        if section is None or section in exclude:
+            continue
+        kinds = table.setdefault(section, dict.fromkeys(("conv", "matmul", "attention", "other"), 0.0))
+        kinds[operator_kind(e.name)] += e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+    total = sum(t for kinds in table.values() for t in kinds.values()) or 1.0
+    shares = {k: {kind: t / total for kind, t in kinds.items()} for k, kinds in table.items()}
+    outside = sum(kinds["other"] for k, kinds in shares.items() if k not in within)
+    return {"shares": shares, "outside_cnn_attention_matmul": outside}
 
 
 def device_peak_tflops(device: torch.device, dtype: str) -> Dict:
@@ -212,3 +279,11 @@ def write_photos(folder: str, sizes: Sequence, seed: int = 0, quality: int = 90)
         Image.fromarray(pixels).save(path, quality=quality)
         paths.append(path)
     return paths
+
+
+def random_captions(count: int, min_words: int, max_words: int, seed: int = 0) -> List[str]:
+    """``count`` captions of min..max words of the synthetic vocabulary (one token per word)."""
+    import numpy as np
+    from pixel_bert.synthetic import SYNTHETIC_WORDS
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(SYNTHETIC_WORDS, rng.integers(min_words, max_words + 1))) for _ in range(count)]

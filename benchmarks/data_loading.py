@@ -92,8 +92,9 @@ def decoder_rates(args, device, folder):
             dev = device if name.endswith("cuda") else torch.device("cpu")
             t = time_runs(lambda: load(paths), dev, args.warmup, args.repeat)["median"]
             diff = (load(paths[:1])[0].cpu() - ref).mul(plain.std).abs().mean().item() * 255
-            rows.append({"photo": size, "loader": name, "images_s": len(paths) / t, "ms_per_image": 1000 * t / len(paths),
-                         "out": "x".join(map(str, ref.shape[1:][::-1])), "grey_levels_vs_pillow": diff})
+            rows.append({"photo": size, "loader": name, "images_s": len(paths) / t,
+                         "ms_per_image": 1000 * t / len(paths), "out": "x".join(map(str, ref.shape[1:][::-1])),
+                         "grey_levels_vs_pillow": diff})
     torch.set_num_threads(threads)
     return rows
 
@@ -109,7 +110,8 @@ def step_seconds(args):
     rows = result.get("step_rows", result.get("rows", []))
     for r in rows:
         if r.get("preset") != "tiny" and r.get("ms"):
-            return r["ms"] / 1000 * args.batch / r["batch"], f"{args.step_json}: {r['preset']} {r['size']} batch {r['batch']}"
+            source = f"{args.step_json}: {r['preset']} {r['size']} batch {r['batch']}"
+            return r["ms"] / 1000 * args.batch / r["batch"], source
     return None, None
 
 
@@ -132,7 +134,8 @@ def padding_shares(args, batches: int = 200, seed: int = 0):
             pix.append(1 - (w * h).sum() / (len(batch) * w.max() * h.max()))
             gw, gh = np.ceil(w / 64), np.ceil(h / 64)
             feat.append(1 - (gw * gh).sum() / (len(batch) * gw.max() * gh.max()))
-        rows.append({"batching": name, "padded_pixels": float(np.mean(pix)), "padded_feature_pixels": float(np.mean(feat))})
+        rows.append({"batching": name, "padded_pixels": float(np.mean(pix)),
+                     "padded_feature_pixels": float(np.mean(feat))})
     return rows
 
 

@@ -8,7 +8,8 @@ loader (pixel_bert.weights.load_bert_weights), so the comparison also checks the
 with no image PixelBert is exactly BERT, and the outputs must agree (on a padded and an unpadded
 batch) before anything is timed; the script aborts if they do not.
 
-Timed: forward + backward of the encoder in training mode (dropout on) at the joint sequence
+Timed, in turns (ours, HF-SDPA, HF-eager, ours, ...: load changes hit all alike): forward +
+backward of the encoder in training mode (dropout on) at the joint sequence
 lengths of pre-training (40 text tokens + 100 sampled pixels = 140 positions) and fine-tuning
 (40 + all 273 pixels = 313), each with an unpadded batch (every caption 40 tokens: our mask-free
 attention path) and a padded one (caption lengths 8..40). Reported per setting: ms per step, ours /
@@ -23,7 +24,7 @@ import tempfile
 import torch
 
 from common import (DTYPES, add_common_args, autocast, count_flops, csv_list, machine, matmul_flops,
-                    print_table, setup, time_runs, write_json)
+                    print_table, setup, time_interleaved, write_json)
 from pixel_bert.config import model_config_from_bert
 from pixel_bert.model import PixelBert
 from pixel_bert.weights import load_bert_weights
@@ -87,6 +88,18 @@ def forward(name, model, ids, mask):
     return model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
 
 
+def train_step(name, model, ids, mask, device, dtype):
+    """Forward + backward of one model in training mode (dropout on), gradients dropped after."""
+    model.train()
+
+    def step():
+        with autocast(device, dtype):
+            loss = forward(name, model, ids, mask).float().square().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
 def check_outputs_agree(ours, hf, args, vocab, device, dtype):
     """Abort unless every implementation gives our hidden states (eval mode: no dropout)."""
     tol = 1e-4 if dtype == "fp32" else 6e-2
@@ -118,18 +131,10 @@ def main(argv=None):
         length = args.text_len + pixels
         for padding in csv_list(args.padding):
             ids, mask = make_batch(args, length, padding == "text", vocab, device)
-            flops = None
-            for name in csv_list(args.impls):
-                model = models[name].train()
-
-                def step():
-                    with autocast(device, dtype):
-                        loss = forward(name, model, ids, mask).float().square().mean()
-                    loss.backward()
-                    model.zero_grad(set_to_none=True)
-                if flops is None:
-                    flops = count_flops(step)
-                t = time_runs(step, device, args.warmup, args.repeat)["median"]
+            steps = {name: train_step(name, models[name], ids, mask, device, dtype) for name in csv_list(args.impls)}
+            flops = count_flops(next(iter(steps.values())))  # the same math in every implementation
+            seconds = time_interleaved(steps, device, args.warmup, args.repeat)
+            for name, t in seconds.items():
                 rows.append({"positions": length, "padding": padding, "impl": name, "ms": 1000 * t,
                              "tflops": flops / t / 1e12, "of_matmul": flops / t / peak, "gflop": flops / 1e9})
     for r in rows:  # ours / HF-SDPA time, in the same setting

@@ -5,10 +5,12 @@
 
 Runs, at the paper's settings (r50 at 800x1333, BERT-base, 64 samples per GPU):
 1. step.py: the whole pre-training step in bf16 and fp16, eager and torch.compile; plus bf16 with
-   CNN activation checkpointing and bf16 with all pixels kept. images/s, model FLOP utilisation
+   CNN activation checkpointing, bf16 with all pixels kept, and x152 at 600x1000 with and without
+   checkpointing (does it fit a 32 GB card?). images/s, model FLOP utilisation
    (FlopCounterMode's model FLOPs / time / the card's dense peak for that dtype, from
    common.GPU_PEAK_TFLOPS matched on torch.cuda.get_device_name; on CPU the measured matmul's
-   FLOP/s stands in), peak memory (max_memory_allocated);
+   FLOP/s stands in), peak memory (max_memory_allocated); for the first setting, each section's
+   share of the step and the share outside the CNN, attention and matmuls;
 2. encoder.py: our BERT-base layers vs Hugging Face's at 140 and 313 positions, bf16;
 3. data_loading.py: images/s per worker and the workers one GPU needs at the measured step time;
 4. retrieval_throughput.py: pairs/s with the feature cache and without, hours for Flickr30K and
@@ -27,9 +29,8 @@ import torch
 import data_loading
 import encoder
 import retrieval_throughput
-from common import (DTYPES, device_peak_tflops, machine, matmul_flops, peak_memory, print_table, setup, time_runs,
-                    write_json)
-from step import Setup
+from common import DTYPES, device_peak_tflops, machine, matmul_flops, print_table, setup, write_json
+from step import Setup, breakdown, measure
 
 
 def get_args_parser():
@@ -44,41 +45,43 @@ def get_args_parser():
     return p
 
 
-def step_settings(args, device):
-    """(dtype, compile, pixels, checkpointing) of each whole-step setting."""
+def step_settings(args):
+    """(preset, (short, long), dtype, compile, pixels, CNN checkpointing) of each whole-step setting."""
     if args.smoke:
-        return [("fp32", False, "sampled", False), ("fp32", False, "all", False)]
+        return [("tiny", (64, 64), "fp32", False, "sampled", False), ("tiny", (64, 64), "fp32", False, "all", False)]
+    r50, x152 = ("r50", (800, 1333)), ("x152", (600, 1000))
     dtypes = ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
-    settings = [(d, False, "sampled", False) for d in dtypes]
+    settings = [(*r50, d, False, "sampled", False) for d in dtypes]
     if not args.no_compile:
-        settings += [(d, True, "sampled", False) for d in dtypes]
-    return settings + [(dtypes[0], False, "sampled", True), (dtypes[0], False, "all", False)]
+        settings += [(*r50, d, True, "sampled", False) for d in dtypes]
+    d = dtypes[0]
+    return settings + [(*r50, d, False, "sampled", True), (*r50, d, False, "all", False),
+                       (*x152, d, False, "sampled", False), (*x152, d, False, "sampled", True)]
 
 
 def step_rows(args, device, folder):
-    preset, size = ("tiny", (64, 64)) if args.smoke else ("r50", (800, 1333))
-    options = argparse.Namespace(layers=None, batch=2 if args.smoke else args.batch, compile=False)
-    rows, flops, matmul = [], {}, {}
-    for dtype, compiled, pixels, ckpt in step_settings(args, device):
+    """One row per setting; the first setting also gets its section and operator breakdown."""
+    options = argparse.Namespace(layers=None, batch=2 if args.smoke else args.batch, compile=False,
+                                 warmup=1, repeat=args.repeat)
+    rows, first, flops, matmul = [], None, {}, {}
+    for preset, size, dtype, compiled, pixels, ckpt in step_settings(args):
         options.compile = compiled
         label = f"{preset} {size[0]}x{size[1]} {dtype} {'compile' if compiled else 'eager'} pixels={pixels}" + \
                 (" ckpt" if ckpt else "")
         row = {"part": "step", "setting": label, "unit": "images/s", "note": ""}
         try:
             s = Setup(preset, size, pixels, ckpt, options, device, dtype, folder)
-            s.step()
-            if pixels not in flops:
-                flops[pixels] = s.model_flops()
-            t = time_runs(s.step, device, 2 if compiled else 1, args.repeat)["median"]
-            row.update(rate=options.batch / t, ms=1000 * t, batch=options.batch,
-                       peak_mem_gb=peak_memory(s.step, device) / 2**30)
+            m = measure(s, options, device, flops.get((preset, pixels)))
+            flops[preset, pixels] = m["flops"]
             card = device_peak_tflops(device, dtype)
             if card["tflops"]:
                 peak, row["peak_source"] = card["tflops"] * 1e12, f"{card['matched']} dense {dtype}"
             else:
-                matmul.setdefault(dtype, matmul_flops(device, DTYPES[dtype]))
-                peak, row["peak_source"] = matmul[dtype], "measured matmul"
-            row["mfu"] = flops[pixels] / t / peak
+                peak = matmul.setdefault(dtype, matmul_flops(device, DTYPES[dtype]))
+                row["peak_source"] = "measured matmul"
+            row.update(rate=m["samples_s"], ms=m["ms"], batch=m["batch"], peak_mem_gb=m["peak_mem_gb"],
+                       mfu=m["flops"] / m["ms"] * 1e3 / peak)
+            first = first or breakdown(s, options, label)
         except torch.cuda.OutOfMemoryError:
             row["note"] = "out of memory"
         except Exception as err:  # noqa: BLE001 - e.g. torch.compile failing on this machine: report, go on
@@ -89,7 +92,17 @@ def step_rows(args, device, folder):
         s = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return rows, first
+
+
+def breakdown_rows(breakdown):
+    """The breakdown as table rows: each section's share of the step, then the share outside the CNN,
+    attention and matmuls."""
+    rows = [{"part": "step share", "setting": f"{section} ({breakdown['setting'].split(' pixels')[0]})",
+             "rate": share, "unit": "of step time", "note": "one process, no workers" if section == "data" else ""}
+            for section, share in breakdown["section_shares"].items()]
+    return rows + [{"part": "step share", "setting": "outside CNN, attention, matmuls", "unit": "of step time",
+                    "rate": breakdown["operators"]["outside_cnn_attention_matmul"], "note": "operator self time"}]
 
 
 def quietly(fn, argv, logs, name):
@@ -100,38 +113,45 @@ def quietly(fn, argv, logs, name):
     return result
 
 
+# flags of the sub-benchmarks: the paper's scale on a GPU, and the smallest settings for --smoke
+PAPER_FLAGS = {"encoder": ["--layers", "12", "--dtype", "bf16", "--repeat", "5"],
+               "data_loading": [],
+               "retrieval": ["--images", "64", "--captions", "320", "--uncached-pairs", "128", "--warmup", "1"]}
+SMOKE_FLAGS = {"encoder": ["--layers", "1", "--hidden", "64", "--batch", "2", "--pixels", "12", "--repeat", "1",
+                           "--impls", "ours,hf-sdpa"],
+               "data_loading": ["--photos", "64x48", "--images", "2", "--short", "32", "--long", "48", "--repeat", "1"],
+               "retrieval": ["--preset", "tiny", "--images", "2", "--captions", "4", "--uncached-pairs", "2"]}
+
+
 def other_rows(args, steps, logs):
-    smoke = args.smoke
-    dev = ["--device", "cpu" if smoke else "cuda"]
-    enc = quietly(encoder.main, dev + (["--layers", "1", "--hidden", "64", "--batch", "2", "--pixels", "12",
-                                        "--repeat", "1", "--impls", "ours,hf-sdpa"] if smoke else
-                                       ["--layers", "12", "--batch", str(args.batch), "--dtype", "bf16",
-                                        "--repeat", "5"]), logs, "encoder")
-    card = device_peak_tflops(torch.device(dev[1]), enc["dtype"])["tflops"]  # MFU as the step rows have it
+    flags = SMOKE_FLAGS if args.smoke else PAPER_FLAGS
+    device = ["--device", "cpu" if args.smoke else "cuda"]
+    enc = quietly(encoder.main, device + (["--batch", str(args.batch)] if not args.smoke else []) + flags["encoder"],
+                  logs, "encoder")
+    card = device_peak_tflops(torch.device(device[1]), enc["dtype"])["tflops"]  # MFU as the step rows have it
     rows = [{"part": "encoder", "setting": f"{r['positions']} positions, padding {r['padding']}, {r['impl']}",
              "rate": 1000 / r["ms"] * enc["batch"], "unit": "sequences/s", "ms": r["ms"],
              "mfu": r["tflops"] / card if card else r["of_matmul"], "note": f"{r['vs_hf_sdpa']:.2f}x HF-SDPA time"}
             for r in enc["rows"] if r["impl"] != "hf-eager"]
     # the first measured step, scaled to --batch images: the pace the data workers must keep
     step_s = next((r["ms"] / 1000 * args.batch / r["batch"] for r in steps if r.get("ms")), None)
-    data_argv = dev + ["--batch", str(args.batch)] + (["--step-seconds", str(step_s)] if step_s else [])
-    data = quietly(data_loading.main, data_argv + (["--photos", "64x48", "--images", "2", "--short", "32", "--long",
-                                                    "48", "--repeat", "1"] if smoke else []), logs, "data_loading")
+    pace = ["--step-seconds", str(step_s)] if step_s else []
+    data = quietly(data_loading.main, device + ["--batch", str(args.batch)] + pace + flags["data_loading"],
+                   logs, "data_loading")
     for r in data["rows"]:
         key = f"{r['photo']} {r['loader']}"
+        workers = data["workers_per_gpu"].get(key)
         rows.append({"part": "data", "setting": key, "rate": r["images_s"], "unit": "images/s per worker",
-                     "note": f"{data['workers_per_gpu'][key]} workers per GPU" if key in data["workers_per_gpu"] else ""})
-    for r in data["padding"]:
-        rows.append({"part": "data", "setting": f"padding, {r['batching']}", "rate": r["padded_pixels"],
-                     "unit": "padded share", "note": ""})
-    ret = quietly(retrieval_throughput.main, dev + (["--preset", "tiny", "--images", "2", "--captions", "4"] if smoke
-                                                    else ["--images", "64", "--captions", "320", "--uncached-pairs", "128"]),
-                  logs, "retrieval")
+                     "note": f"{workers} workers per GPU" if workers else ""})
+    rows += [{"part": "data", "setting": f"padding, {r['batching']}", "rate": r["padded_pixels"],
+              "unit": "padded share", "note": ""} for r in data["padding"]]
+    ret = quietly(retrieval_throughput.main, device + flags["retrieval"], logs, "retrieval")
     rows += [{"part": "retrieval", "setting": r["path"], "rate": r["pairs_s"], "unit": "pairs/s", "note": ""}
              for r in ret["rows"]]
-    rows += [{"part": "retrieval", "setting": f"{p['dataset']} on 8 {'CPUs like this' if smoke else 'GPUs'}",
-              "rate": p["hours_cache"], "unit": "hours",
-              "note": f"{p['hours_cnn_per_pair']:.1f} h with the CNN per pair"} for p in ret["projections"]]
+    where = "CPUs like this" if args.smoke else "GPUs"
+    rows += [{"part": "retrieval", "setting": f"{p['dataset']} on 8 {where}", "rate": p["hours_cache"],
+              "unit": "hours", "note": f"{p['hours_cnn_per_pair']:.1f} h with the CNN per pair"}
+             for p in ret["projections"]]
     return rows, {"encoder": enc, "data_loading": data, "retrieval": ret}
 
 
@@ -143,14 +163,15 @@ def main(argv=None):
     device = setup(args)
     logs = {}
     with tempfile.TemporaryDirectory() as folder:
-        steps = step_rows(args, device, folder)
+        steps, breakdown = step_rows(args, device, folder)
     others, details = other_rows(args, steps, logs)
+    others = breakdown_rows(breakdown) + others
     card = device_peak_tflops(device, "bf16")
     print(f"{card['name']} ({'peaks of ' + card['matched'] if card['matched'] else 'no nominal peak known'}), "
           f"torch {torch.__version__}{', smoke run' if args.smoke else ''}")
     print_table(steps + others, ["part", "setting", "rate", "unit", "ms", "mfu", "peak_mem_gb", "note"])
     result = {"benchmark": "gpu", "machine": machine(device), "smoke": args.smoke, "card": card, "step": steps,
-              "rows": others, **details, "logs": logs}
+              "breakdown": breakdown, "rows": others, **details, "logs": logs}
     write_json(args.json, result)
     return result
 

@@ -2,8 +2,8 @@
 feature cache (pixel_bert.retrieval.evaluate_retrieval: the CNN once per image, then every pair
 scored by the transformer) against running the CNN again for every pair (score_pairs_uncached).
 
-    python benchmarks/retrieval_throughput.py                   # CPU: r50 config, 2 images x 16 captions
-    python benchmarks/retrieval_throughput.py --device cuda --images 64 --captions 320 --uncached-pairs 256
+    python benchmarks/retrieval_throughput.py                   # CPU: r50 config, 1 image x 64 captions
+    python benchmarks/retrieval_throughput.py --device cuda --images 64 --captions 320 --uncached-pairs 128 --warmup 1
 
 The model is the r50 preset (ResNet-50 + BERT-base, random weights: speed does not depend on them)
 on COCO-sized photos (640x480 JPEGs, resized to 800x1067: 13x17 = 221 feature pixels) and captions
@@ -11,8 +11,10 @@ of 8-20 words. Reported: pairs/s of the full evaluation, of its scoring part alo
 only) and without the cache; the speed-up next to the one FLOP counts predict; the CNN's share of
 the evaluation here and at Flickr30K (5,000 captions per image) and COCO 5K (25,000) scale; and
 the hours Flickr30K 1K x 5K (5M pairs) and COCO 5K x 25K (125M pairs) take on 8 devices like
-this one, from the measured per-image and per-pair times. On CPU use few images and captions:
-the per-pair figures are what the projections need.
+this one, from the measured per-image (JPEG decode + resize + CNN) and per-pair times. On CPU use
+few images and captions: the per-pair figures are what the projections need, and the CNN's share
+at this size (1 image x 64 captions by default) shows how little it weighs once an image meets
+many captions.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import time
 import numpy as np
 import torch
 
-from common import add_common_args, count_flops, machine, print_table, setup, sync, write_json, write_photos
+from common import (add_common_args, count_flops, machine, print_table, random_captions, setup, sync, write_json,
+                    write_photos)
 from pixel_bert import retrieval, synthetic
 from pixel_bert.config import make_model_config
 from pixel_bert.data import ImageTransform, pad_images
@@ -39,14 +42,14 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="r50", help="model preset (default r50)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default: the preset's)")
-    p.add_argument("--images", type=int, default=2, help="images (rows of the score matrix) (default 2)")
-    p.add_argument("--captions", type=int, default=16, help="captions (columns) (default 16)")
+    p.add_argument("--images", type=int, default=1, help="images (rows of the score matrix) (default 1)")
+    p.add_argument("--captions", type=int, default=64, help="captions (columns) (default 64)")
     p.add_argument("--photo", default="640x480", help="JPEG size WxH (default 640x480, COCO's)")
     p.add_argument("--pairs-per-batch", type=int, default=1024, help="pairs per forward pass (default 1024)")
     p.add_argument("--image-batch", type=int, default=16, help="images per CNN batch (default 16)")
     p.add_argument("--uncached-pairs", type=int, default=2, help="pairs timed without the cache (default 2)")
     p.add_argument("--devices", type=int, default=8, help="devices in the projection (default 8, the paper's)")
-    return add_common_args(p, repeat=1)
+    return add_common_args(p, repeat=1, warmup=0)
 
 
 def build(args, device, folder):
@@ -57,9 +60,7 @@ def build(args, device, folder):
     model = PixelBertForRetrieval(cfg).to(device).eval()
     w, h = map(int, args.photo.split("x"))
     paths = write_photos(f"{folder}/images", [(w, h)] * args.images)
-    rng = np.random.default_rng(0)
-    words = synthetic.SYNTHETIC_WORDS
-    captions = [" ".join(rng.choice(words, rng.integers(8, 21))) for _ in range(args.captions)]
+    captions = random_captions(args.captions, 8, 20)
     split = retrieval.RetrievalSplit(paths, list(range(args.images)), captions, list(range(args.captions)),
                                      np.arange(args.captions) % args.images, "benchmark")
     tokenizer = WordPieceTokenizer(synthetic.write_vocab(f"{folder}/vocab.txt"))
@@ -85,8 +86,9 @@ def uncached_rate(model, split, tokenizer, transform, cfg, device, n_pairs):
     text = tokenizer(split.captions, max_length=cfg.max_text_len)
     n_img = max(1, -(-n_pairs // len(split.captions)))
     cols = min(n_pairs, len(split.captions))
-    run = lambda: retrieval.score_pairs_uncached(model, images[:n_img], mask[:n_img], text.input_ids[:cols],  # noqa: E731
-                                                 text.attention_mask[:cols], device, pairs_per_batch=64)
+    def run():
+        return retrieval.score_pairs_uncached(model, images[:n_img], mask[:n_img], text.input_ids[:cols],
+                                              text.attention_mask[:cols], device, pairs_per_batch=64)
     if device.type == "cuda":  # warm-up: cuDNN's autotuning
         run()
     sync(device)
@@ -130,10 +132,11 @@ def main(argv=None):
     print(f"{args.preset} ({cfg.backbone}, {cfg.num_layers} x {cfg.hidden_size}) on {device}, "
           f"{torch.get_num_threads()} threads; {n_img} images ({args.photo} JPEGs) x {n_cap} captions = {pairs} pairs")
     print_table(rows, ["path", "pairs_s"])
-    print(f"CNN: {1000 * t_image:.1f} ms per image, {100 * stats['cnn_seconds'] / total:.1f}% of this evaluation; "
-          f"scoring: {1000 * t_pair:.2f} ms per pair; full / scoring-only rate {full_rate / scoring_rate:.3f}")
+    print(f"images (decode + CNN): {1000 * t_image:.1f} ms per image, {100 * stats['cnn_seconds'] / total:.1f}% of "
+          f"this evaluation; scoring: {1000 * t_pair:.2f} ms per pair; full / scoring-only rate "
+          f"{full_rate / scoring_rate:.3f}")
     print(f"speed-up of the cache here: measured {full_rate / uncached:.1f}x, FLOP counts predict {predicted:.1f}x "
-          f"(CNN {f_cnn / 1e9:.1f} GFLOP per image, scoring {f_pair / 1e9:.1f} GFLOP per pair, {n_cap} captions "
+          f"(CNN {f_cnn / 1e9:.3g} GFLOP per image, scoring {f_pair / 1e9:.3g} GFLOP per pair, {n_cap} captions "
           "per image)")
     print_table(projections, ["dataset", "pairs", "cnn_share", "hours_cache", "hours_cnn_per_pair"],
                 f"\nprojected on {args.devices} devices like this one")

@@ -21,13 +21,16 @@ For the first setting of each preset, where the time goes:
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
+from typing import Optional
 
 import torch
 
 from common import (DTYPES, add_common_args, autocast, count_flops, csv_list, machine, matmul_flops,
-                    peak_memory, print_table, setup, sync, time_runs, write_json, write_photos)
+                    operators_by_section, peak_memory, print_table, random_captions, setup, sync, time_runs,
+                    write_json, write_photos)
 from pixel_bert import synthetic
 from pixel_bert.config import make_model_config, make_train_config
 from pixel_bert.data import CaptionCollator, CaptionDataset, CaptionRecord, ImageTransform
@@ -80,10 +83,7 @@ class Setup:
         self.tokenizer = WordPieceTokenizer(synthetic.write_vocab(f"{folder}/vocab.txt"))
         batch = args.batch or (8 if preset == "tiny" else 1)
         paths = write_photos(f"{folder}/images", [(640, 480)] * batch)
-        words = synthetic.SYNTHETIC_WORDS
-        gen = torch.Generator().manual_seed(0)
-        captions = [" ".join(words[int(i)] for i in torch.randint(len(words), (int(n),), generator=gen))
-                    for n in torch.randint(10, 39, (batch,), generator=gen)]  # 12..40 tokens
+        captions = random_captions(batch, 10, 38)  # 12..40 tokens with [CLS] and [SEP]
         records = [CaptionRecord(p, c, f"img{i}") for i, (p, c) in enumerate(zip(paths, captions))]
         self.dataset = CaptionDataset(records, ImageTransform.from_config(self.cfg))
         self.collate = CaptionCollator(self.tokenizer, self.cfg.max_text_len)
@@ -136,7 +136,8 @@ class Setup:
                 b, self.tokenizer, self.train_cfg, self.cfg.vocab_size)])
             v = timed("cnn", lambda: m.bert.encode_image(b["images"], b["pixel_mask"], sample))
             v_leaf = v.embeddings.detach().requires_grad_()
-            out = timed("transformer", lambda: m.bert(ids, mask, visual=VisualTokens(v_leaf, v.mask, v.positions, v.grid)))
+            visual = VisualTokens(v_leaf, v.mask, v.positions, v.grid)
+            out = timed("transformer", lambda: m.bert(ids, mask, visual=visual))
             h_leaf = out.hidden.detach().requires_grad_()
             losses = timed("heads", lambda: pretrain_losses(m.mlm(h_leaf[:, :out.text_len]), mlm_labels,
                                                             m.itm(h_leaf[:, 0]), itm_labels))
@@ -163,87 +164,65 @@ class Setup:
         return {k: v / args.repeat for k, v in times.items()}
 
     def operators(self) -> dict:
-        """Self time of the operators of one sectioned step (torch.profiler) by section and kind
-        (conv, matmul, attention, other), as shares of the step without data loading. On CPU every
-        event's self CPU time (Python and autograd overhead are 'other'); on GPU the device time of the
-        kernels each operator launched itself. An operator belongs to the section it started in."""
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile, record_function
-
-        def marked(key, fn):
-            with record_function(f"section:{key}"):
-                out = fn()
-                sync(self.device)
-            return out
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            self.sectioned_step(marked)
-        events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
-        spans = [(e.time_range.start, e.time_range.end, e.name[len("section:"):]) for e in events
-                 if e.name.startswith("section:")]
-        table = {k: {kind: 0.0 for kind in ("conv", "matmul", "attention", "other")} for k in SECTIONS}
-        for e in events:
-            section = next((k for start, end, k in spans if start <= e.time_range.start <= end), None)
-            if section is None:
-                continue
-            t = e.self_device_time_total if self.device.type == "cuda" else e.self_cpu_time_total
-            table[section][operator_kind(e.name)] += t
-        total = sum(t for k, kinds in table.items() if k != "data" for t in kinds.values()) or 1.0
-        shares = {k: {kind: t / total for kind, t in kinds.items()} for k, kinds in table.items() if k != "data"}
-        outside = sum(kinds["other"] for k, kinds in shares.items() if k != "cnn")
-        return {"shares": shares, "outside_cnn_attention_matmul": outside}
+        """Operator self time of one sectioned step by section and kind (common.operators_by_section)."""
+        return operators_by_section(self.sectioned_step, self.device, exclude=("data",), within=("cnn",))
 
 
 SECTIONS = ("data", "h2d", "cnn", "transformer", "heads", "optimizer")
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
 
 
-def operator_kind(name: str) -> str:
-    if "convolution" in name:
-        return "conv"
-    if "attention" in name:  # aten::_scaled_dot_product_*_attention* and their backward
-        return "attention"
-    return "matmul" if name in MATMUL_OPS else "other"
+def measure(s: Setup, args, device, flops: Optional[int] = None) -> dict:
+    """ms and samples/s per step (median), model FLOPs (counted unless given or compiled) and peak
+    memory of one setting. Its first step runs untimed: the optimisers allocate their state there."""
+    s.step()
+    flops = flops or (None if args.compile else s.model_flops())
+    t = time_runs(s.step, device, args.warmup + 2 * args.compile, args.repeat)["median"]
+    batch = len(s.dataset)
+    return {"batch": batch, "ms": 1000 * t, "samples_s": batch / t, "flops": flops,
+            "peak_mem_gb": peak_memory(s.step, device) / 2**30}
+
+
+def breakdown(s: Setup, args, setting: str) -> dict:
+    seconds = s.section_seconds(args)
+    return {"setting": setting, "section_seconds": seconds,
+            "section_shares": {k: v / sum(seconds.values()) for k, v in seconds.items()}, "operators": s.operators()}
 
 
 def run(args, device, dtype):
     peak = matmul_flops(device, DTYPES[dtype])
-    rows, breakdowns = [], {}
+    rows, breakdowns, flops = [], {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for preset in csv_list(args.presets):
-            sizes = [(64, 64)] if preset == "tiny" else [tuple(map(int, s.split("x"))) for s in csv_list(args.sizes)]
+            sizes = [(64, 64)] if preset == "tiny" else [tuple(map(int, x.split("x"))) for x in csv_list(args.sizes)]
             ckpts = ["off"] if preset == "tiny" else csv_list(args.checkpointing)
-            flops = {}
-            for size in sizes:
-                for pixels in csv_list(args.pixels):
-                    for ckpt in ckpts:
-                        s = Setup(preset, size, pixels, ckpt == "on", args, device, dtype, folder)
-                        try:
-                            s.step()  # the optimizers allocate their state: outside the memory figure
-                            if (size, pixels) not in flops and not args.compile:
-                                flops[(size, pixels)] = s.model_flops()
-                            t = time_runs(s.step, device, args.warmup + 2 * args.compile, args.repeat)["median"]
-                            mem = peak_memory(s.step, device)
-                        except torch.cuda.OutOfMemoryError:
-                            rows.append({"preset": preset, "size": "x".join(map(str, size)), "pixels": pixels,
-                                         "ckpt": ckpt, "error": "out of memory"})
-                            del s
-                            torch.cuda.empty_cache()
-                            continue
-                        f = flops.get((size, pixels))
-                        rows.append({"preset": preset, "size": "x".join(map(str, size)), "pixels": pixels,
-                                     "ckpt": ckpt, "batch": len(s.dataset), "ms": 1000 * t,
-                                     "samples_s": len(s.dataset) / t, "tflops": f / t / 1e12 if f else None,
-                                     "of_matmul": f / t / peak if f else None,
-                                     "peak_mem_gb": mem / 2**30})
-                        if preset not in breakdowns and not args.no_breakdown:
-                            sections = s.section_seconds(args)
-                            total = sum(sections.values())
-                            breakdowns[preset] = {"setting": rows[-1], "section_seconds": sections,
-                                                  "section_shares": {k: v / total for k, v in sections.items()},
-                                                  "operators": s.operators()}
-                        del s
+            for size, pixels, ckpt in itertools.product(sizes, csv_list(args.pixels), ckpts):
+                row = {"preset": preset, "size": f"{size[0]}x{size[1]}", "pixels": pixels, "ckpt": ckpt}
+                s = Setup(preset, size, pixels, ckpt == "on", args, device, dtype, folder)
+                try:
+                    row.update(measure(s, args, device, flops.get((preset, size, pixels))))
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                if row.get("flops"):
+                    flops[preset, size, pixels] = row["flops"]
+                    flop_s = row["flops"] / row["ms"] * 1e3
+                    row.update(tflops=flop_s / 1e12, of_matmul=flop_s / peak)
+                rows.append(row)
+                if "error" not in row and preset not in breakdowns and not args.no_breakdown:
+                    breakdowns[preset] = breakdown(s, args, f"{preset} {row['size']} pixels={pixels}")
+                s = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows, breakdowns, peak
+
+
+def print_breakdown(b: dict):
+    print(f"\n{b['setting']}: share of time per section (data = one process decoding the batch; workers "
+          "overlap it with compute)")
+    print("  " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in b["section_shares"].items()))
+    print("  operator self time by section and kind (share of the step without data loading):")
+    for section, kinds in b["operators"]["shares"].items():
+        print(f"    {section:11s} " + "  ".join(f"{k} {100 * v:5.1f}%" for k, v in kinds.items()))
+    print(f"  outside the CNN, attention and matmuls: {100 * b['operators']['outside_cnn_attention_matmul']:.1f}%")
 
 
 def main(argv=None):
@@ -254,16 +233,8 @@ def main(argv=None):
     print(f"{dtype} on {device}, {torch.get_num_threads()} threads; large matmul {peak / 1e12:.3f} TFLOP/s")
     print_table(rows, ["preset", "size", "pixels", "ckpt", "batch", "ms", "samples_s", "tflops", "of_matmul",
                        "peak_mem_gb", "error"], "\nwhole pre-training step (median)")
-    for preset, b in breakdowns.items():
-        st = b["setting"]
-        print(f"\n{preset} {st['size']} pixels={st['pixels']}: share of time per section "
-              f"(data = one process decoding the batch; workers overlap it with compute)")
-        print("  " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in b["section_shares"].items()))
-        ops = b["operators"]
-        print("  operator self time by section and kind (share of the step without data loading):")
-        for section, kinds in ops["shares"].items():
-            print(f"    {section:11s} " + "  ".join(f"{k} {100 * v:5.1f}%" for k, v in kinds.items()))
-        print(f"  outside the CNN, attention and matmuls: {100 * ops['outside_cnn_attention_matmul']:.1f}%")
+    for b in breakdowns.values():
+        print_breakdown(b)
     result = {"benchmark": "step", "machine": machine(device), "dtype": dtype, "matmul_tflops": peak / 1e12,
               "rows": rows, "breakdowns": breakdowns}
     write_json(args.json, result)

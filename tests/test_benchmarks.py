@@ -27,16 +27,24 @@ def test_gpu_benchmark_smoke_run_writes_every_figure(tmp_path):
     out = tmp_path / "gpu.json"
     stdout = _run("gpu.py", "--smoke", "--json", str(out))
     result = json.loads(out.read_text())
-    assert result["smoke"] and {"step", "rows", "encoder", "data_loading", "retrieval", "card", "machine"} <= set(result)
+    assert result["smoke"]
+    assert {"step", "breakdown", "rows", "encoder", "data_loading", "retrieval", "card", "machine"} <= set(result)
     assert len(result["step"]) == 2  # sampled and all pixels
     for row in result["step"]:
         for key in ("rate", "ms", "mfu", "peak_mem_gb"):
             _positive(row[key], f"step {row['setting']} {key}")
         assert row["peak_source"] == "measured matmul"  # no nominal peak for a CPU
+    breakdown = result["breakdown"]
+    assert set(breakdown["section_shares"]) == {"data", "h2d", "cnn", "transformer", "heads", "optimizer"}
+    assert math.isclose(sum(breakdown["section_shares"].values()), 1.0, rel_tol=1e-6)
+    ops = breakdown["operators"]["shares"]
+    assert math.isclose(sum(v for kinds in ops.values() for v in kinds.values()), 1.0, rel_tol=1e-6)
+    assert ops["cnn"]["conv"] > 0 and ops["transformer"]["matmul"] > 0
+    assert 0 < breakdown["operators"]["outside_cnn_attention_matmul"] < 1
     parts = {row["part"] for row in result["rows"]}
-    assert parts == {"encoder", "data", "retrieval"}
+    assert parts == {"step share", "encoder", "data", "retrieval"}
     for row in result["rows"]:
-        if row["unit"] != "padded share":
+        if row["unit"] not in ("padded share", "of step time"):
             _positive(row["rate"], row["setting"])
     enc = result["encoder"]
     assert {r["impl"] for r in enc["rows"]} == {"ours", "hf-sdpa"}
@@ -52,17 +60,14 @@ def test_gpu_benchmark_smoke_run_writes_every_figure(tmp_path):
     assert "step" in stdout and "retrieval" in stdout  # the one table
 
 
-def test_step_benchmark_breakdown_covers_the_step(tmp_path):
+def test_step_benchmark_rows(tmp_path):
     out = tmp_path / "step.json"
-    _run("step.py", "--presets", "tiny", "--pixels", "sampled", "--repeat", "1", "--batch", "2", "--json", str(out))
-    result = json.loads(out.read_text())
-    breakdown = result["breakdowns"]["tiny"]
-    assert set(breakdown["section_seconds"]) == {"data", "h2d", "cnn", "transformer", "heads", "optimizer"}
-    assert math.isclose(sum(breakdown["section_shares"].values()), 1.0, rel_tol=1e-6)
-    ops = breakdown["operators"]["shares"]
-    assert math.isclose(sum(v for kinds in ops.values() for v in kinds.values()), 1.0, rel_tol=1e-6)
-    assert ops["cnn"]["conv"] > 0 and ops["transformer"]["matmul"] > 0
-    assert 0 < breakdown["operators"]["outside_cnn_attention_matmul"] < 1
+    _run("step.py", "--presets", "tiny", "--repeat", "1", "--batch", "2", "--no-breakdown", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pixels"] for r in rows] == ["sampled", "all"]
+    for row in rows:
+        for key in ("samples_s", "tflops", "of_matmul", "peak_mem_gb"):
+            _positive(row[key], key)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun demo run")
