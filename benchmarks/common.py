@@ -108,14 +108,19 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, repeat: int = 5) -> float:
-    """FLOP/s of one large square matmul (2 n^3 FLOPs) on ``device``: the practical peak that the
-    models' FLOP/s are compared against, measured in the same process and state."""
+def square_matmul(device: torch.device, dtype: torch.dtype, n: Optional[int] = None):
+    """(fn, flops): one large square matmul (2 n^3 FLOPs), the practical peak that the models'
+    FLOP/s are compared against (time it in the same process, ideally in turns with the model)."""
     n = n or (8192 if device.type == "cuda" else 2048 if dtype == torch.float32 else 1024)  # CPU bf16 can be slow
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_runs(lambda: a @ b, device, warmup=2, repeat=repeat)["median"]
-    return 2 * n ** 3 / t
+    return (lambda: a @ b), 2 * n ** 3
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, repeat: int = 5) -> float:
+    """FLOP/s of `square_matmul` on ``device``, measured now."""
+    fn, flops = square_matmul(device, dtype, n)
+    return flops / time_runs(fn, device, warmup=2, repeat=repeat)["median"]
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -263,21 +268,24 @@ def csv_list(text: str, kind=str) -> List:
 def write_photos(folder: str, sizes: Sequence, seed: int = 0, quality: int = 90) -> List[str]:
     """One JPEG per (width, height) in ``sizes``, photo-like: smooth colour fields from an upsampled
     random grid plus mild sensor-like noise, so that decoding does realistic work (pure noise
-    compresses far worse than photos, flat colour far better). Returns the paths."""
+    compresses far worse than photos, flat colour far better). Files already there are kept (they
+    depend only on index, size and seed). Returns the paths."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i, (w, h) in enumerate(sizes):
+        path = os.path.join(folder, f"photo_{i:05d}_{w}x{h}_{seed}.jpg")
+        paths.append(path)
+        if os.path.isfile(path):
+            continue
         field = np.zeros((h, w, 3), dtype=np.float32)
         for cells, weight in ((6, 1.0), (60, 0.3)):  # large areas, then texture
             grid = Image.fromarray(rng.integers(0, 256, (cells, cells * 4 // 3, 3), dtype=np.uint8))
             field += weight * np.asarray(grid.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
         pixels = np.clip(field / 1.3 + rng.normal(0, 9, field.shape), 0, 255).astype(np.uint8)
-        path = os.path.join(folder, f"photo_{i:05d}.jpg")
         Image.fromarray(pixels).save(path, quality=quality)
-        paths.append(path)
     return paths
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import sys
 import tempfile
+import time
 
 import torch
 
@@ -39,36 +41,39 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default auto)")
     p.add_argument("--batch", type=int, default=64, help="samples per GPU (default 64, the paper's)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
-    p.add_argument("--repeat", type=int, default=5, help="timed steps per setting (default 5)")
+    p.add_argument("--repeat", type=int, default=3, help="timed steps per setting (default 3)")
     p.add_argument("--json", default=None, help="also write everything to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
 
-def step_settings(args):
-    """(preset, (short, long), dtype, compile, pixels, CNN checkpointing) of each whole-step setting."""
+def step_settings(args, compiled: bool):
+    """(preset, (short, long), dtype, compile, pixels, CNN checkpointing) of each whole-step setting,
+    eager or compiled."""
     if args.smoke:
-        return [("tiny", (64, 64), "fp32", False, "sampled", False), ("tiny", (64, 64), "fp32", False, "all", False)]
+        return [] if compiled else [("tiny", (64, 64), "fp32", False, p, False) for p in ("sampled", "all")]
     r50, x152 = ("r50", (800, 1333)), ("x152", (600, 1000))
     dtypes = ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
-    settings = [(*r50, d, False, "sampled", False) for d in dtypes]
-    if not args.no_compile:
-        settings += [(*r50, d, True, "sampled", False) for d in dtypes]
+    if compiled:
+        return [] if args.no_compile else [(*r50, t, True, "sampled", False) for t in dtypes]
     d = dtypes[0]
-    return settings + [(*r50, d, False, "sampled", True), (*r50, d, False, "all", False),
-                       (*x152, d, False, "sampled", False), (*x152, d, False, "sampled", True)]
+    return [(*r50, t, False, "sampled", False) for t in dtypes] + [
+        (*r50, d, False, "sampled", True), (*r50, d, False, "all", False),
+        (*x152, d, False, "sampled", False), (*x152, d, False, "sampled", True)]
 
 
-def step_rows(args, device, folder):
-    """One row per setting; the first setting also gets its section and operator breakdown."""
+def step_rows(args, device, folder, settings, flops):
+    """One row per setting; the first setting also gets its section and operator breakdown. ``flops``
+    keeps each (preset, pixels)'s model FLOPs for the compiled settings, which cannot count them."""
     options = argparse.Namespace(layers=None, batch=2 if args.smoke else args.batch, compile=False,
                                  warmup=1, repeat=args.repeat)
-    rows, first, flops, matmul = [], None, {}, {}
-    for preset, size, dtype, compiled, pixels, ckpt in step_settings(args):
+    rows, first, matmul = [], None, {}
+    for preset, size, dtype, compiled, pixels, ckpt in settings:
         options.compile = compiled
         label = f"{preset} {size[0]}x{size[1]} {dtype} {'compile' if compiled else 'eager'} pixels={pixels}" + \
                 (" ckpt" if ckpt else "")
         row = {"part": "step", "setting": label, "unit": "images/s", "note": ""}
+        progress(f"step {label}")
         try:
             s = Setup(preset, size, pixels, ckpt, options, device, dtype, folder)
             m = measure(s, options, device, flops.get((preset, pixels)))
@@ -81,7 +86,7 @@ def step_rows(args, device, folder):
                 row["peak_source"] = "measured matmul"
             row.update(rate=m["samples_s"], ms=m["ms"], batch=m["batch"], peak_mem_gb=m["peak_mem_gb"],
                        mfu=m["flops"] / m["ms"] * 1e3 / peak)
-            first = first or breakdown(s, options, label)
+            first = first or breakdown(s, argparse.Namespace(warmup=1, repeat=2), label)
         except torch.cuda.OutOfMemoryError:
             row["note"] = "out of memory"
         except Exception as err:  # noqa: BLE001 - e.g. torch.compile failing on this machine: report, go on
@@ -105,7 +110,12 @@ def breakdown_rows(breakdown):
                     "rate": breakdown["operators"]["outside_cnn_attention_matmul"], "note": "operator self time"}]
 
 
+def progress(message: str, started=time.time()):
+    print(f"[gpu.py {time.time() - started:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+
 def quietly(fn, argv, logs, name):
+    progress(name)
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         result = fn(argv)
@@ -115,7 +125,7 @@ def quietly(fn, argv, logs, name):
 
 # flags of the sub-benchmarks: the paper's scale on a GPU, and the smallest settings for --smoke
 PAPER_FLAGS = {"encoder": ["--layers", "12", "--dtype", "bf16", "--repeat", "5"],
-               "data_loading": [],
+               "data_loading": ["--images", "4", "--repeat", "2"],
                "retrieval": ["--images", "64", "--captions", "320", "--uncached-pairs", "128", "--warmup", "1"]}
 SMOKE_FLAGS = {"encoder": ["--layers", "1", "--hidden", "64", "--batch", "2", "--pixels", "12", "--repeat", "1",
                            "--impls", "ours,hf-sdpa"],
@@ -162,9 +172,12 @@ def main(argv=None):
     args.warmup, args.repeat = 1, 1 if args.smoke else args.repeat
     device = setup(args)
     logs = {}
+    flops = {}
     with tempfile.TemporaryDirectory() as folder:
-        steps, breakdown = step_rows(args, device, folder)
-    others, details = other_rows(args, steps, logs)
+        steps, breakdown = step_rows(args, device, folder, step_settings(args, compiled=False), flops)
+        others, details = other_rows(args, steps, logs)
+        # compiling takes minutes: last, so that every other figure is in should the run be cut short
+        steps += step_rows(args, device, folder, step_settings(args, compiled=True), flops)[0]
     others = breakdown_rows(breakdown) + others
     card = device_peak_tflops(device, "bf16")
     print(f"{card['name']} ({'peaks of ' + card['matched'] if card['matched'] else 'no nominal peak known'}), "
