@@ -32,7 +32,7 @@ class ModelConfig:
     visual_pool: int = 2                  # 2x2 max-pool after the conv -> stride 64 [paper]
     num_sampled_pixels: int = 100         # random pixel sampling in pre-training [paper]
     channels_last: bool = True            # CNN activations and weights in NHWC layout: the fast layout of
-                                          # cuDNN's tensor-core and oneDNN's CPU convolutions; same numbers
+                                          # cuDNN's tensor-core convolutions; same results up to rounding
     backbone_checkpointing: bool = False  # recompute the CNN's stem and residual blocks in backward to save
                                           # memory (x152 at 600x1000, r50 at 64/GPU on a 32 GB card); needs
                                           # freeze_backbone_bn
