@@ -205,7 +205,7 @@ def run(args, device, dtype):
                 if row.get("flops"):
                     flops[preset, size, pixels] = row["flops"]
                     flop_s = row["flops"] / row["ms"] * 1e3
-                    row.update(tflops=flop_s / 1e12, of_matmul=flop_s / peak)
+                    row.update(gflop=row["flops"] / 1e9, tflops=flop_s / 1e12, of_matmul=flop_s / peak)
                 rows.append(row)
                 if "error" not in row and preset not in breakdowns and not args.no_breakdown:
                     breakdowns[preset] = breakdown(s, args, f"{preset} {row['size']} pixels={pixels}")
@@ -231,8 +231,9 @@ def main(argv=None):
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     rows, breakdowns, peak = run(args, device, dtype)
     print(f"{dtype} on {device}, {torch.get_num_threads()} threads; large matmul {peak / 1e12:.3f} TFLOP/s")
-    print_table(rows, ["preset", "size", "pixels", "ckpt", "batch", "ms", "samples_s", "tflops", "of_matmul",
-                       "peak_mem_gb", "error"], "\nwhole pre-training step (median)")
+    print_table(rows, ["preset", "size", "pixels", "ckpt", "batch", "ms", "samples_s", "gflop", "tflops",
+                       "of_matmul", "peak_mem_gb", "error"], "\nwhole pre-training step (median; gflop: model FLOPs "
+                "per step, which do not depend on the machine's load)")
     for b in breakdowns.values():
         print_breakdown(b)
     result = {"benchmark": "step", "machine": machine(device), "dtype": dtype, "matmul_tflops": peak / 1e12,
