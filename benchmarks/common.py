@@ -162,7 +162,7 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_a
 
 def operator_kind(name: str) -> str:
     """conv, attention, matmul or other, from a profiler event's name."""
-    if "convolution" in name:
+    if "conv" in name and "convert" not in name:  # aten::convolution*, mkldnn/cudnn/_slow_conv2d kernels
         return "conv"
     if "attention" in name:  # aten::_scaled_dot_product_*_attention* and their backward
         return "attention"
