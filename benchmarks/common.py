@@ -45,13 +45,16 @@ GPU_PEAK_TFLOPS = [
 ]
 
 
-def add_common_args(parser, repeat: int = 5, warmup: int = 1):
+def add_common_args(parser, repeat: Optional[int] = 5, warmup: int = 1, warmup_help: Optional[str] = None):
+    """--device, --threads, --warmup, --repeat (unless ``repeat`` is None) and --json."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: $OMP_NUM_THREADS if set, else torch's default)")
-    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs before timing (default {warmup})")
-    parser.add_argument("--repeat", type=int, default=repeat, help=f"timed runs; the median is reported "
-                        f"(default {repeat})")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help=warmup_help or f"untimed runs before timing (default {warmup})")
+    if repeat is not None:
+        parser.add_argument("--repeat", type=int, default=repeat, help=f"timed runs; the median is reported "
+                            f"(default {repeat})")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return parser
 

@@ -153,7 +153,7 @@ def main(argv=None):
         for r in rows:
             if not r["loader"].endswith("cuda"):
                 workers[f"{r['photo']} {r['loader']}"] = math.ceil(need / r["images_s"])
-        print(f"\nstep of {args.batch} images in {seconds:.3f} s ({source}) needs {need:.0f} images/s per GPU; "
+        print(f"\nstep of {args.batch} images in {seconds:.3g} s ({source}) needs {need:.3g} images/s per GPU; "
               "workers per GPU: " + ", ".join(f"{k} {v}" for k, v in workers.items()))
     padding = padding_shares(args)
     print_table(padding, ["batching", "padded_pixels", "padded_feature_pixels"],
