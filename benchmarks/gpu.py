@@ -171,14 +171,15 @@ def main(argv=None):
         args.device = "cpu"
     args.warmup, args.repeat = 1, 1 if args.smoke else args.repeat
     device = setup(args)
-    logs = {}
-    flops = {}
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("gpu.py measures the paper's scale and needs a GPU; on CPU run it with --smoke")
+    logs, flops = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         steps, breakdown = step_rows(args, device, folder, step_settings(args, compiled=False), flops)
         others, details = other_rows(args, steps, logs)
         # compiling takes minutes: last, so that every other figure is in should the run be cut short
         steps += step_rows(args, device, folder, step_settings(args, compiled=True), flops)[0]
-    others = breakdown_rows(breakdown) + others
+    others = (breakdown_rows(breakdown) if breakdown else []) + others  # none if every setting ran out of memory
     card = device_peak_tflops(device, "bf16")
     print(f"{card['name']} ({'peaks of ' + card['matched'] if card['matched'] else 'no nominal peak known'}), "
           f"torch {torch.__version__}{', smoke run' if args.smoke else ''}")
