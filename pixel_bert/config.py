@@ -45,6 +45,9 @@ class ModelConfig(PixelBertConfig):
     image_format: str = "rgb"             # pixels the CNN's weights expect, before (x - mean) / std: "rgb" in
                                           # [0, 1] (torchvision) or "bgr255" (Caffe2/Detectron). A .pkl
                                           # backbone_weights sets bgr255 with Detectron's means and std 1
+    image_jpeg_draft: bool = True         # decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when
+                                          # that still covers the resize target and gives the same output
+                                          # size: far less decoding work for large photos [choice]
     # ---- text input ------------------------------------------------------------------------------
     max_text_len: int = 40                # tokens incl. [CLS]/[SEP]; longer captions are truncated [choice]
     vocab_file: Optional[str] = None      # WordPiece vocab.txt; None = bert-base-uncased's (downloaded)

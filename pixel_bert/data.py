@@ -36,7 +36,7 @@ import json
 import math
 import os
 import warnings
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -101,7 +101,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS,
+               output_size: Optional[Callable[[int, int], Tuple[int, int]]] = None) -> Image.Image:
     """Read an image file as an 8-bit RGB `PIL.Image`, upright.
 
     - EXIF orientation is applied (`ImageOps.exif_transpose`): phone photos are often stored
@@ -112,6 +113,8 @@ def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
       guard; Pillow's own DecompressionBombWarning/Error become `ImageLoadError` too).
     - A missing, truncated or corrupt file raises `ImageLoadError` naming the file. Its message
       speaks of the file alone (callers with a dataset behind them add where to look, `BadSample`).
+    - ``output_size`` (the size function of the resize that follows, `ImageTransform.output_size`):
+      a JPEG is decoded at reduced scale when that is exact for the resize (`jpeg_draft_scale`).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -126,6 +129,8 @@ def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
                 if width * height > max_pixels:
                     raise ImageLoadError(f"{path}: {_too_large_message(width, height, max_pixels)}",
                                          path, "too_large")
+                if output_size is not None and img.format == "JPEG":
+                    _draft(img, output_size)
                 img.load()  # decode now: truncation and corruption surface here, inside the try
                 upright = ImageOps.exif_transpose(img)
                 rgb = _to_rgb(upright)
@@ -143,6 +148,39 @@ def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     if rgb.mode != "RGB":  # defensive: every branch of _to_rgb returns RGB
         raise ImageLoadError(f"{path}: could not convert mode {rgb.mode} to RGB", path, "corrupt_image")
     return rgb
+
+
+def jpeg_draft_scale(width: int, height: int, output_size: Callable[[int, int], Tuple[int, int]]) -> int:
+    """The largest JPEG decoding scale 1/s (s in 8, 4, 2, 1) that changes nothing downstream.
+
+    libjpeg can decode a JPEG straight to 1/2, 1/4 or 1/8 of its size (DCT scaling: Pillow's draft
+    mode), to ``ceil(width / s) x ceil(height / s)`` pixels, for a fraction of the work. A scale is
+    used only when the reduced image is still at least the resize target on both sides (the resize
+    stays a reduction, never an enlargement) and gives exactly the same output size, so a batch
+    has the same shapes with and without it. ``width``/``height`` are as stored in the file.
+    """
+    target = output_size(width, height)
+    for s in (8, 4, 2):
+        if min(width, height) < s:
+            continue
+        reduced = (-(-width // s), -(-height // s))  # ceil division: libjpeg rounds up
+        if reduced[0] >= target[0] and reduced[1] >= target[1] and output_size(*reduced) == target:
+            return s
+    return 1
+
+
+def _draft(img: Image.Image, output_size: Callable[[int, int], Tuple[int, int]]) -> None:
+    """Switch a just-opened JPEG to reduced-scale decoding (`jpeg_draft_scale`), before it is loaded."""
+    width, height = img.size  # as stored
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap the axes:
+        stored_output_size = lambda w, h: output_size(h, w)[::-1]  # noqa: E731 - the resize sees it upright
+    else:
+        stored_output_size = output_size
+    scale = jpeg_draft_scale(width, height, stored_output_size)
+    if scale > 1:
+        # Pillow picks the largest scale s with floor(size / request) >= s on both sides, which is
+        # exactly ours for this request; the mode is kept (RGB conversion is _to_rgb's job).
+        img.draft(img.mode, (width // scale, height // scale))
 
 
 def _too_large_message(width: int, height: int, max_pixels: int) -> str:
@@ -187,7 +225,8 @@ class ImageTransform:
     """
 
     def __init__(self, short_side: int, long_side: int,
-                 mean: Sequence[float], std: Sequence[float], image_format: str = "rgb"):
+                 mean: Sequence[float], std: Sequence[float], image_format: str = "rgb",
+                 jpeg_draft: bool = False):
         if short_side <= 0 or long_side <= 0:
             raise ValueError(f"ImageTransform: short_side and long_side must be positive, "
                              f"got {short_side}/{long_side}")
@@ -203,11 +242,18 @@ class ImageTransform:
         self.long_side = int(long_side)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.jpeg_draft = jpeg_draft
 
     @classmethod
     def from_config(cls, cfg) -> "ImageTransform":
         """The transform a `pixel_bert.config.ModelConfig` asks for."""
-        return cls(cfg.image_short_side, cfg.image_long_side, cfg.image_mean, cfg.image_std, cfg.image_format)
+        return cls(cfg.image_short_side, cfg.image_long_side, cfg.image_mean, cfg.image_std,
+                   cfg.image_format, cfg.image_jpeg_draft)
+
+    def load(self, path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+        """`load_image` then this transform; with ``jpeg_draft`` a JPEG much larger than the output
+        is decoded at reduced scale (`jpeg_draft_scale`: same output size, nearly the same pixels)."""
+        return self(load_image(path, max_pixels, self.output_size if self.jpeg_draft else None))
 
     def output_size(self, width: int, height: int) -> Tuple[int, int]:
         """(new_width, new_height) for an input of ``width`` x ``height``."""
@@ -237,7 +283,7 @@ class ImageTransform:
     def __repr__(self) -> str:
         return (f"ImageTransform(short_side={self.short_side}, long_side={self.long_side}, "
                 f"mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())}, "
-                f"image_format={self.image_format!r})")
+                f"image_format={self.image_format!r}, jpeg_draft={self.jpeg_draft})")
 
 
 def pad_images(images: Sequence[torch.Tensor], size_divisor: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -650,13 +696,12 @@ class CaptionDataset(Dataset):
                 raise BadSampleError(message + " (fatal_bad_samples=True; set it False to skip bad samples)")
             return BadSample(record.image_path, "empty_caption", message)
         try:
-            image = load_image(record.image_path, max_pixels=self.max_pixels)
+            image = self.transform.load(record.image_path, max_pixels=self.max_pixels)
         except ImageLoadError as err:
             if self.fatal_bad_samples:
                 raise
             return BadSample.from_error(err)
-        return dict(image=self.transform(image), caption=record.caption,
-                    image_key=record.image_key, index=index)
+        return dict(image=image, caption=record.caption, image_key=record.image_key, index=index)
 
 
 class CaptionCollator:

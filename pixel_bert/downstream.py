@@ -93,11 +93,16 @@ def broadcast_from_main(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
-def eval_autocast(device: torch.device, amp: str = "auto"):
-    """Autocast for inference: bf16 (or fp16) on CUDA, nothing on CPU (as engine.amp_settings)."""
+def eval_dtype(device: torch.device, amp: str = "auto") -> Optional[torch.dtype]:
+    """The autocast dtype of inference: bf16 (or fp16) on CUDA, None on CPU (as engine.amp_settings)."""
     from .config import TrainConfig
     from .engine import amp_settings
-    dtype = amp_settings(TrainConfig(amp=amp), device).dtype
+    return amp_settings(TrainConfig(amp=amp), device).dtype
+
+
+def eval_autocast(device: torch.device, amp: str = "auto"):
+    """Autocast for inference (`eval_dtype`); nothing on CPU."""
+    dtype = eval_dtype(device, amp)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import AnnotationError, BadSample, ImageLoadError, drop_bad_samples, load_image, pad_images
+from .data import AnnotationError, BadSample, ImageLoadError, drop_bad_samples, pad_images
 from .downstream import predict_sharded
 from .files import write_text
 from .engine import DistInfo
@@ -116,12 +116,12 @@ class NLVR2Dataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         ex = self.examples[index]
         try:
-            left, right = load_image(ex.left_path), load_image(ex.right_path)
+            left, right = self.transform.load(ex.left_path), self.transform.load(ex.right_path)
         except ImageLoadError as err:
             if self.fatal_bad_samples:
                 raise
             return BadSample.from_error(err)
-        return dict(left=self.transform(left), right=self.transform(right), sentence=ex.sentence,
+        return dict(left=left, right=right, sentence=ex.sentence,
                     label=-1 if ex.label is None else int(ex.label), identifier=ex.identifier)
 
 

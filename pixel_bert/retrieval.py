@@ -31,9 +31,12 @@ Evaluation (see docs/paper.md) must score every image against every caption: 5M 
 1K x 5K, 125M for COCO 5K x 25K. So:
 
 * the CNN runs once per image: `encode_images` keeps each image's visual tokens (eq. 5) in a
-  cache, optionally saved to disk and reused by later runs of the same checkpoint;
-* captions are tokenised once; pairs are scored in large batches (``pairs_per_batch``) by
-  gathering cached visual tokens and token ids by index, under autocast on GPU;
+  cache, in the autocast dtype, valid tokens first, optionally saved to disk and reused by later
+  runs of the same checkpoint;
+* captions are tokenised once; pairs are scored in tiles of images x captions of about
+  ``pairs_per_batch`` pairs, images sorted by their count of valid visual tokens and captions by
+  length, so that a tile holds little or no padding; under autocast on GPU, with no host work per
+  pair and the scores kept on the device until the end (`score_rows`);
 * under torchrun, each rank takes a contiguous block of image rows, scores them against all
   captions, and rank 0 gathers the blocks (each row exactly once: no duplicates);
 * a progress line reports pairs done, pairs/s and the ETA.
@@ -44,6 +47,7 @@ the COCO 1K five-fold protocol with metrics.coco_1k_recall.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -54,8 +58,8 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import AnnotationError, json_field, karpathy_images, json_list, load_image, pad_images
-from .downstream import Progress, eval_autocast, gather_to_main, shard_range
+from .data import AnnotationError, json_field, karpathy_images, json_list, pad_images
+from .downstream import Progress, eval_autocast, eval_dtype, gather_to_main, shard_range
 from .engine import DistInfo, unwrap
 from .files import save_torch
 from .model import VisualTokens
@@ -118,7 +122,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return index, self.transform(load_image(self.paths[index]))
+        return index, self.transform.load(self.paths[index])
 
 
 def collate_images(samples, size_divisor: int = 1):
@@ -258,21 +262,34 @@ def _detach(v: VisualTokens) -> VisualTokens:
 #                                       Evaluation
 # -------------------------------------------------------------------------------------------------
 
+CACHE_FORMAT = 2  # valid visual tokens first, with their counts (files of other formats are recomputed)
+
+
 @dataclass
 class VisualCache:
-    """Visual tokens of some images, padded to a common length: embeddings (n, K, H), mask (n, K).
-    ``rows`` are the global image indices they belong to."""
+    """Visual tokens of some images: embeddings (n, K, H) and mask (n, K) with each image's valid
+    tokens first, ``lengths`` (n,) their counts (on the host), ``rows`` the global image indices.
+
+    Putting valid tokens first changes no score: visual tokens carry no position (eq. 1), and the
+    [CLS] output does not depend on the order of the tokens it attends to. It lets a batch of images
+    be cut to its longest image's valid count instead of the padded grid of the CNN batch."""
     rows: List[int]
     embeddings: torch.Tensor
     mask: torch.Tensor
+    lengths: List[int]
 
-    def select(self, local: torch.Tensor) -> VisualTokens:
-        """VisualTokens for local rows ``local`` (P,), trimmed to the longest valid length among them."""
-        mask = self.mask[local]
-        k = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-        emb = self.embeddings[local, :k]
-        positions = torch.arange(k, device=emb.device).expand(len(local), -1)
-        return VisualTokens(emb, mask[:, :k], positions, (1, k))
+    def select(self, local: torch.Tensor, length: int) -> VisualTokens:
+        """VisualTokens for local rows ``local`` (P,), cut to ``length`` tokens (their longest)."""
+        emb = self.embeddings[local, :length]
+        positions = torch.arange(length, device=emb.device).expand(len(local), -1)
+        return VisualTokens(emb, self.mask[local, :length], positions, (1, length))
+
+
+def valid_tokens_first(visual: VisualTokens) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings, mask) of ``visual`` with each image's valid tokens moved to the front (stable)."""
+    order = visual.mask.int().argsort(dim=1, descending=True, stable=True)      # (B, K)
+    embeddings = visual.embeddings.gather(1, order[..., None].expand_as(visual.embeddings))
+    return embeddings, visual.mask.gather(1, order)
 
 
 def _cache_key(checkpoint: Optional[str]) -> str:
@@ -288,19 +305,22 @@ def _cache_key(checkpoint: Optional[str]) -> str:
 def encode_images(model, paths: Sequence[str], rows: Sequence[int], transform, device, batch_size: int = 64,
                   num_workers: int = 0, cache_file: Optional[str] = None, cache_key: str = "",
                   dtype: Optional[torch.dtype] = None, log=print) -> VisualCache:
-    """Run the CNN once per image of ``rows`` (indices into ``paths``) and keep its visual tokens.
+    """Run the CNN once per image of ``rows`` (indices into ``paths``) and keep its visual tokens,
+    in ``dtype`` (default: the autocast dtype of evaluation, bf16/fp16 on GPU; fp32 on CPU).
 
     ``cache_file``: reuse the tokens saved there when the file was written for the same rows,
     paths and ``cache_key`` (the checkpoint), else compute and save them (weights_only format)."""
     rows = list(rows)
     if cache_file and os.path.isfile(cache_file):
         saved = torch.load(cache_file, map_location="cpu", weights_only=True)
-        if saved.get("key") == cache_key and saved.get("paths") == [paths[r] for r in rows]:
+        if (saved.get("format") == CACHE_FORMAT and saved.get("key") == cache_key
+                and saved.get("paths") == [paths[r] for r in rows]):
             log(f"visual features: {len(rows)} images from cache {cache_file}")
-            return VisualCache(rows, saved["embeddings"].to(device), saved["mask"].to(device))
-        log(f"visual features: cache {cache_file} is for other images or another checkpoint; recomputing")
+            return VisualCache(rows, saved["embeddings"].to(device), saved["mask"].to(device), saved["lengths"])
+        log(f"visual features: cache {cache_file} is for other images, another checkpoint or an older "
+            "format; recomputing")
     bert = unwrap(model).bert.eval()
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or eval_dtype(device) or torch.float32
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ImageFiles(paths, transform), rows),
                                          batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=functools.partial(collate_images,
@@ -308,44 +328,63 @@ def encode_images(model, paths: Sequence[str], rows: Sequence[int], transform, d
     embs, masks = [], []
     for _, images, pixel_mask in loader:
         with eval_autocast(device):
-            v = bert.encode_image(images.to(device), pixel_mask.to(device))
-        embs.append(v.embeddings.to(dtype))
-        masks.append(v.mask)
-    K = max(e.shape[1] for e in embs) if embs else 1
+            e, m = valid_tokens_first(bert.encode_image(images.to(device), pixel_mask.to(device)))
+        embs.append(e.to(dtype))
+        masks.append(m)
+    lengths = torch.cat([m.sum(1) for m in masks]).tolist() if masks else []  # one copy to the host
+    K = max(max(lengths, default=1), 1)  # only valid tokens are kept: the padded grid's tail goes
     H = embs[0].shape[2] if embs else bert.config.hidden_size
     embeddings = torch.zeros(len(rows), K, H, dtype=dtype, device=device)
     mask = torch.zeros(len(rows), K, dtype=torch.bool, device=device)
     start = 0
     for e, m in zip(embs, masks):  # one copy per image batch (grids may differ between batches)
-        embeddings[start:start + len(e), :e.shape[1]] = e
-        mask[start:start + len(e), :m.shape[1]] = m
+        k = min(K, e.shape[1])
+        embeddings[start:start + len(e), :k] = e[:, :k]
+        mask[start:start + len(e), :k] = m[:, :k]
         start += len(e)
     if cache_file:
-        save_torch({"key": cache_key, "paths": [paths[r] for r in rows], "embeddings": embeddings.cpu(),
-                    "mask": mask.cpu()}, cache_file)
-    return VisualCache(rows, embeddings, mask)
+        save_torch({"format": CACHE_FORMAT, "key": cache_key, "paths": [paths[r] for r in rows],
+                    "embeddings": embeddings.cpu(), "mask": mask.cpu(), "lengths": lengths}, cache_file)
+    return VisualCache(rows, embeddings, mask, lengths)
 
 
 @torch.no_grad()
 def score_rows(model, cache: VisualCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, device,
                pairs_per_batch: int = 1024, progress: Optional[Progress] = None) -> torch.Tensor:
-    """Scores (len(cache.rows), n_captions) of every cached image against every caption: the pairs
-    are enumerated in row-major order and scored ``pairs_per_batch`` at a time by indexing."""
+    """Scores (len(cache.rows), n_captions) of every cached image against every caption.
+
+    Pairs go through the model in tiles of about ``pairs_per_batch``: a block of images times a block
+    of captions, images sorted by their count of valid visual tokens and captions by length. A
+    tile's images then have (nearly) the same token count and its captions the same length: the
+    tile is cut to its longest of each and holds little padding, often none (attention then runs
+    without a mask). Every length is known on the host beforehand, so the loop does no host work
+    per pair and never waits for the device; the scores stay on the device until the end."""
     model = unwrap(model).eval()
     n_rows, n_cap = len(cache.rows), len(input_ids)
+    text_lengths = attention_mask.sum(1).cpu()                                   # (n_cap,)
+    image_lengths = torch.tensor(cache.lengths, dtype=torch.long)               # (n_rows,)
+    caption_order, image_order = text_lengths.argsort(stable=True), image_lengths.argsort(stable=True)
+    caps_per_tile = min(n_cap, max(1, math.isqrt(pairs_per_batch)))
+    imgs_per_tile = min(n_rows, max(1, pairs_per_batch // caps_per_tile))
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    out = torch.empty(n_rows * n_cap, dtype=torch.float32)
-    for start in range(0, n_rows * n_cap, pairs_per_batch):
-        pair = torch.arange(start, min(start + pairs_per_batch, n_rows * n_cap), device=device)
-        rows, cols = pair // n_cap, pair % n_cap
-        text_mask = attention_mask[cols]
-        t = int(text_mask.sum(1).max())  # trim padding common to the whole chunk
-        with eval_autocast(device):
-            s = model(input_ids[cols, :t], text_mask[:, :t], visual=cache.select(rows))
-        out[start:start + len(pair)] = s.float().cpu()
-        if progress is not None:
-            progress.update(len(pair))
-    return out.view(n_rows, n_cap)
+    caption_order_dev, image_order_dev = caption_order.to(device), image_order.to(device)
+    scores = torch.empty(n_rows, n_cap, dtype=torch.float32, device=device)
+    for i in range(0, n_rows, imgs_per_tile):
+        img = image_order_dev[i:i + imgs_per_tile]
+        k = max(int(image_lengths[image_order[i:i + imgs_per_tile]].max()), 1)
+        visual = cache.select(img, k)
+        for j in range(0, n_cap, caps_per_tile):
+            cap = caption_order_dev[j:j + caps_per_tile]
+            t = int(text_lengths[caption_order[j:j + caps_per_tile]].max())
+            # every image of the tile with every caption: images repeated, captions tiled
+            pair_image = torch.arange(len(img), device=device).repeat_interleave(len(cap))
+            with eval_autocast(device):
+                s = model(input_ids[cap, :t].repeat(len(img), 1), attention_mask[cap, :t].repeat(len(img), 1),
+                          visual=visual[pair_image])
+            scores[img[:, None], cap[None, :]] = s.float().view(len(img), len(cap))
+            if progress is not None:
+                progress.update(len(img) * len(cap))
+    return scores.cpu()
 
 
 @torch.no_grad()

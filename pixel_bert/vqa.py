@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import (AnnotationError, BadSample, ImageLoadError, drop_bad_samples, json_field, json_list, load_image,
+from .data import (AnnotationError, BadSample, ImageLoadError, drop_bad_samples, json_field, json_list,
                    pad_images, read_json)
 from .downstream import predict_sharded
 from .files import write_json
@@ -199,12 +199,12 @@ class VQADataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Union[Dict[str, Any], BadSample]:
         q, labels, scores = self.items[index]
         try:
-            image = load_image(q.image_path)
+            image = self.transform.load(q.image_path)
         except ImageLoadError as err:
             if self.fatal_bad_samples:
                 raise
             return BadSample.from_error(err)
-        return dict(image=self.transform(image), question=q.question, question_id=q.question_id,
+        return dict(image=image, question=q.question, question_id=q.question_id,
                     labels=labels, scores=scores, index=index)
 
 

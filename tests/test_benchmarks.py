@@ -1,0 +1,80 @@
+"""The benchmark scripts run end to end at their smallest settings and write complete JSON
+(they assert nothing about time; these tests check only that every figure is there and sane)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *flags, timeout=300):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+def _positive(value, what):
+    assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{what} = {value!r}"
+
+
+def test_gpu_benchmark_smoke_run_writes_every_figure(tmp_path):
+    out = tmp_path / "gpu.json"
+    stdout = _run("gpu.py", "--smoke", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["smoke"]
+    assert {"step", "breakdown", "rows", "encoder", "data_loading", "retrieval", "card", "machine"} <= set(result)
+    assert len(result["step"]) == 2  # sampled and all pixels
+    for row in result["step"]:
+        for key in ("rate", "ms", "mfu", "peak_mem_gb"):
+            _positive(row[key], f"step {row['setting']} {key}")
+        assert row["peak_source"] == "measured matmul"  # no nominal peak for a CPU
+    breakdown = result["breakdown"]
+    assert set(breakdown["section_shares"]) == {"data", "h2d", "cnn", "transformer", "heads", "optimizer"}
+    assert math.isclose(sum(breakdown["section_shares"].values()), 1.0, rel_tol=1e-6)
+    ops = breakdown["operators"]["shares"]
+    assert math.isclose(sum(v for kinds in ops.values() for v in kinds.values()), 1.0, rel_tol=1e-6)
+    assert ops["cnn"]["conv"] > 0 and ops["transformer"]["matmul"] > 0
+    assert 0 < breakdown["operators"]["outside_cnn_attention_matmul"] < 1
+    parts = {row["part"] for row in result["rows"]}
+    assert parts == {"step share", "encoder", "data", "retrieval"}
+    for row in result["rows"]:
+        if row["unit"] not in ("padded share", "of step time"):
+            _positive(row["rate"], row["setting"])
+    enc = result["encoder"]
+    assert {r["impl"] for r in enc["rows"]} == {"ours", "hf-sdpa"}
+    for r in enc["rows"]:
+        _positive(r["vs_hf_sdpa"], "encoder ratio")
+        _positive(r["gflop"], "encoder FLOPs")
+    padding = {r["batching"]: r["padded_pixels"] for r in result["data_loading"]["padding"]}
+    assert 0 <= padding["aspect-ratio groups"] < padding["random batches"] < 1  # grouping cuts padding
+    ret = result["retrieval"]
+    for key in ("speedup_measured", "speedup_predicted", "gflop_cnn_per_image", "gflop_per_pair"):
+        _positive(ret[key], key)
+    assert [p["pairs"] for p in ret["projections"]] == [5_000_000, 125_000_000]
+    assert "step" in stdout and "retrieval" in stdout  # the one table
+
+
+def test_step_benchmark_rows(tmp_path):
+    out = tmp_path / "step.json"
+    _run("step.py", "--presets", "tiny", "--repeat", "1", "--batch", "2", "--no-breakdown", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pixels"] for r in rows] == ["sampled", "all"]
+    for row in rows:
+        for key in ("samples_s", "tflops", "of_matmul", "peak_mem_gb"):
+            _positive(row[key], key)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun demo run")
+def test_scaling_benchmark_reads_the_demo_rate(tmp_path):
+    out = tmp_path / "scaling.json"
+    _run("scaling.py", "--device", "cpu", "--nprocs", "1", "--max-steps", "4", "--warmup-steps", "2",
+         "--batch-size", "4", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["processes"] == 1 and rows[0]["efficiency"] == 1.0
+    _positive(rows[0]["samples_s"], "samples/s")
