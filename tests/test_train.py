@@ -281,3 +281,33 @@ def test_itm_joins_at_itm_start_step():
     assert early_rate > 0.5 and late_rate < 0.3  # 60% before ITM joins, the paper's 15% after
     late = pretrain_step(model, batch, Tok, train_cfg, torch.device("cpu"), step=10)
     assert torch.allclose(late["loss"], late["mlm_loss"] + late["itm_loss"])
+
+
+def test_compiled_run_saves_plain_weights_and_resumes_either_way(tmp_path, monkeypatch):
+    """--compile true: checkpoints hold the plain module's state dict (no ``_orig_mod.`` keys), so a
+    run compiled for its first steps resumes without compile, and ends where an uncompiled run ends.
+    torch.compile runs with its "eager" backend here: the wrapper and its unwrapping are the real
+    ones, without minutes of code generation."""
+    real_compile = torch.compile
+    compiled = []
+
+    def eager_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="eager", **kwargs)
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    common = TINY + ["--synthetic-images", "48", "--batch_size", "8", "--synthetic-eval-images", "0",
+                     "--epochs", "1", "--warmup_steps", "2", "--ckpt_every", "100", "--hidden_dropout", "0",
+                     "--attention_dropout", "0"]
+    train.main(common + ["--output-dir", str(tmp_path / "plain"), "--resume", "none"])
+    part = tmp_path / "part"
+    first = train.main(common + ["--output-dir", str(part), "--resume", "none", "--max-steps", "3",
+                                 "--compile", "true"])
+    assert first["steps"] == 3 and len(compiled) == 1
+    ckpt = torch.load(part / "ckpt_00000003.pt", map_location="cpu", weights_only=True)
+    assert not [k for k in ckpt["model"] if "_orig_mod" in k]
+    second = train.main(common + ["--output-dir", str(part), "--resume", "auto", "--compile", "false"])
+    assert second["steps"] == 6 and second["resumed_from"].endswith("ckpt_00000003.pt") and len(compiled) == 1
+    a, b = _weights(tmp_path / "plain" / "model.pt"), _weights(part / "model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), f"{k} differs after a compiled start"
