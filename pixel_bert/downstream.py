@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .data import BadSampleReporter, describe_bad_samples
-from .engine import BadDataError, DistInfo, format_seconds, unwrap
+from .engine import BadDataError, DistInfo, format_seconds
 
 
 @dataclass
@@ -155,7 +155,7 @@ def predict_sharded(model, dataset, collate_fn, info: DistInfo, predict_batch: C
     bad samples (unreadable images) are missing, and the task fills them in. Each bad file is warned
     about once; a shard whose every item is bad stops with `BadDataError` (a wrong image folder must
     not produce a metrics file)."""
-    model = unwrap(model).eval()
+    model.eval()  # the wrapper itself, so that a torch.compile'd model runs compiled
     loader = sharded_loader(dataset, info, batch_size, collate_fn, num_workers)
     progress = Progress(len(loader.dataset), unit, info, label=label)
     preds: Dict[Any, Any] = {}

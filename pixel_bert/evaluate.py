@@ -35,6 +35,8 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from pixel_bert import metrics, nlvr2, retrieval
 from pixel_bert.data import read_json
 from pixel_bert.engine import distributed, exit_after_distributed_run, share_cpu_threads
@@ -96,6 +98,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--pairs-per-batch", type=int, default=1024, help="retrieval: image-caption pairs per forward pass")
     p.add_argument("--feature-cache", help="retrieval: folder where each rank saves its images' visual tokens "
                    "and reuses them on the next run of the same checkpoint")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward pass "
+                   "(worth it for a long evaluation: the first batches pay for the compilation)")
     p.add_argument("--fold-size", type=int, default=1000, help="retrieval: COCO 1K protocol fold size (the 1K "
                    "figures are reported when the split has exactly 5 folds of images)")
     add_data_arguments(p)
@@ -126,6 +130,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     with distributed(args.device) as info:
         share_cpu_threads(info)
         model.to(info.device)
+        if args.compile:
+            model = torch.compile(model)
         result = evaluate_split(args.task, model, tokenizer, args, args.split or DEFAULT_SPLITS[args.task], info,
                                 out_dir, ckpt.get("answers"), settings)
         if info.is_main:

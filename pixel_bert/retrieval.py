@@ -359,7 +359,7 @@ def score_rows(model, cache: VisualCache, input_ids: torch.Tensor, attention_mas
     tile is cut to its longest of each and holds little padding, often none (attention then runs
     without a mask). Every length is known on the host beforehand, so the loop does no host work
     per pair and never waits for the device; the scores stay on the device until the end."""
-    model = unwrap(model).eval()
+    model.eval()  # the wrapper itself, so that a torch.compile'd model runs compiled
     n_rows, n_cap = len(cache.rows), len(input_ids)
     text_lengths = attention_mask.sum(1).cpu()                                   # (n_cap,)
     image_lengths = torch.tensor(cache.lengths, dtype=torch.long)               # (n_rows,)

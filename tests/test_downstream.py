@@ -495,3 +495,25 @@ def test_evaluate_scores_files_without_a_model(tmp_path):
     assert result["overall"] == 80.0  # (100 + 60) / 2
     with pytest.raises(SystemExit, match="--annotations"):
         evaluate.main(["--task", "vqa", "--predictions", str(tmp_path / "p.json")])
+
+
+def test_compiled_evaluation_gives_the_same_metrics(ret_ckpt, retrieval_json, tmp_path, monkeypatch):
+    """evaluate.py --compile runs the torch.compile wrapper itself (not the module inside it) and
+    reports what the plain model reports. The "eager" backend keeps the test quick."""
+    real_compile, calls, wrapper_forwards = torch.compile, [], []
+
+    def eager_compile(model, **kwargs):
+        compiled = real_compile(model, backend="eager", **kwargs)
+        calls.append(compiled)
+        # a hook on the wrapper runs only when the wrapper itself is called, not the module inside
+        compiled.register_forward_pre_hook(lambda *_: wrapper_forwards.append(1))
+        return compiled
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    common = ["--task", "retrieval", "--checkpoint", ret_ckpt, "--karpathy-json", retrieval_json,
+              "--split", "test", "--pairs-per-batch", "16", "--batch-size", "2", "--num-workers", "0"]
+    plain = evaluate.main(common + ["--output-dir", str(tmp_path / "plain")])
+    compiled = evaluate.main(common + ["--output-dir", str(tmp_path / "compiled"), "--compile"])
+    assert len(calls) == 1 and wrapper_forwards and compiled["recall"] == plain["recall"]
+    a = metrics.load_score_matrix(str(tmp_path / "plain" / "retrieval_test_scores.npz"))
+    b = metrics.load_score_matrix(str(tmp_path / "compiled" / "retrieval_test_scores.npz"))
+    assert np.allclose(a.scores, b.scores, atol=1e-5)
