@@ -4,6 +4,8 @@
     python benchmarks/gpu.py --smoke --json s.json  # CPU, tiny sizes, well under a minute (a test runs it)
 
 Runs, at the paper's settings (r50 at 800x1333, BERT-base, 64 samples per GPU):
+0. the paper's step: what --amp auto picks on this card and why; one r50 step at 800x1333 in fp16
+   (loss scaling) and in bf16 with its feature grid and loss (`paper_step_rows`);
 1. step.py: the whole pre-training step in bf16 and fp16, eager and torch.compile; plus bf16 with
    CNN activation checkpointing, bf16 with all pixels kept, and x152 at 600x1000 with and without
    checkpointing (does it fit a 32 GB card?). images/s, model FLOP utilisation
@@ -31,8 +33,12 @@ import torch
 import data_loading
 import encoder
 import retrieval_throughput
-from common import DTYPES, device_peak_tflops, machine, matmul_flops, print_table, setup, write_json
+from common import DTYPES, autocast, device_peak_tflops, machine, matmul_flops, print_table, setup, write_json
 from step import Setup, breakdown, measure
+
+from pixel_bert.config import TrainConfig  # noqa: E402
+from pixel_bert.engine import amp_settings  # noqa: E402
+from pixel_bert.pretrain import pretrain_step  # noqa: E402
 
 
 def get_args_parser():
@@ -60,6 +66,31 @@ def step_settings(args, compiled: bool):
     return [(*r50, t, False, "sampled", False) for t in dtypes] + [
         (*r50, d, False, "sampled", True), (*r50, d, False, "all", False),
         (*x152, d, False, "sampled", False), (*x152, d, False, "sampled", True)]
+
+
+def paper_step_rows(args, device, folder):
+    """The paper's step as it ran (Sec. 4.1): what ``--amp auto`` picks on this card and why, then one
+    r50 pre-training step at 800x1333 in fp16 (with loss scaling, as on the paper's V100s) and in bf16:
+    the feature grid of the batch's images, the loss, and whether every weight is finite after the
+    optimizer step. --smoke: the tiny preset on the CPU."""
+    choice = amp_settings(TrainConfig(amp="auto"), device)
+    rows = [{"part": "amp auto", "setting": choice.reason, "note": f"loss scaling {choice.loss_scaling}"}]
+    preset, size = ("tiny", (64, 64)) if args.smoke else ("r50", (800, 1333))
+    options = argparse.Namespace(layers=None, batch=2, compile=False)
+    for dtype in ("fp16", "bf16"):
+        progress(f"paper step {preset} {dtype}")
+        s = Setup(preset, size, "sampled", False, options, device, dtype, folder)
+        images = s.batch["images"]
+        with autocast(device, dtype):
+            grid = s.model.bert.encode_image(images[:1], s.batch["pixel_mask"][:1]).grid
+            loss = pretrain_step(s.forward_model, s.batch, s.tokenizer, s.train_cfg, device)["loss"]
+        s.scaler.scale(loss).backward()
+        s.optimizer_step()
+        finite = all(bool(torch.isfinite(p).all()) for p in s.model.parameters())
+        rows.append({"part": "paper step", "setting": f"{preset} {size[0]}x{size[1]} {dtype}", "rate": float(loss.detach()),
+                     "unit": "loss", "note": f"images {images.shape[2]}x{images.shape[3]} -> grid {grid[0]}x"
+                                             f"{grid[1]}; weights finite after the step: {finite}"})
+    return rows
 
 
 def step_rows(args, device, folder, settings, flops):
@@ -175,11 +206,12 @@ def main(argv=None):
         raise SystemExit("gpu.py measures the paper's scale and needs a GPU; on CPU run it with --smoke")
     logs, flops = {}, {}
     with tempfile.TemporaryDirectory() as folder:
+        checks = paper_step_rows(args, device, folder)
         steps, breakdown = step_rows(args, device, folder, step_settings(args, compiled=False), flops)
         others, details = other_rows(args, steps, logs)
         # compiling takes minutes: last, so that every other figure is in should the run be cut short
         steps += step_rows(args, device, folder, step_settings(args, compiled=True), flops)[0]
-    others = (breakdown_rows(breakdown) if breakdown else []) + others  # none if every setting ran out of memory
+    others = checks + (breakdown_rows(breakdown) if breakdown else []) + others  # none if every setting ran out of memory
     card = device_peak_tflops(device, "bf16")
     print(f"{card['name']} ({'peaks of ' + card['matched'] if card['matched'] else 'no nominal peak known'}), "
           f"torch {torch.__version__}{', smoke run' if args.smoke else ''}")

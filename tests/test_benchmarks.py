@@ -42,8 +42,14 @@ def test_gpu_benchmark_smoke_run_writes_every_figure(tmp_path):
     assert ops["cnn"]["conv"] > 0 and ops["transformer"]["matmul"] > 0
     assert 0 < breakdown["operators"]["outside_cnn_attention_matmul"] < 1
     parts = {row["part"] for row in result["rows"]}
-    assert parts == {"step share", "encoder", "data", "retrieval"}
+    assert parts == {"amp auto", "paper step", "step share", "encoder", "data", "retrieval"}
+    checks = [row for row in result["rows"] if row["part"] == "paper step"]
+    assert [row["setting"].split()[-1] for row in checks] == ["fp16", "bf16"]
+    for row in checks:  # a finite loss and finite weights after one fp16 and one bf16 step
+        assert math.isfinite(row["rate"]) and row["rate"] > 0 and row["note"].endswith("finite after the step: True")
     for row in result["rows"]:
+        if row["part"] in ("amp auto", "paper step"):
+            continue
         if row["unit"] not in ("padded share", "of step time"):
             _positive(row["rate"], row["setting"])
     enc = result["encoder"]
