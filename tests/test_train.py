@@ -311,3 +311,19 @@ def test_compiled_run_saves_plain_weights_and_resumes_either_way(tmp_path, monke
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), f"{k} differs after a compiled start"
+
+
+@pytest.mark.parametrize("split", ["train2014", "val2014"])
+def test_coco_captions_with_val2014_images_warn_of_retrieval_leakage(split, tmp_path, capsys):
+    """--coco-captions on val2014 (which holds the Karpathy val/test images retrieval is evaluated on)
+    warns, as --vg-regions without --coco-karpathy does; train2014 alone does not."""
+    path = tmp_path / f"captions_{split}.json"
+    path.write_text(json.dumps({
+        "images": [{"id": 7, "file_name": f"COCO_{split}_000000000007.jpg", "height": 48, "width": 64}],
+        "annotations": [{"id": 1, "image_id": 7, "caption": "a red circle"}]}))
+    args = train.get_args_parser().parse_args(["--coco-captions", str(path), "--coco-captions-images",
+                                               str(tmp_path / split)])
+    records = train.read_caption_records(args)
+    assert len(records) == 1
+    leak_warning = "pre-training on them leaks" in capsys.readouterr().err
+    assert leak_warning == (split == "val2014")
