@@ -141,7 +141,7 @@ class TrainConfig:
 
 # field -> (lowest, highest) allowed value, None = unbounded
 FIELD_RANGES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
-    "backbone_stages": (1, 4), "visual_proj_kernel": (1, None), "visual_pool": (1, None),
+    "backbone_stages": (1, 4), "visual_proj_kernel": (1, None), "visual_proj_init_std": (0, None), "visual_pool": (1, None),
     "vocab_size": (1, None), "hidden_size": (1, None), "num_layers": (1, None), "num_heads": (1, None),
     "intermediate_size": (1, None), "hidden_dropout": (0, 1), "attention_dropout": (0, 1),
     "max_position_embeddings": (2, None), "type_vocab_size": (1, None), "layer_norm_eps": (0, None),

@@ -38,6 +38,10 @@ class PixelBertConfig:
     freeze_backbone_bn: bool = True       # BatchNorm statistics frozen: padded, variable-size batches of
                                           # 64/GPU would corrupt batch statistics (detection practice) [choice]
     visual_proj_kernel: int = 1           # conv from backbone channels to hidden size: 1x1 [choice]
+    visual_proj_init_std: Optional[float] = None  # its initial weights' std; None = 1/sqrt(fan-in), so visual
+                                          # tokens start at the text embeddings' scale whatever the trunk's
+                                          # width (0.022 for ResNet-50's 2048 channels, near BERT's 0.02;
+                                          # 0.088 for the tiny trunk's 128) [choice]
     visual_pool: int = 2                  # 2x2 max-pool after the conv -> stride 64 [paper]; ceil mode, so
                                           # the last row/column of an odd grid is pooled too [choice]
     channels_last: bool = True            # CNN activations and weights in NHWC layout: the fast layout of
@@ -410,8 +414,14 @@ class PixelBert(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, VisualEmbedding):
-            # the projection conv: same scale as the transformer's Linear layers; s_v starts at zero
-            nn.init.normal_(module.proj.weight, std=self.config.initializer_range)
+            # The projection conv: std 1/sqrt(fan-in) keeps a trunk's output (rms about 1) at unit scale,
+            # like the LayerNorm'd text embeddings. BERT's 0.02 would be the same for 2048 channels, but
+            # a narrow trunk trained from scratch (the demo's 128 channels) would start with visual
+            # tokens 4x weaker than the words, and the transformer learns to use them late and
+            # unreliably (README, "What the demo shows"). s_v starts at zero.
+            fan_in = module.proj.in_channels * module.proj.kernel_size[0] * module.proj.kernel_size[1]
+            std = self.config.visual_proj_init_std or fan_in ** -0.5
+            nn.init.normal_(module.proj.weight, std=std)
             nn.init.zeros_(module.proj.bias)
             nn.init.zeros_(module.semantic)
 
