@@ -225,3 +225,15 @@ def test_the_feature_grid_covers_every_input_pixel():
             assert grid == (math.ceil(h / 64), math.ceil(w / 64)), (h, w, grid)
     assert (math.ceil(800 / 64), math.ceil(1333 / 64)) == (13, 21)
     assert make_model_config("r50").feature_stride == 64
+
+
+@pytest.mark.parametrize("backbone, stages, channels", [("resnet18", 2, 128), ("resnet50", 4, 2048)])
+def test_visual_projection_starts_at_fan_in_scale(backbone, stages, channels):
+    """The 1x1 projection's initial std is 1/sqrt(fan-in) (visual_proj_init_std=None): 0.088 for the
+    demo's 128-channel trunk, 0.022 for ResNet-50's 2048; a given std overrides it."""
+    cfg = make_model_config("tiny", backbone=backbone, backbone_stages=stages)
+    weight = PixelBert(cfg).visual_embedding.proj.weight
+    assert weight.shape[1] == channels
+    assert abs(weight.std().item() * channels ** 0.5 - 1) < 0.05
+    fixed = PixelBert(make_model_config("tiny", backbone=backbone, backbone_stages=stages, visual_proj_init_std=0.02))
+    assert abs(fixed.visual_embedding.proj.weight.std().item() - 0.02) < 0.002
