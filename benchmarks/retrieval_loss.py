@@ -28,8 +28,17 @@ KEYS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum")
 
 
 def run_one(form: str, seed: int, args) -> dict:
-    """One fine-tuning run in a subprocess; its val recall (percent) and wall time."""
+    """One fine-tuning run in a subprocess; its val recall (percent) and wall time. A run folder that
+    already holds its result.json (a grid cut short and started again) is read, not run again,
+    unless --rerun."""
     out = os.path.join(args.out_dir, f"{form}-seed{seed}")
+    result_file = os.path.join(out, "result.json")
+    if os.path.isfile(result_file) and not args.rerun:
+        with open(result_file) as f:
+            recall = json.load(f)["eval"]["recall"]
+        print(f"  {form} seed {seed}: TR R@1 {recall['tr_r1']:.1f}, IR R@1 {recall['ir_r1']:.1f}, "
+              f"rsum {recall['rsum']:.1f} (finished earlier, {result_file})", flush=True)
+        return {"form": form, "seed": seed, "seconds": None, **{k: recall[k] for k in KEYS}}
     cmd = [sys.executable, os.path.join(ROOT, "finetune.py"), "--task", "retrieval", "--init", args.init,
            "--output-dir", out, "--retrieval-loss", form, "--seed", str(seed), "--resume", "none"] + args.extra
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -37,7 +46,7 @@ def run_one(form: str, seed: int, args) -> dict:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    with open(os.path.join(out, "result.json")) as f:
+    with open(result_file) as f:
         recall = json.load(f)["eval"]["recall"]
     print(f"  {form} seed {seed}: TR R@1 {recall['tr_r1']:.1f}, IR R@1 {recall['ir_r1']:.1f}, "
           f"rsum {recall['rsum']:.1f} ({time.time() - started:.0f} s)", flush=True)
@@ -66,6 +75,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1)")
     p.add_argument("--out-dir", default="runs/retrieval-loss", help="run folders go here")
     p.add_argument("--json", default=None, help="write every run's figures here")
+    p.add_argument("--rerun", action="store_true", help="run again even where a run folder holds its result.json")
     p.add_argument("extra", nargs="*", help="more finetune.py flags, after `--`")
     args = p.parse_args(argv)
     grid = [(form, seed) for form in args.forms for seed in args.seeds]
