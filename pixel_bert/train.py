@@ -206,6 +206,10 @@ def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig):
     if info.is_main:  # only once the resume is accepted: a refused resume leaves the run's files alone
         write_json(os.path.join(out_dir, "config.json"),
                    run_config | {"model_extra": {"vocab_size": tokenizer.vocab_size}})
+    if trainer.step < train_cfg.itm_start_step:
+        early = train_cfg.mlm_probability_before_itm or train_cfg.mlm_probability
+        trainer.log(f"itm: starts at step {train_cfg.itm_start_step} (MLM alone until then, {early:.0%} of the "
+                    f"words masked; no ITM figures are logged before it)")
     started, start_step = time.time(), trainer.step
     trainer.fit(max_steps=args.max_steps)
     result = {"train_seconds": time.time() - started, "steps": trainer.step,
