@@ -113,6 +113,11 @@ class TrainConfig:
     itm_start_step: int = 0               # optimizer steps of MLM alone before ITM joins (0 = together from
                                           # the start, as the paper); the CPU demo's from-scratch CNN first
                                           # learns to see from MLM, since ITM at chance only adds noise
+    itm_weight: float = 1.0               # L = L_MLM + itm_weight * L_ITM [paper: 1]; the CPU demo weighs ITM
+                                          # more, or the MLM gradient drowns ITM's weak first signal
+    itm_lr_factor: float = 1.0            # both optimisers' lr x this from itm_start_step on [choice: 1]; the
+                                          # CPU demo lowers it, since at MLM's lr ITM's noise at chance
+                                          # undoes the grounding that ITM needs
     sample_pixels: bool = True            # random pixel sampling in pre-training [paper]
     # ---- data, logging, checkpoints --------------------------------------------------------------
     num_workers: int = 4                  # DataLoader worker processes per training process
@@ -149,6 +154,7 @@ FIELD_RANGES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
     "grad_clip": (0, None), "epochs": (1, None), "decay_factor": (0, None), "batch_size": (1, None),
     "grad_accum_steps": (1, None), "max_nonfinite_steps": (0, None), "mlm_probability": (0, 1),
     "itm_negative_ratio": (0, 1), "mlm_probability_before_itm": (0, 1), "itm_start_step": (0, None),
+    "itm_weight": (0, None), "itm_lr_factor": (0, None),
     "num_workers": (0, None), "max_bad_sample_fraction": (0, 1), "bad_sample_check_after": (1, None),
     "log_every": (1, None), "ckpt_every": (1, None), "keep_checkpoints": (1, None), "seed": (0, None),
 }

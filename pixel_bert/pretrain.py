@@ -81,7 +81,8 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
 
 def pretrain_losses(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, itm_logits: torch.Tensor,
                     itm_labels: torch.Tensor, itm_weight: float = 1.0) -> Dict[str, torch.Tensor]:
-    """L = L_MLM (eq. 7, mean over predicted tokens) + L_ITM (eq. 8, binary cross-entropy)."""
+    """L = L_MLM (eq. 7, mean over predicted tokens) + itm_weight * L_ITM (eq. 8, binary cross-entropy);
+    the paper adds the two (itm_weight 1)."""
     predicted = mlm_labels != IGNORE_INDEX
     if predicted.any():
         mlm_loss = F.cross_entropy(mlm_logits[predicted].float(), mlm_labels[predicted])
@@ -128,7 +129,7 @@ def pretrain_step(model, batch: dict, tokenizer, train_cfg: TrainConfig, device,
     # before itm_start_step all pairs are matched: the ITM head stays in the graph (DDP needs every
     # parameter used) with weight 0, and its loss and accuracy are not reported
     out = pretrain_losses(mlm_logits, mlm_labels.to(device), itm_logits, itm_labels.to(device),
-                          itm_weight=1.0 if itm else 0.0)
+                          itm_weight=train_cfg.itm_weight if itm else 0.0)
     if not itm:
         del out["itm_loss"], out["itm_acc"]
     return {**out, "mask_rate": mask_rate}

@@ -284,3 +284,21 @@ def test_itm_joins_at_itm_start_step():
     assert early_rate > 0.5 and late_rate < 0.3  # 60% before ITM joins, the paper's 15% after
     late = pretrain_step(model, batch, Tok, train_cfg, torch.device("cpu"), step=10)
     assert torch.allclose(late["loss"], late["mlm_loss"] + late["itm_loss"]) and "itm_acc" in late
+
+
+def test_itm_weight_and_lr_factor_apply_from_itm_start_step():
+    """itm_weight scales L_ITM in the loss; itm_lr_factor scales both optimisers' lr from
+    itm_start_step on, on top of the warm-up and the epoch decays."""
+    from pixel_bert.engine import lr_factor
+    cfg = make_model_config("tiny", hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64)
+    model = PixelBertForPreTraining(cfg).train()
+    ids, mask = _captions(16, 10)
+    batch = dict(input_ids=ids, attention_mask=mask, images=torch.randn(16, 3, 64, 64),
+                 pixel_mask=torch.ones(16, 64, 64, dtype=torch.bool), image_keys=[str(i) for i in range(16)])
+    train_cfg = make_train_config("pretrain", itm_start_step=10, itm_weight=3.0, itm_lr_factor=0.25,
+                                  warmup_steps=4, decay_epochs=(2,), decay_factor=0.1)
+    out = pretrain_step(model, batch, Tok, train_cfg, torch.device("cpu"), step=10)
+    assert torch.allclose(out["loss"], out["mlm_loss"] + 3.0 * out["itm_loss"])
+    factors = [lr_factor(step, 10, train_cfg) for step in (2, 9, 10, 19, 20)]
+    assert factors == pytest.approx([train_cfg.warmup_start_factor + (1 - train_cfg.warmup_start_factor) / 2,
+                                     1.0, 0.25, 0.25, 0.025])
