@@ -53,7 +53,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(for quick checks; the schedule still spans all epochs)")
     D.add_pretrain_data_arguments(parser, "data (default, when none is given: the synthetic shapes world)")
     data = parser.add_argument_group("the synthetic shapes world")
-    data.add_argument("--synthetic-images", type=int, default=24000, help="synthetic training images")
+    data.add_argument("--synthetic-images", type=int, default=32000, help="synthetic training images (default "
+                      "32000: the demo recipe's one epoch of 1,000 steps of 32)")
     data.add_argument("--synthetic-eval-images", type=int, default=1000, help="held-out synthetic images "
                       "for the final ITM / MLM evaluation (0 = none)")
     data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic world "
