@@ -184,13 +184,15 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> List[torch.opt
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Multiplier of the base lr after ``step`` optimizer steps: linear warm-up from
-    ``warmup_start_factor`` over ``warmup_steps``, then x``decay_factor`` at each decay epoch.
+    ``warmup_start_factor`` over ``warmup_steps``, then x``decay_factor`` at each decay epoch, and
+    x``itm_lr_factor`` once ITM has joined (``itm_start_step``; pre-training's delayed ITM).
     Counted in optimizer steps, so gradient accumulation never shrinks the schedule."""
     warm = 1.0
     if step < cfg.warmup_steps:
         warm = cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / cfg.warmup_steps
     epoch = step / max(steps_per_epoch, 1)
-    return warm * cfg.decay_factor ** sum(epoch >= e for e in cfg.decay_epochs)
+    itm = cfg.itm_lr_factor if step >= cfg.itm_start_step else 1.0
+    return warm * cfg.decay_factor ** sum(epoch >= e for e in cfg.decay_epochs) * itm
 
 
 @dataclass

@@ -81,7 +81,8 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
 
 def pretrain_losses(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, itm_logits: torch.Tensor,
                     itm_labels: torch.Tensor, itm_weight: float = 1.0) -> Dict[str, torch.Tensor]:
-    """L = L_MLM (eq. 7, mean over predicted tokens) + L_ITM (eq. 8, binary cross-entropy)."""
+    """L = L_MLM (eq. 7, mean over predicted tokens) + itm_weight * L_ITM (eq. 8, binary cross-entropy);
+    the paper adds the two (itm_weight 1)."""
     predicted = mlm_labels != IGNORE_INDEX
     if predicted.any():
         mlm_loss = F.cross_entropy(mlm_logits[predicted].float(), mlm_labels[predicted])
@@ -116,7 +117,8 @@ def prepare_pretrain_batch(batch: dict, tokenizer, train_cfg: TrainConfig, vocab
 
 def pretrain_step(model, batch: dict, tokenizer, train_cfg: TrainConfig, device, step: int = 0) -> Dict[str, torch.Tensor]:
     """One micro-batch of pre-training: ITM pairs, MLM masking, one forward pass, both losses.
-    ``step`` (optimizer steps so far) switches ITM on at ``train_cfg.itm_start_step``."""
+    ``step`` (optimizer steps so far) switches ITM on at ``train_cfg.itm_start_step``; before that
+    the returned dict has no ``itm_loss`` / ``itm_acc`` (they would mean nothing)."""
     bert_config = unwrap(model).config
     itm = step >= train_cfg.itm_start_step
     ids, mask, mlm_labels, itm_labels, mask_rate = prepare_pretrain_batch(batch, tokenizer, train_cfg,
@@ -125,9 +127,11 @@ def pretrain_step(model, batch: dict, tokenizer, train_cfg: TrainConfig, device,
     _, mlm_logits, itm_logits = model(ids.to(device), mask.to(device), batch["images"].to(device, non_blocking=True),
                                       batch["pixel_mask"].to(device, non_blocking=True), sample_pixels=sample)
     # before itm_start_step all pairs are matched: the ITM head stays in the graph (DDP needs every
-    # parameter used) with weight 0
+    # parameter used) with weight 0, and its loss and accuracy are not reported
     out = pretrain_losses(mlm_logits, mlm_labels.to(device), itm_logits, itm_labels.to(device),
-                          itm_weight=1.0 if itm else 0.0)
+                          itm_weight=train_cfg.itm_weight if itm else 0.0)
+    if not itm:
+        del out["itm_loss"], out["itm_acc"]
     return {**out, "mask_rate": mask_rate}
 
 

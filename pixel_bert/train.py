@@ -53,7 +53,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(for quick checks; the schedule still spans all epochs)")
     D.add_pretrain_data_arguments(parser, "data (default, when none is given: the synthetic shapes world)")
     data = parser.add_argument_group("the synthetic shapes world")
-    data.add_argument("--synthetic-images", type=int, default=24000, help="synthetic training images")
+    data.add_argument("--synthetic-images", type=int, default=32000, help="synthetic training images (default "
+                      "32000: the demo recipe's one epoch of 1,000 steps of 32)")
     data.add_argument("--synthetic-eval-images", type=int, default=1000, help="held-out synthetic images "
                       "for the final ITM / MLM evaluation (0 = none)")
     data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic world "
@@ -206,6 +207,10 @@ def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig):
     if info.is_main:  # only once the resume is accepted: a refused resume leaves the run's files alone
         write_json(os.path.join(out_dir, "config.json"),
                    run_config | {"model_extra": {"vocab_size": tokenizer.vocab_size}})
+    if trainer.step < train_cfg.itm_start_step:
+        early = train_cfg.mlm_probability_before_itm or train_cfg.mlm_probability
+        trainer.log(f"itm: starts at step {train_cfg.itm_start_step} (MLM alone until then, {early:.0%} of the "
+                    f"words masked; no ITM figures are logged before it)")
     started, start_step = time.time(), trainer.step
     trainer.fit(max_steps=args.max_steps)
     result = {"train_seconds": time.time() - started, "steps": trainer.step,

@@ -152,7 +152,9 @@ def test_train_main_learns_on_synthetic_data(tmp_path):
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert len(steps) == 30 and len(epochs) == 3
     assert epochs[-1]["mlm_loss"] < epochs[0]["mlm_loss"] - 0.3, [e["mlm_loss"] for e in epochs]
-    assert {"itm_acc", "mlm_acc", "samples_per_s", "lr", "data_time"} <= set(steps[-1])
+    assert {"mlm_acc", "samples_per_s", "lr", "data_time"} <= set(steps[-1])
+    # the demo's ITM starts later than step 30: no ITM figure may be logged as if it meant something
+    assert not any("itm_loss" in r or "itm_acc" in r for r in records)
     config = json.load(open(out / "config.json"))
     assert config["model"]["hidden_size"] == 64 and config["train"]["epochs"] == 3
     assert os.path.isfile(out / "model.pt") and os.path.isfile(out / "result.json")
@@ -270,6 +272,7 @@ def test_itm_joins_at_itm_start_step():
     train_cfg = make_train_config("pretrain", itm_start_step=10, mlm_probability_before_itm=0.6)
     early = pretrain_step(model, batch, Tok, train_cfg, torch.device("cpu"), step=9)
     assert torch.allclose(early["loss"], early["mlm_loss"])  # ITM weighs nothing yet
+    assert "itm_loss" not in early and "itm_acc" not in early  # nor is it reported
     from pixel_bert.pretrain import prepare_pretrain_batch
     masked, _, labels, itm_labels, _ = prepare_pretrain_batch(batch, Tok, train_cfg, 64, itm=False)
     assert itm_labels.eq(1).all()  # no mismatched pairs while MLM runs alone
@@ -280,7 +283,25 @@ def test_itm_joins_at_itm_start_step():
     late_rate = (labels[pos] != IGNORE_INDEX).float().sum() / (mask[pos] & (ids[pos] > 4)).sum()
     assert early_rate > 0.5 and late_rate < 0.3  # 60% before ITM joins, the paper's 15% after
     late = pretrain_step(model, batch, Tok, train_cfg, torch.device("cpu"), step=10)
-    assert torch.allclose(late["loss"], late["mlm_loss"] + late["itm_loss"])
+    assert torch.allclose(late["loss"], late["mlm_loss"] + late["itm_loss"]) and "itm_acc" in late
+
+
+def test_itm_weight_and_lr_factor_apply_from_itm_start_step():
+    """itm_weight scales L_ITM in the loss; itm_lr_factor scales both optimisers' lr from
+    itm_start_step on, on top of the warm-up and the epoch decays."""
+    from pixel_bert.engine import lr_factor
+    cfg = make_model_config("tiny", hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64)
+    model = PixelBertForPreTraining(cfg).train()
+    ids, mask = _captions(16, 10)
+    batch = dict(input_ids=ids, attention_mask=mask, images=torch.randn(16, 3, 64, 64),
+                 pixel_mask=torch.ones(16, 64, 64, dtype=torch.bool), image_keys=[str(i) for i in range(16)])
+    train_cfg = make_train_config("pretrain", itm_start_step=10, itm_weight=3.0, itm_lr_factor=0.25,
+                                  warmup_steps=4, decay_epochs=(2,), decay_factor=0.1)
+    out = pretrain_step(model, batch, Tok, train_cfg, torch.device("cpu"), step=10)
+    assert torch.allclose(out["loss"], out["mlm_loss"] + 3.0 * out["itm_loss"])
+    factors = [lr_factor(step, 10, train_cfg) for step in (2, 9, 10, 19, 20)]
+    assert factors == pytest.approx([train_cfg.warmup_start_factor + (1 - train_cfg.warmup_start_factor) / 2,
+                                     1.0, 0.25, 0.25, 0.025])
 
 
 def test_compiled_run_saves_plain_weights_and_resumes_either_way(tmp_path, monkeypatch):
