@@ -119,7 +119,7 @@ def atomic_folder(path: str) -> Iterator[str]:
     old = None
     if os.path.isdir(path):  # rename() cannot replace a non-empty folder: move the old one aside
         old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".old")
-        os.replace(path, old)  # onto the empty placeholder just made
+        os.replace(path, old)  # onto the empty folder mkdtemp just reserved for it
     try:
         os.replace(tmp, path)
     except BaseException:
