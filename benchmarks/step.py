@@ -55,8 +55,8 @@ def get_args_parser():
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
-    p.add_argument("--fused-optimizers", action="store_true", help="engine.build_optimizers' AdamW and SGD with "
-                   "fused=True (one kernel for all parameters), to compare with the default")
+    p.add_argument("--unfused-optimizers", action="store_true", help="AdamW and SGD as a loop over parameters "
+                   "(TrainConfig.fused_optimizers=False), to compare with the default fused kernels")
     p.add_argument("--no-breakdown", action="store_true", help="skip the section and operator breakdowns")
     return add_common_args(p, repeat=3)
 
@@ -71,12 +71,10 @@ class Setup:
         if args.layers:
             overrides["num_layers"] = args.layers
         self.cfg = make_model_config(preset, **overrides)
-        self.train_cfg = make_train_config("pretrain", sample_pixels=pixels == "sampled")
+        self.train_cfg = make_train_config("pretrain", sample_pixels=pixels == "sampled",
+                                           fused_optimizers=not getattr(args, "unfused_optimizers", False))
         self.model = PixelBertForPreTraining(self.cfg).to(device).train()
         self.optimizers = build_optimizers(self.model, self.train_cfg)
-        if getattr(args, "fused_optimizers", False):  # the same groups and settings, fused kernels
-            self.optimizers = [type(o)([{**g, "fused": True, "foreach": None} for g in o.param_groups])
-                               for o in self.optimizers]
         self.forward_model = torch.compile(self.model) if args.compile else self.model
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
         self.device, self.dtype = device, dtype

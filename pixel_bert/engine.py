@@ -173,13 +173,25 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> List[torch.opt
             no_decay.append(p)
         else:
             decay.append(p)
-    optimizers = [torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                     {"params": no_decay, "weight_decay": 0.0}],
-                                    lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)]
+    optimizers = [make_optimizer(torch.optim.AdamW, [{"params": decay, "weight_decay": cfg.weight_decay},
+                                                     {"params": no_decay, "weight_decay": 0.0}],
+                                 cfg.fused_optimizers, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)]
     if cnn:
-        optimizers.append(torch.optim.SGD(cnn, lr=cfg.cnn_lr, momentum=cfg.cnn_momentum,
-                                          weight_decay=cfg.cnn_weight_decay))
+        optimizers.append(make_optimizer(torch.optim.SGD, cnn, cfg.fused_optimizers, lr=cfg.cnn_lr,
+                                         momentum=cfg.cnn_momentum, weight_decay=cfg.cnn_weight_decay))
     return optimizers
+
+
+def make_optimizer(cls, params, fused: bool, **settings) -> torch.optim.Optimizer:
+    """``cls(params, **settings)`` with ``fused=True`` when asked for and this torch has a fused kernel
+    for the parameters' device; otherwise the plain implementation (same update to rounding)."""
+    if fused:
+        params = list(params)  # read twice when the fused constructor refuses
+        try:
+            return cls(params, fused=True, **settings)
+        except (TypeError, RuntimeError):  # older torch: no `fused` argument, or no kernel for this device
+            pass
+    return cls(params, **settings)
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -507,7 +519,10 @@ class Trainer:
         self.check_layout(path, ckpt)
         unwrap(self.model).load_state_dict(ckpt["model"])
         for o, s in zip(self.optimizers, ckpt["optimizers"]):
+            kernels = [(g.get("fused"), g.get("foreach")) for g in o.param_groups]
             o.load_state_dict(s)
+            for g, (fused, foreach) in zip(o.param_groups, kernels):  # this run's choice, not the saved run's
+                g["fused"], g["foreach"] = fused, foreach
         for sch, s in zip(self.schedulers, ckpt["schedulers"]):
             sch.load_state_dict(s)
         self.scaler.load_state_dict(ckpt["scaler"])
