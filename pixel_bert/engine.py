@@ -281,6 +281,30 @@ def remove_interrupted_checkpoint_writes(out_dir: str) -> List[str]:
     return stale
 
 
+PREVIOUS_RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "model.pt", "model", "result.json")
+
+
+def set_aside_previous_run(out_dir: str) -> Optional[str]:
+    """A fresh start (``--resume none``) in a folder that holds an earlier run: move that run's
+    checkpoints, metrics and final weights into ``out_dir/previous-<time>/``. Left in place, its
+    higher-step checkpoints would be resumed later in place of this run's, this run's checkpoints would
+    be pruned first as the oldest, and both runs' steps would mix in metrics.jsonl. Returns the folder,
+    or None when there was no earlier run."""
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    outputs = [os.path.join(out_dir, name) for name in PREVIOUS_RUN_OUTPUTS]
+    earlier = (list_checkpoints(out_dir) or any(os.path.exists(p) for p in outputs[2:])
+               or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0))
+    if not earlier:
+        return None
+    dest = os.path.join(out_dir, datetime.datetime.now().strftime("previous-%Y%m%d-%H%M%S"))
+    while os.path.exists(dest):  # two fresh starts within a second
+        dest += "-1"
+    os.makedirs(dest)
+    for path in list_checkpoints(out_dir) + [p for p in outputs if os.path.exists(p)]:
+        os.replace(path, os.path.join(dest, os.path.basename(path)))
+    return dest
+
+
 def rng_state() -> dict:
     """Every random stream of this process, as tensors and plain values (weights_only-loadable)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -378,6 +402,8 @@ class MetricsWriter:
     def close(self):
         if self.enabled:
             self.file.close()
+        if self.tb is not None:
+            self.tb.close()
             if self.tb is not None:
                 self.tb.close()
 
@@ -554,17 +580,27 @@ class Trainer:
             for path in remove_interrupted_checkpoint_writes(self.out_dir):
                 self.log(f"removed {path}: the temporary file of a checkpoint write that was interrupted")
         if not spec:
+            if self.info.is_main:
+                self.start_afresh()
             return
         found = newest_valid_checkpoint(self.out_dir) if spec == "auto" else (spec, None)
         if found is None and list_checkpoints(self.out_dir):
             raise ValueError(f"no readable checkpoint in {self.out_dir}: every ckpt_*.pt there is damaged or "
                              f"foreign (see the warnings above). Resume from another copy with --resume PATH, or "
-                             f"start afresh with --resume none after moving them out of the folder")
+                             f"start afresh with --resume none (which moves them into a previous-<time> folder)")
         if found is None:
             self.log(f"no checkpoint in {self.out_dir}: starting from scratch")
             return
         self.load_checkpoint(*found)
         self.resumed_from = found[0]
+
+    def start_afresh(self):
+        self.writer.close()  # its files move with the earlier run's
+        moved_to = set_aside_previous_run(self.out_dir)
+        self.writer = MetricsWriter(self.out_dir, True)
+        if moved_to:
+            self.log(f"--resume none: the earlier run in {self.out_dir} (checkpoints, metrics, weights) was moved "
+                     f"to {moved_to}; this run starts from step 0")
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self, max_steps: Optional[int] = None):

@@ -114,6 +114,24 @@ def test_metrics_hold_each_step_once_after_a_crash_and_resume(tmp_path):
     assert steps == list(range(1, 9))
 
 
+def test_a_fresh_start_in_a_used_folder_sets_the_earlier_run_aside(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = TINY + ["--synthetic-images", "64", "--batch-size", "8", "--ckpt-every", "2",
+                     "--output-dir", str(out), "--epochs", "1", "--keep-checkpoints", "2"]
+    train.main(common + ["--max-steps", "6", "--resume", "none"])  # ckpt 4 and 6 kept
+    train.main(common + ["--max-steps", "2", "--resume", "none"])  # a new run in the same folder
+    (previous,) = [p for p in os.listdir(out) if p.startswith("previous-")]
+    assert f"was moved to {out / previous}" in capsys.readouterr().out
+    assert sorted(p for p in os.listdir(out / previous) if p.startswith("ckpt_")) == \
+        ["ckpt_00000004.pt", "ckpt_00000006.pt"]
+    assert {"metrics.jsonl", "model.pt", "result.json"} <= set(os.listdir(out / previous))
+    assert sorted(p for p in os.listdir(out) if p.startswith("ckpt_")) == ["ckpt_00000002.pt"]  # not pruned
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"kind": "train"' in line]
+    assert steps == [1, 2]  # this run's steps only
+    result = train.main(common + ["--max-steps", "3"])  # auto: this run's checkpoint, not the earlier step 6
+    assert result["resumed_from"].endswith(os.path.join("run", "ckpt_00000002.pt")) and result["steps"] == 3
+
+
 def test_a_file_that_loads_but_is_no_checkpoint_is_passed_over(tmp_path, capsys):
     good = {"model": {}, "optimizers": [], "schedulers": [], "scaler": {}, "step": 1, "epoch": 0,
             "batch_in_epoch": 1, "rng": []}
