@@ -22,7 +22,7 @@
 A split is unusable, and the exit status 1, when its file is missing or malformed, when it has no
 record, or when more than ``--max-bad-fraction`` of its images are missing or unreadable (training
 skips bad samples, so a few are harmless). Retrieval val/test allow none: the evaluation scores
-every image against every caption and stops at an unreadable image (`retrieval.ImageFiles`).
+every image against every caption and refuses to score while any image is unreadable (naming them all).
 
 ``download`` fetches the archives of `SOURCES` into ``--root`` and unpacks them into the layout
 the loaders read (see `layout_flags`). torchvision's ``download_url`` cannot resume a partial
