@@ -4,7 +4,7 @@
     python benchmarks/step.py --device cuda --presets r50 --batch 64 --sizes 600x1000,800x1333 --dtype bf16
 
 The step is the training loop's (pixel_bert.pretrain.pretrain_step under autocast, backward,
-gradient clipping, SGD for the CNN + AdamW for the rest from engine.build_optimizers) on a batch
+gradient clipping, SGD for the CNN + AdamW for the rest, all taken by engine.Trainer) on a batch
 collated from COCO-sized JPEGs (640x480 photos, resized to the preset's or --sizes' short/long
 side). Models start from random weights (nothing downloads). Per setting (image size x pixels
 kept x CNN activation checkpointing): samples/s, model TFLOP/s and its share of a large matmul,
@@ -34,7 +34,7 @@ from common import (DTYPES, add_common_args, autocast, count_flops, csv_list, ma
 from pixel_bert import synthetic
 from pixel_bert.config import make_model_config, make_train_config
 from pixel_bert.data import CaptionCollator, CaptionDataset, CaptionRecord, ImageTransform
-from pixel_bert.engine import build_optimizers
+from pixel_bert.engine import DistInfo, EpochStats, Trainer
 from pixel_bert.heads import PixelBertForPreTraining
 from pixel_bert.model import VisualTokens
 from pixel_bert.pretrain import prepare_pretrain_batch, pretrain_losses, pretrain_step
@@ -55,10 +55,13 @@ def get_args_parser():
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
-    p.add_argument("--fused-optimizers", action="store_true", help="engine.build_optimizers' AdamW and SGD with "
-                   "fused=True (one kernel for all parameters), to compare with the default")
+    p.add_argument("--unfused-optimizers", action="store_true", help="AdamW and SGD as a loop over parameters "
+                   "(TrainConfig.fused_optimizers=False), to compare with the default fused kernels")
     p.add_argument("--no-breakdown", action="store_true", help="skip the section and operator breakdowns")
     return add_common_args(p, repeat=3)
+
+
+AMP_SETTING = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}  # --dtype -> TrainConfig.amp
 
 
 class Setup:
@@ -71,14 +74,10 @@ class Setup:
         if args.layers:
             overrides["num_layers"] = args.layers
         self.cfg = make_model_config(preset, **overrides)
-        self.train_cfg = make_train_config("pretrain", sample_pixels=pixels == "sampled")
+        self.train_cfg = make_train_config("pretrain", sample_pixels=pixels == "sampled", num_workers=0,
+                                           amp=AMP_SETTING[dtype], compile=bool(args.compile),
+                                           fused_optimizers=not getattr(args, "unfused_optimizers", False))
         self.model = PixelBertForPreTraining(self.cfg).to(device).train()
-        self.optimizers = build_optimizers(self.model, self.train_cfg)
-        if getattr(args, "fused_optimizers", False):  # the same groups and settings, fused kernels
-            self.optimizers = [type(o)([{**g, "fused": True, "foreach": None} for g in o.param_groups])
-                               for o in self.optimizers]
-        self.forward_model = torch.compile(self.model) if args.compile else self.model
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
         self.device, self.dtype = device, dtype
         self.tokenizer = WordPieceTokenizer(synthetic.write_vocab(f"{folder}/vocab.txt"))
         batch = args.batch or (8 if preset == "tiny" else 1)
@@ -89,6 +88,13 @@ class Setup:
         self.collate = CaptionCollator(self.tokenizer, self.cfg.max_text_len)
         self.host_batch = self.load_batch()
         self.batch = self.to_device()
+        # The training loop's own Trainer takes the steps: micro_batch (autocast, loss scaling,
+        # backward) and optimizer_step (unscale, clip, the finiteness vote, both optimisers, schedule).
+        self.trainer = Trainer(self.model, self.train_cfg, tempfile.mkdtemp(dir=folder), self.dataset, self.collate,
+                               lambda epoch: [list(range(len(self.dataset)))],
+                               lambda m, b, step: pretrain_step(m, b, self.tokenizer, self.train_cfg, device),
+                               DistInfo(device=device), run_config={})
+        self.forward_model, self.scaler = self.trainer.model, self.trainer.scaler
 
     def load_batch(self):
         return self.collate([self.dataset[i] for i in range(len(self.dataset))])
@@ -98,11 +104,10 @@ class Setup:
                 for k, v in self.host_batch.items()}
 
     def step(self):
-        """One optimizer step as engine.Trainer takes it."""
-        with autocast(self.device, self.dtype):
-            loss = pretrain_step(self.forward_model, self.batch, self.tokenizer, self.train_cfg, self.device)["loss"]
-        self.scaler.scale(loss).backward()
-        self.optimizer_step()
+        """One optimizer step, taken by engine.Trainer as in training."""
+        stats = EpochStats()
+        self.trainer.micro_batch(self.batch, stats)
+        self.trainer.optimizer_step(stats)
 
     def model_flops(self) -> int:
         """FLOPs of one step, counted without the CNN's recomputation (model FLOPs)."""
@@ -114,17 +119,8 @@ class Setup:
             backbone.checkpointing = recompute
 
     def optimizer_step(self):
-        """engine.Trainer.optimizer_step's work: unscale, clip one global norm, one host sync on its
-        finiteness (all-or-nothing), then every optimiser."""
-        for o in self.optimizers:
-            self.scaler.unscale_(o)
-        params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
-        finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip)))
-        for o in self.optimizers:
-            if finite:
-                self.scaler.step(o)
-            o.zero_grad(set_to_none=True)
-        self.scaler.update()
+        """engine.Trainer.optimizer_step on the gradients already there."""
+        self.trainer.optimizer_step(EpochStats())
 
     def sectioned_step(self, timed):
         """One step cut into sections, each run as ``timed(name, fn)``: the graph is cut between them

@@ -81,6 +81,9 @@ class TrainConfig:
     visual_embedding_optimizer: str = "adamw"  # eq. (5)'s 1x1 projection and s_v train with "adamw" (the
                                           # transformer's optimiser and lr: new layers at its width) or
                                           # "sgd" (the CNN's) [choice: the paper does not say]
+    fused_optimizers: bool = True         # AdamW and SGD as one fused kernel over all parameters where this
+                                          # torch has one (CPU and CUDA since torch 2.4; else the plain
+                                          # loop): the same update to rounding, about 3x faster on CPU
     adam_betas: Tuple[float, float] = (0.9, 0.999)  # [choice, from SOHO]
     adam_eps: float = 1e-6                # [choice, from SOHO]
     warmup_steps: int = 1000              # linear warm-up in optimizer steps [choice, from SOHO]

@@ -267,8 +267,8 @@ class ImageTransform:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if not isinstance(img, Image.Image):
             raise TypeError(f"ImageTransform expects a PIL.Image (from load_image), got {type(img).__name__}")
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        if img.mode != "RGB":  # a PIL image handed in directly gets what a file gets (alpha on white)
+            img = _to_rgb(img)
         size = self.output_size(*img.size)
         if size != img.size:
             img = img.resize(size, Image.Resampling.BILINEAR)

@@ -22,7 +22,7 @@
 A split is unusable, and the exit status 1, when its file is missing or malformed, when it has no
 record, or when more than ``--max-bad-fraction`` of its images are missing or unreadable (training
 skips bad samples, so a few are harmless). Retrieval val/test allow none: the evaluation scores
-every image against every caption and stops at an unreadable image (`retrieval.ImageFiles`).
+every image against every caption and refuses to score while any image is unreadable (naming them all).
 
 ``download`` fetches the archives of `SOURCES` into ``--root`` and unpacks them into the layout
 the loaders read (see `layout_flags`). torchvision's ``download_url`` cannot resume a partial
@@ -61,7 +61,7 @@ from . import nlvr2 as nlvr2_data
 from . import retrieval, vqa
 from .downstream import Progress
 from .engine import DistInfo, format_seconds
-from .evaluation import add_data_arguments
+from .evaluation import add_data_arguments, default_nlvr2_images
 from .files import write_json
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def resolve_image_roots(args) -> Dict[str, Optional[str]]:
     if paths["vqa_root"] and not paths["vqa_images"]:
         paths["vqa_images"] = paths["vqa_root"]
     if paths["nlvr2_root"] and not paths["nlvr2_images"]:
-        paths["nlvr2_images"] = os.path.join(paths["nlvr2_root"], "images")
+        paths["nlvr2_images"] = default_nlvr2_images(paths["nlvr2_root"])
     if paths["karpathy_json"] and not paths["retrieval_images"]:
         paths["retrieval_images"] = os.path.dirname(os.path.abspath(paths["karpathy_json"]))
     if paths["coco_captions"] and not paths["coco_captions_images"]:

@@ -173,13 +173,25 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> List[torch.opt
             no_decay.append(p)
         else:
             decay.append(p)
-    optimizers = [torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                     {"params": no_decay, "weight_decay": 0.0}],
-                                    lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)]
+    optimizers = [make_optimizer(torch.optim.AdamW, [{"params": decay, "weight_decay": cfg.weight_decay},
+                                                     {"params": no_decay, "weight_decay": 0.0}],
+                                 cfg.fused_optimizers, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)]
     if cnn:
-        optimizers.append(torch.optim.SGD(cnn, lr=cfg.cnn_lr, momentum=cfg.cnn_momentum,
-                                          weight_decay=cfg.cnn_weight_decay))
+        optimizers.append(make_optimizer(torch.optim.SGD, cnn, cfg.fused_optimizers, lr=cfg.cnn_lr,
+                                         momentum=cfg.cnn_momentum, weight_decay=cfg.cnn_weight_decay))
     return optimizers
+
+
+def make_optimizer(cls, params, fused: bool, **settings) -> torch.optim.Optimizer:
+    """``cls(params, **settings)`` with ``fused=True`` when asked for and this torch has a fused kernel
+    for the parameters' device; otherwise the plain implementation (same update to rounding)."""
+    if fused:
+        params = list(params)  # read twice when the fused constructor refuses
+        try:
+            return cls(params, fused=True, **settings)
+        except (TypeError, RuntimeError):  # older torch: no `fused` argument, or no kernel for this device
+            pass
+    return cls(params, **settings)
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -267,6 +279,30 @@ def remove_interrupted_checkpoint_writes(out_dir: str) -> List[str]:
     for path in stale:
         os.remove(path)
     return stale
+
+
+PREVIOUS_RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "model.pt", "model", "result.json")
+
+
+def set_aside_previous_run(out_dir: str) -> Optional[str]:
+    """A fresh start (``--resume none``) in a folder that holds an earlier run: move that run's
+    checkpoints, metrics and final weights into ``out_dir/previous-<time>/``. Left in place, its
+    higher-step checkpoints would be resumed later in place of this run's, this run's checkpoints would
+    be pruned first as the oldest, and both runs' steps would mix in metrics.jsonl. Returns the folder,
+    or None when there was no earlier run."""
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    outputs = [os.path.join(out_dir, name) for name in PREVIOUS_RUN_OUTPUTS]
+    earlier = (list_checkpoints(out_dir) or any(os.path.exists(p) for p in outputs[2:])
+               or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0))
+    if not earlier:
+        return None
+    dest = os.path.join(out_dir, datetime.datetime.now().strftime("previous-%Y%m%d-%H%M%S"))
+    while os.path.exists(dest):  # two fresh starts within a second
+        dest += "-1"
+    os.makedirs(dest)
+    for path in list_checkpoints(out_dir) + [p for p in outputs if os.path.exists(p)]:
+        os.replace(path, os.path.join(dest, os.path.basename(path)))
+    return dest
 
 
 def rng_state() -> dict:
@@ -366,6 +402,8 @@ class MetricsWriter:
     def close(self):
         if self.enabled:
             self.file.close()
+        if self.tb is not None:
+            self.tb.close()
             if self.tb is not None:
                 self.tb.close()
 
@@ -507,7 +545,10 @@ class Trainer:
         self.check_layout(path, ckpt)
         unwrap(self.model).load_state_dict(ckpt["model"])
         for o, s in zip(self.optimizers, ckpt["optimizers"]):
+            kernels = [(g.get("fused"), g.get("foreach")) for g in o.param_groups]
             o.load_state_dict(s)
+            for g, (fused, foreach) in zip(o.param_groups, kernels):  # this run's choice, not the saved run's
+                g["fused"], g["foreach"] = fused, foreach
         for sch, s in zip(self.schedulers, ckpt["schedulers"]):
             sch.load_state_dict(s)
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -539,17 +580,27 @@ class Trainer:
             for path in remove_interrupted_checkpoint_writes(self.out_dir):
                 self.log(f"removed {path}: the temporary file of a checkpoint write that was interrupted")
         if not spec:
+            if self.info.is_main:
+                self.start_afresh()
             return
         found = newest_valid_checkpoint(self.out_dir) if spec == "auto" else (spec, None)
         if found is None and list_checkpoints(self.out_dir):
             raise ValueError(f"no readable checkpoint in {self.out_dir}: every ckpt_*.pt there is damaged or "
                              f"foreign (see the warnings above). Resume from another copy with --resume PATH, or "
-                             f"start afresh with --resume none after moving them out of the folder")
+                             f"start afresh with --resume none (which moves them into a previous-<time> folder)")
         if found is None:
             self.log(f"no checkpoint in {self.out_dir}: starting from scratch")
             return
         self.load_checkpoint(*found)
         self.resumed_from = found[0]
+
+    def start_afresh(self):
+        self.writer.close()  # its files move with the earlier run's
+        moved_to = set_aside_previous_run(self.out_dir)
+        self.writer = MetricsWriter(self.out_dir, True)
+        if moved_to:
+            self.log(f"--resume none: the earlier run in {self.out_dir} (checkpoints, metrics, weights) was moved "
+                     f"to {moved_to}; this run starts from step 0")
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self, max_steps: Optional[int] = None):

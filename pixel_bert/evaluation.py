@@ -29,7 +29,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, title: str = "data (the 
     g.add_argument("--vqa-images", help="COCO image root holding train2014/ val2014/ test2015/ (default: --vqa-root)")
     g.add_argument("--nlvr2-root", help="folder with the NLVR2 JSON-lines files train.json, dev.json, test1.json")
     g.add_argument("--nlvr2-images", help="NLVR2 image root holding train/<directory>/, dev/, test1/ "
-                   "(default: <nlvr2-root>/images)")
+                   "(default: <nlvr2-root>/images, else the images/ folder beside <nlvr2-root>)")
     g.add_argument("--karpathy-json", help="Karpathy dataset_coco.json or dataset_flickr30k.json")
     g.add_argument("--retrieval-images", help="image root: COCO's (holding train2014/ val2014/) or Flickr30K's "
                    "flickr30k-images/ folder (default: the json's folder)")
@@ -41,7 +41,15 @@ def vqa_images(args) -> str:
 
 
 def nlvr2_images(args) -> str:
-    return args.nlvr2_images or os.path.join(args.nlvr2_root, "images")
+    return args.nlvr2_images or default_nlvr2_images(args.nlvr2_root)
+
+
+def default_nlvr2_images(root: str) -> str:
+    """``<root>/images`` when that folder exists, else the ``images`` folder beside ``root``: the
+    layout of NLVR2's own repository (nlvr2/data/*.json next to nlvr2/images/)."""
+    inside = os.path.join(root, "images")
+    beside = os.path.join(os.path.dirname(os.path.normpath(root)), "images")
+    return beside if not os.path.isdir(inside) and os.path.isdir(beside) else inside
 
 
 def retrieval_images(args) -> str:

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import AnnotationError, json_field, karpathy_images, json_list, pad_images
+from .data import AnnotationError, ImageLoadError, json_field, karpathy_images, json_list, pad_images
 from .downstream import Progress, eval_autocast, eval_dtype, gather_to_main, shard_range
 from .engine import DistInfo, unwrap
 from .files import save_torch
@@ -113,7 +113,8 @@ def read_karpathy_eval(dataset_json: str, image_root: str, split: str = "test",
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images by path, transformed; a bad image raises (a score matrix cannot skip a row)."""
+    """Images by path, transformed; a bad image comes back as its ImageLoadError, so that one pass
+    names every bad file (a score matrix cannot skip a row: `encode_images` then refuses)."""
 
     def __init__(self, paths: Sequence[str], transform):
         self.paths, self.transform = list(paths), transform
@@ -122,12 +123,27 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return index, self.transform.load(self.paths[index])
+        try:
+            return index, self.transform.load(self.paths[index])
+        except ImageLoadError as e:
+            return index, e
 
 
 def collate_images(samples, size_divisor: int = 1):
-    images, pixel_mask = pad_images([s[1] for s in samples], size_divisor)
-    return torch.tensor([s[0] for s in samples]), images, pixel_mask
+    """(indices, images, pixel_mask, errors) of the readable images, and the errors of the others."""
+    good = [s for s in samples if torch.is_tensor(s[1])]
+    errors = [s[1] for s in samples if not torch.is_tensor(s[1])]
+    images, pixel_mask = pad_images([s[1] for s in good], size_divisor) if good else (None, None)
+    return torch.tensor([s[0] for s in good], dtype=torch.long), images, pixel_mask, errors
+
+
+def unreadable_images_error(errors: Sequence[ImageLoadError], total: int, shown: int = 10) -> ImageLoadError:
+    """One error naming every unreadable image (the first ``shown`` in full)."""
+    more = f"; and {len(errors) - shown} more" if len(errors) > shown else ""
+    return ImageLoadError(f"{len(errors)} of {total} evaluation images cannot be read, and retrieval scores every "
+                          f"image against every caption, so none may be missing: "
+                          f"{'; '.join(str(e) for e in errors[:shown])}{more}. Restore these files or point "
+                          f"--retrieval-images at the folder that holds them", errors[0].path, errors[0].reason)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -325,12 +341,17 @@ def encode_images(model, paths: Sequence[str], rows: Sequence[int], transform, d
                                          batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=functools.partial(collate_images,
                                                                       size_divisor=bert.config.feature_stride))
-    embs, masks = [], []
-    for _, images, pixel_mask in loader:
+    embs, masks, errors = [], [], []
+    for _, images, pixel_mask, bad in loader:
+        errors += bad
+        if errors:  # the pass goes on only to name every bad file
+            continue
         with eval_autocast(device):
             e, m = valid_tokens_first(bert.encode_image(images.to(device), pixel_mask.to(device)))
         embs.append(e.to(dtype))
         masks.append(m)
+    if errors:
+        raise unreadable_images_error(errors, len(rows))
     lengths = torch.cat([m.sum(1) for m in masks]).tolist() if masks else []  # one copy to the host
     K = max(max(lengths, default=1), 1)  # only valid tokens are kept: the padded grid's tail goes
     H = embs[0].shape[2] if embs else bert.config.hidden_size

@@ -109,6 +109,19 @@ def test_load_image_rgba(tmp_path):
     assert abs(img.getpixel((2, 0))[0] - 127) <= 2
 
 
+def test_a_pil_image_handed_in_gets_what_its_file_gets(tmp_path):
+    array = np.zeros((8, 8, 4), np.uint8)
+    array[:, :4] = (255, 0, 0, 0)      # invisible red: white, not red, once composited
+    array[:, 4:] = (0, 0, 255, 255)
+    pil = Image.fromarray(array, mode="RGBA")
+    pil.save(tmp_path / "rgba.png")
+    transform = ImageTransform(8, 8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    handed_in = transform(pil)
+    assert torch.equal(handed_in, transform.load(str(tmp_path / "rgba.png")))
+    white = transform(Image.new("RGB", (8, 8), (255, 255, 255)))
+    assert torch.equal(handed_in[:, :, :4], white[:, :, :4])  # Pillow's convert("RGB") would give red here
+
+
 def test_load_image_cmyk(tmp_path):
     path = tmp_path / "cmyk.tif"
     Image.new("CMYK", (4, 4), (0, 255, 0, 0)).save(path)  # pure magenta ink

@@ -225,7 +225,10 @@ def test_verify_a_subset_of_flags_checks_only_that_dataset(tmp_path, capsys):
     os.remove(f"{root}/nlvr2/data/test1.json")   # optional: absent, not an error
     rc, out, _ = run_verify(capsys, flags)
     assert rc == 0 and re.search(r"test1 +- .* absent", out)
-    # The default image root (<nlvr2-root>/images, as finetune.py's) is not where this layout keeps them.
+    # Without --nlvr2-images: the images/ folder beside nlvr2/data (NLVR2's own layout), as finetune.py's
+    rc, out, _ = run_verify(capsys, flags[:2])
+    assert rc == 0 and f"--nlvr2-images {root}/nlvr2/images" in out
+    os.rename(f"{root}/nlvr2/images", f"{root}/nlvr2/pictures")  # neither <root>/images nor one beside it
     rc, out, _ = run_verify(capsys, flags[:2])
     assert rc == 1 and f"train: note: folder(s) not found: {root}/nlvr2/data/images/train/7;" in out
     assert f"dev: note: folder(s) not found: {root}/nlvr2/data/images/dev;" in out

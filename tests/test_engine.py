@@ -10,7 +10,7 @@ import torch
 from pixel_bert import train
 from pixel_bert.config import make_model_config, make_train_config
 from pixel_bert.data import epoch_batch_sampler
-from pixel_bert.engine import (DistInfo, EpochStats, NonFiniteLossError, Trainer, amp_settings,
+from pixel_bert.engine import (DistInfo, EpochStats, NonFiniteLossError, Trainer, amp_settings, make_optimizer,
                                newest_valid_checkpoint)
 from pixel_bert.files import DiskFullError, atomic_write, save_torch
 from pixel_bert.heads import PixelBertForPreTraining
@@ -114,6 +114,24 @@ def test_metrics_hold_each_step_once_after_a_crash_and_resume(tmp_path):
     assert steps == list(range(1, 9))
 
 
+def test_a_fresh_start_in_a_used_folder_sets_the_earlier_run_aside(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = TINY + ["--synthetic-images", "64", "--batch-size", "8", "--ckpt-every", "2",
+                     "--output-dir", str(out), "--epochs", "1", "--keep-checkpoints", "2"]
+    train.main(common + ["--max-steps", "6", "--resume", "none"])  # ckpt 4 and 6 kept
+    train.main(common + ["--max-steps", "2", "--resume", "none"])  # a new run in the same folder
+    (previous,) = [p for p in os.listdir(out) if p.startswith("previous-")]
+    assert f"was moved to {out / previous}" in capsys.readouterr().out
+    assert sorted(p for p in os.listdir(out / previous) if p.startswith("ckpt_")) == \
+        ["ckpt_00000004.pt", "ckpt_00000006.pt"]
+    assert {"metrics.jsonl", "model.pt", "result.json"} <= set(os.listdir(out / previous))
+    assert sorted(p for p in os.listdir(out) if p.startswith("ckpt_")) == ["ckpt_00000002.pt"]  # not pruned
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"kind": "train"' in line]
+    assert steps == [1, 2]  # this run's steps only
+    result = train.main(common + ["--max-steps", "3"])  # auto: this run's checkpoint, not the earlier step 6
+    assert result["resumed_from"].endswith(os.path.join("run", "ckpt_00000002.pt")) and result["steps"] == 3
+
+
 def test_a_file_that_loads_but_is_no_checkpoint_is_passed_over(tmp_path, capsys):
     good = {"model": {}, "optimizers": [], "schedulers": [], "scaler": {}, "step": 1, "epoch": 0,
             "batch_in_epoch": 1, "rng": []}
@@ -144,3 +162,39 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         files.write_text(os.path.join(folder, "config.json"), "{}")
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~files._UMASK
     assert os.stat(tmp_path / "model").st_mode & 0o777 == 0o777 & ~files._UMASK
+
+
+def test_fused_optimizers_take_the_plain_loops_steps_and_resume_keeps_this_runs_choice(tmp_path):
+    torch.manual_seed(0)  # the same weights and inputs for both
+    fused, fused_model = tiny_trainer(tmp_path / "fused", fused_optimizers=True)
+    torch.manual_seed(0)
+    plain, plain_model = tiny_trainer(tmp_path / "plain", fused_optimizers=False)
+    assert [g["fused"] for o in fused.optimizers for g in o.param_groups] == [True, True, True]  # AdamW x2, SGD
+    assert not any(g["fused"] for o in plain.optimizers for g in o.param_groups)
+    before, stats = snapshot(fused_model), EpochStats()
+    for _ in range(3):
+        for trainer in (fused, plain):
+            trainer.micro_batch({"num_samples": 4}, stats)
+            trainer.optimizer_step(stats)
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    moved = max((p - before[n]).abs().max().item() for n, p in fused_model.named_parameters())
+    assert moved > 1e-3  # the steps changed the weights: not a comparison of two untouched models
+    fused.save_checkpoint()  # a fused run's checkpoint resumed by a run that asks for the plain loop
+    plain.load_checkpoint(os.path.join(str(tmp_path / "fused"), "ckpt_00000003.pt"))
+    assert not any(g["fused"] for o in plain.optimizers for g in o.param_groups)
+
+
+def test_an_optimizer_without_a_fused_kernel_falls_back_to_the_plain_one():
+    calls = []
+
+    class NoFusedSGD(torch.optim.SGD):  # a torch without `fused` for this optimiser
+        def __init__(self, params, fused=None, **settings):
+            calls.append(fused)
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be on a supported device")
+            super().__init__(params, **settings)
+
+    params = (p for p in [torch.nn.Parameter(torch.ones(3))])  # a generator: read once only
+    opt = make_optimizer(NoFusedSGD, params, True, lr=0.1)
+    assert calls == [True, None] and len(opt.param_groups[0]["params"]) == 1
