@@ -290,17 +290,15 @@ def set_aside_previous_run(out_dir: str) -> Optional[str]:
     higher-step checkpoints would be resumed later in place of this run's, this run's checkpoints would
     be pruned first as the oldest, and both runs' steps would mix in metrics.jsonl. Returns the folder,
     or None when there was no earlier run."""
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    outputs = [os.path.join(out_dir, name) for name in PREVIOUS_RUN_OUTPUTS]
-    earlier = (list_checkpoints(out_dir) or any(os.path.exists(p) for p in outputs[2:])
-               or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0))
+    earlier = list_checkpoints(out_dir) + [p for p in (os.path.join(out_dir, name) for name in PREVIOUS_RUN_OUTPUTS)
+                                           if os.path.exists(p)]
     if not earlier:
         return None
     dest = os.path.join(out_dir, datetime.datetime.now().strftime("previous-%Y%m%d-%H%M%S"))
     while os.path.exists(dest):  # two fresh starts within a second
         dest += "-1"
     os.makedirs(dest)
-    for path in list_checkpoints(out_dir) + [p for p in outputs if os.path.exists(p)]:
+    for path in earlier:
         os.replace(path, os.path.join(dest, os.path.basename(path)))
     return dest
 
@@ -363,35 +361,38 @@ class SmoothedValue:
 
 
 class MetricsWriter:
-    """JSON lines in the run folder, plus TensorBoard when it is installed (main process only)."""
+    """JSON lines in the run folder, plus TensorBoard when it is installed (main process only). The
+    files are opened at the first record, so a run that has written nothing has left nothing yet."""
 
     def __init__(self, out_dir: str, enabled: bool):
-        self.enabled, self.tb = enabled, None
+        self.enabled, self.out_dir = enabled, out_dir
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        if not enabled:
-            return
+        self.file, self.tb = None, None
+
+    def _open(self):
         self.file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            self.tb = SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
         except Exception:  # tensorboard not installed: the JSON lines are enough
             self.tb = None
 
     def cut_after(self, step: int):
         """Drop the records written after optimizer step ``step`` (a resumed run redoes those steps,
         so every step appears once in metrics.jsonl)."""
-        if not self.enabled:
+        if not self.enabled or not os.path.isfile(self.path):
             return
-        self.file.close()
+        self.close()
         with open(self.path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
         with atomic_write(self.path, "w", encoding="utf-8") as f:
             f.writelines(kept)
-        self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict):
         if not self.enabled:
             return
+        if self.file is None:
+            self._open()
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -400,12 +401,11 @@ class MetricsWriter:
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record.get("step", 0))
 
     def close(self):
-        if self.enabled:
+        if self.file is not None:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
-            if self.tb is not None:
-                self.tb.close()
+        self.file, self.tb = None, None
 
 
 def format_seconds(s: float) -> str:
@@ -595,9 +595,7 @@ class Trainer:
         self.resumed_from = found[0]
 
     def start_afresh(self):
-        self.writer.close()  # its files move with the earlier run's
-        moved_to = set_aside_previous_run(self.out_dir)
-        self.writer = MetricsWriter(self.out_dir, True)
+        moved_to = set_aside_previous_run(self.out_dir)  # this run has written no metrics yet
         if moved_to:
             self.log(f"--resume none: the earlier run in {self.out_dir} (checkpoints, metrics, weights) was moved "
                      f"to {moved_to}; this run starts from step 0")
