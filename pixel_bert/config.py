@@ -390,7 +390,8 @@ def add_config_arguments(parser, cls, prefix_help: str = ""):
         parse = lambda text, name=f.name: parse_field(cls, name, text)  # noqa: E731
         parse.__name__ = f.name  # argparse names the type in its messages
         group.add_argument(*names, dest=f.name, default=NOT_GIVEN, metavar="V", type=parse,
-                           help=f"{docs.get(f.name, '')} (default {default!r})")
+                           # argparse %-formats help text: a literal % (e.g. "60%") must be doubled
+                           help=f"{docs.get(f.name, '')} (default {default!r})".replace("%", "%%"))
 
 
 def apply_overrides(cfg, args) -> list:
