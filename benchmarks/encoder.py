@@ -4,7 +4,7 @@
     python benchmarks/encoder.py --device cuda --layers 12 --batch 64 --dtype bf16
 
 A random BertModel is saved with save_pretrained and loaded into PixelBert with the repository's own
-loader (pixel_bert.weights.load_bert_weights), so the comparison also checks the weight mapping:
+loader (pixel_bert.pretrained.load_bert_weights), so the comparison also checks the weight mapping:
 with no image PixelBert is exactly BERT, and the outputs must agree (on a padded and an unpadded
 batch) before anything is timed; the script aborts if they do not.
 
@@ -27,7 +27,7 @@ from common import (DTYPES, add_common_args, autocast, count_flops, csv_list, ma
                     square_matmul, time_interleaved, write_json)
 from pixel_bert.config import model_config_from_bert
 from pixel_bert.model import PixelBert
-from pixel_bert.weights import load_bert_weights
+from pixel_bert.pretrained import load_bert_weights
 
 IMPLS = ("ours", "hf-sdpa", "hf-eager")
 

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from .config import DETECTRON_INPUT
-from .weights import LoadReport, assign_tensors
+from .tensor_files import LoadReport, assign_tensors
 
 DETECTRON_X152_URL = ("https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/25093814/"
                       "X-152-32x8d-IN5k.pkl")

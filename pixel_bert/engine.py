@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .config import TrainConfig, config_to_dict
 from .data import BadSampleReporter, describe_bad_samples
 from .files import atomic_write, save_torch
-from .weights import load_weights_only
+from .tensor_files import load_weights_only
 
 # -------------------------------------------------------------------------------------------------
 #                                        Distributed
@@ -620,10 +620,10 @@ class Trainer:
         if info.world_size > 1:
             self.log(f"weights identical on all {info.world_size} ranks: {self.replicas_in_sync()}")
         if info.is_main:  # the trained weights alone, for finetune.py / evaluate.py / inference
-            from .weights import save_model, save_model_folder
+            from .saved_model import save_model, save_model_folder
             extra = {"task": self.run_config.get("task", "pretrain"), **self.run_config.get("model_extra", {})}
             save_model(unwrap(self.model), os.path.join(self.out_dir, "model.pt"), extra=extra)
-            # the same model without pickle, in the layout models are shared in (weights.write_model_folder),
+            # the same model without pickle, in the layout models are shared in (saved_model.write_model_folder),
             # which carries the vocabulary: a run given none (a bare Trainer) writes model.pt alone
             if "vocab" in extra:
                 save_model_folder(unwrap(self.model), os.path.join(self.out_dir, "model"), extra=extra)

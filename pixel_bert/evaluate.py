@@ -43,7 +43,7 @@ from pixel_bert.engine import distributed, exit_after_distributed_run, share_cpu
 from pixel_bert.evaluation import EvalSettings, add_data_arguments, evaluate_split
 from pixel_bert.files import write_json
 from pixel_bert.tokenizer import WordPieceTokenizer
-from pixel_bert.weights import load_model
+from pixel_bert.saved_model import load_model
 
 DEFAULT_SPLITS = {"vqa": "val2014", "nlvr2": "dev", "retrieval": "test"}
 

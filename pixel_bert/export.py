@@ -4,7 +4,7 @@ without unpickling anything.
     python -m pixel_bert.export runs/ft-vqa/model.pt exported/ft-vqa
     python -m pixel_bert.export runs/demo/model.pt exported/demo --force    # replace an earlier export
 
-The folder (written by pixel_bert.weights.write_model_folder, atomically: it appears whole or not
+The folder (written by pixel_bert.saved_model.write_model_folder, atomically: it appears whole or not
 at all)::
 
     config.json         "format": "pixel-bert", the task, the model config, the preprocessing
@@ -26,8 +26,8 @@ import argparse
 import os
 from typing import Dict, List, Optional
 
-from .weights import (FOLDER_ANSWERS, FOLDER_CONFIG, FOLDER_VOCAB, FOLDER_WEIGHTS, read_checkpoint,
-                      read_folder_config, write_model_folder)
+from .saved_model import (FOLDER_ANSWERS, FOLDER_CONFIG, FOLDER_VOCAB, FOLDER_WEIGHTS, read_checkpoint,
+                          read_folder_config, write_model_folder)
 
 FOLDER_FILES = (FOLDER_CONFIG, FOLDER_WEIGHTS, FOLDER_VOCAB, FOLDER_ANSWERS)
 CARRIED_KEYS = ("model", "model_config", "task", "vocab", "answers")
@@ -37,7 +37,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pixel_bert.export", description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="the model.pt to convert (of train.py, finetune.py or "
-                   "pixel_bert.weights.save_model); a model folder is accepted too, and is checked and copied")
+                   "pixel_bert.saved_model.save_model); a model folder is accepted too, and is checked and copied")
     p.add_argument("out", help="the model folder to write; it must not exist or be empty, unless --force")
     p.add_argument("--force", action="store_true", help="replace OUT when it holds an earlier export (only "
                    f"{', '.join(FOLDER_FILES)}); a folder holding any other file is never replaced")

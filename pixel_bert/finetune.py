@@ -19,7 +19,7 @@ evaluate on the val/dev split (docs/paper.md#evaluation-protocols).
 heads start new) or ``none``: BERT + ImageNet weights as the model config asks. Every
 ModelConfig / TrainConfig / TaskConfig field is a flag. Checkpoints, resume, AMP, DDP and logging
 are engine.Trainer's. The final model.pt carries "task", "vocab" and, for VQA, "answers"; the
-same model is also written without pickle as the folder RUN/model/ (pixel_bert.weights.write_model_folder).
+same model is also written without pickle as the folder RUN/model/ (pixel_bert.saved_model.write_model_folder).
 Model selection and the reported figures use the val/dev split only, never a test split.
 """
 from __future__ import annotations
@@ -42,8 +42,9 @@ from pixel_bert.engine import Trainer, distributed, exit_after_distributed_run, 
 from pixel_bert.evaluation import (EvalSettings, add_data_arguments, evaluate_split, nlvr2_images,
                                    retrieval_images, vqa_images)
 from pixel_bert.files import make_output_folder, write_json, write_text
-from pixel_bert.tokenizer import tokenizer_for_run
-from pixel_bert.weights import config_for_init, create_model, model_from_state, read_checkpoint
+from pixel_bert.runs import tokenizer_for_run
+from pixel_bert.saved_model import config_for_init, read_checkpoint, save_answers
+from pixel_bert.factory import create_model, model_from_state
 
 # Synthetic data sizes (train, val, test): images for VQA / retrieval, sentences for NLVR2.
 SYNTHETIC_SIZES = {"vqa": (1500, 200, 50), "nlvr2": (400, 100, 25), "retrieval": (1000, 100, 50)}
@@ -165,7 +166,7 @@ def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_c
                 vocab_splits[s] = vqa.read_vqa(args.vqa_root, s, images)
         # The answer classes come from train + val together (the community standard, docs/paper.md).
         answers = vqa.answer_vocabulary([t.annotations for t in vocab_splits.values()], task_cfg.vqa_min_answer_count)
-        vqa.save_answers(os.path.join(out_dir, "answers.json"), answers)
+        save_answers(os.path.join(out_dir, "answers.json"), answers)
         model_cfg.num_answers = len(answers)
         dataset = vqa.VQADataset([q for t in train for q in t.questions], answers, transform,
                                  task_cfg.vqa_drop_unanswerable, train_cfg.fatal_bad_samples)

@@ -7,7 +7,7 @@
     RetrievalHead  sec. 4.2 a linear score on [CLS]
 
 Every task model keeps the shared network under ``.bert``, so a pre-training checkpoint's
-``bert.*`` tensors load into any fine-tuning model (see pixel_bert.weights.load_checkpoint_weights).
+``bert.*`` tensors load into any fine-tuning model (see pixel_bert.factory.load_checkpoint_weights).
 """
 from __future__ import annotations
 

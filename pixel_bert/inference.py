@@ -46,7 +46,7 @@ from PIL import Image
 
 from .data import ImageTransform, load_image, pad_images
 from .tokenizer import WordPieceTokenizer
-from .weights import load_model
+from .saved_model import load_model
 
 ImageLike = Union[Image.Image, str, os.PathLike]
 
@@ -163,7 +163,7 @@ class PixelBertPredictor:
         The task model is the checkpoint's own (``ckpt["task"]``: "pretrain" gives the MLM and ITM
         heads, "vqa" the VQA head). The vocabulary is the checkpoint's ``vocab`` list, else the
         config's ``vocab_file``. A model.pt is read with ``weights_only=True``, a folder without any
-        pickle (`weights.read_checkpoint`). ``from_pretrained`` is the same function.
+        pickle (`saved_model.read_checkpoint`). ``from_pretrained`` is the same function.
         """
         model, ckpt = load_model(path)
         task = ckpt.get("task", "pretrain")

@@ -11,7 +11,7 @@ The file follows the paper's equations, one class per concept:
 
 With ``images=None`` PixelBert is exactly BERT (a BERT checkpoint is verified this way).
 This file needs only torch and torchvision: copy it into another codebase and it works.
-Task heads live in `pixel_bert/heads.py`; weight loading in `pixel_bert/weights.py`; the run-level
+Task heads live in `pixel_bert/heads.py`; pretrained weights in `pixel_bert/pretrained.py`; the run-level
 configuration (image sizes, initial weights) in `pixel_bert/config.py`.
 """
 from __future__ import annotations

@@ -44,7 +44,7 @@ class WordPieceTokenizer:
         if not os.path.isfile(vocab_file):
             raise FileNotFoundError(
                 f"vocab file not found: {vocab_file!r}. Pass the vocab.txt of a BERT checkpoint "
-                "(e.g. bert-base-uncased/vocab.txt, see pixel_bert.weights.download_bert) or, for the "
+                "(e.g. bert-base-uncased/vocab.txt, see pixel_bert.pretrained.download_bert) or, for the "
                 "synthetic demo, one written by pixel_bert.synthetic.write_vocab().")
         self.vocab_file = vocab_file
         with open(vocab_file, encoding="utf-8") as f:
@@ -104,28 +104,3 @@ class WordPieceTokenizer:
             mask[row, : len(ids)] = True
         return TextBatch(input_ids, mask)
 
-
-def tokenizer_for_run(config, out_dir: str, synthetic_data: bool, vocab: Optional[Sequence[str]] = None
-                      ) -> WordPieceTokenizer:
-    """The vocabulary of a training run (train.py, finetune.py), kept as ``out_dir/vocab.txt`` when
-    it is written there: ``vocab`` (the token list an ``--init`` checkpoint carries), else
-    ``config.vocab_file``, else the synthetic world's for synthetic data, else the vocab.txt of the
-    BERT checkpoint ``config.bert_weights``. Its size must equal ``config.vocab_size``."""
-    from . import synthetic  # the synthetic world and the weight resolver only when asked for
-    from .weights import resolve_bert
-
-    path = os.path.join(out_dir, "vocab.txt")
-    if vocab:
-        tokenizer = WordPieceTokenizer.from_tokens(vocab, path)
-    elif config.vocab_file:
-        tokenizer = WordPieceTokenizer(config.vocab_file)
-    elif synthetic_data:
-        tokenizer = WordPieceTokenizer(synthetic.write_vocab(path, pad_to=config.vocab_size))
-    elif config.bert_weights:
-        tokenizer = WordPieceTokenizer(os.path.join(resolve_bert(config.bert_weights), "vocab.txt"))
-    else:
-        raise ValueError("no vocabulary: the --init checkpoint has none; give --vocab_file or --bert_weights")
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(f"the vocabulary ({tokenizer.vocab_size} entries) does not match vocab_size "
-                         f"{config.vocab_size}; pass --vocab_size to match it")
-    return tokenizer

@@ -31,8 +31,9 @@ from pixel_bert.engine import (Trainer, all_reduce_mean, distributed, exit_after
                                share_cpu_threads, unwrap)
 from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
 from pixel_bert.files import make_output_folder, write_json
-from pixel_bert.tokenizer import tokenizer_for_run
-from pixel_bert.weights import config_for_init, create_model, model_from_state, read_checkpoint
+from pixel_bert.runs import tokenizer_for_run
+from pixel_bert.saved_model import config_for_init, read_checkpoint
+from pixel_bert.factory import create_model, model_from_state
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,

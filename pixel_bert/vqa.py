@@ -157,16 +157,6 @@ def answer_vocabulary(annotation_lists: Sequence[Sequence[dict]], min_count: int
     return answers
 
 
-def save_answers(path: str, answers: Sequence[str]) -> str:
-    return write_json(path, list(answers), indent=0)
-
-
-def load_answers(path: str) -> List[str]:
-    with open(path, encoding="utf-8") as f:
-        answers = json.load(f)
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{path}: expected a JSON list of answer strings (as finetune.py writes answers.json)")
-    return answers
 
 
 # -------------------------------------------------------------------------------------------------

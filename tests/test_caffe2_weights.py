@@ -19,7 +19,8 @@ from pixel_bert.data import ImageTransform
 from pixel_bert.heads import PixelBertForPreTraining
 from pixel_bert.inference import PixelBertPredictor
 from pixel_bert.model import BackboneTrunk, PixelBert, build_resnet, freeze_batchnorm
-from pixel_bert.weights import load_backbone_weights, load_model, save_model
+from pixel_bert.pretrained import load_backbone_weights
+from pixel_bert.saved_model import load_model, save_model
 
 SMALL = dict(vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64,
              image_short_side=64, image_long_side=64, bert_weights=None)

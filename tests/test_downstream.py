@@ -19,7 +19,7 @@ from pixel_bert.data import AnnotationError, ImageTransform, pad_images, load_im
 from pixel_bert.engine import DistInfo
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForRetrieval
 from pixel_bert.tokenizer import WordPieceTokenizer
-from pixel_bert.weights import save_model
+from pixel_bert.saved_model import save_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 64
@@ -302,7 +302,7 @@ def test_retrieval_step_backprops_through_positive_and_5_hard(tokenizer):
 # -------------------------------------------------------------------------------------------------
 
 def _load_ret(path):
-    from pixel_bert.weights import load_model
+    from pixel_bert.saved_model import load_model
     model, ckpt = load_model(path)
     return model.eval()
 
@@ -403,7 +403,8 @@ def test_finetune_then_evaluate_end_to_end(task, pre_ckpt, tmp_path):
 def test_retrieval_head_starts_as_the_itm_classifier(pre_ckpt, ret_ckpt, tokenizer):
     """retrieval_head_from_itm: a pre-training checkpoint's ITM logit becomes the first ranking
     score (same pairs, same numbers); a retrieval checkpoint keeps its own trained head."""
-    from pixel_bert.weights import load_checkpoint_weights, read_checkpoint
+    from pixel_bert.factory import load_checkpoint_weights
+    from pixel_bert.saved_model import read_checkpoint
     pre = read_checkpoint(pre_ckpt)
     pre_model = PixelBertForPreTraining(tiny_cfg()).eval()
     load_checkpoint_weights(pre_model, pre["model"], pre_ckpt, verbose=False)

@@ -13,7 +13,7 @@ from pixel_bert import evaluate, export, finetune, synthetic, train, visualize
 from pixel_bert.files import atomic_folder
 from pixel_bert.heads import TASK_MODELS
 from pixel_bert.inference import PixelBertPredictor
-from pixel_bert.weights import load_model, read_checkpoint, save_model, write_model_folder
+from pixel_bert.saved_model import load_model, read_checkpoint, save_model, write_model_folder
 
 TASKS = ["pretrain", "vqa", "nlvr2", "retrieval"]
 SMALL_RUN = ["--max-steps", "1", "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "--warmup_steps", "1"]
@@ -278,11 +278,11 @@ def test_vqa_folder_without_answers_is_refused(config, tmp_path):
 def test_failed_write_leaves_the_old_folder_whole(pretrain_folder, monkeypatch, tmp_path):
     pt, folder = pretrain_folder
     before = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
-    import pixel_bert.files
+    import pixel_bert.saved_model
 
     def disk_full(path, *args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(pixel_bert.files, "write_json", disk_full)  # config.json, written last, fails
+    monkeypatch.setattr(pixel_bert.saved_model, "write_json", disk_full)  # config.json, written last, fails
     ckpt = read_checkpoint(pt)
     ckpt["vocab"] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
     with pytest.raises(OSError, match="No space"):

@@ -40,7 +40,8 @@ from pixel_bert.files import DiskFullError, UnwritableError
 from pixel_bert.heads import PixelBertForPreTraining
 from pixel_bert.inference import PixelBertPredictor
 from pixel_bert.tokenizer import WordPieceTokenizer
-from pixel_bert.weights import load_backbone_weights, load_bert_weights, read_state_dict
+from pixel_bert.pretrained import load_backbone_weights, load_bert_weights
+from pixel_bert.tensor_files import read_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
@@ -975,7 +976,7 @@ def test_too_many_bad_samples_stop_the_run_mid_epoch(tmp_path, coco_world):
 
 def test_evaluate_refuses_a_vqa_checkpoint_whose_answers_do_not_fit_its_head(tmp_path, coco_world):
     from pixel_bert.heads import PixelBertForVQA
-    from pixel_bert.weights import save_model
+    from pixel_bert.saved_model import save_model
     model = PixelBertForVQA(make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2,
                                               intermediate_size=64, num_answers=3))
     path = str(tmp_path / "model.pt")

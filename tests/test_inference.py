@@ -23,7 +23,7 @@ from pixel_bert.data import ImageLoadError
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
 from pixel_bert.inference import PixelBertPredictor, TextTruncatedWarning
 from pixel_bert.visualize import figure_size, get_args_parser, main as visualize_main, overlay
-from pixel_bert.weights import read_checkpoint, save_model
+from pixel_bert.saved_model import read_checkpoint, save_model
 
 # The attention-in-box measure is the benchmark's (benchmarks/attention_in_boxes.py); tested here.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))

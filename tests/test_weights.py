@@ -12,8 +12,8 @@ from pixel_bert.config import make_model_config, model_config_from_bert
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
 from pixel_bert.model import PixelBert
 from pixel_bert.tokenizer import WordPieceTokenizer
-from pixel_bert.weights import (load_backbone_weights, load_bert_weights, load_model, read_checkpoint,
-                                save_model)
+from pixel_bert.pretrained import load_backbone_weights, load_bert_weights
+from pixel_bert.saved_model import load_model, read_checkpoint, save_model
 
 SENTENCES = ["a dog catches a frisbee on the grass",
              "Two men are cutting a cake in the room, while a child watches.",
@@ -165,5 +165,5 @@ def test_own_checkpoint_round_trip_into_another_task(tmp_path, tiny_config):
     save_model(bigger, str(tmp_path / "big.pt"))
     ckpt = read_checkpoint(str(tmp_path / "big.pt"))
     with pytest.raises(ValueError, match="shape mismatch"):
-        from pixel_bert.weights import load_checkpoint_weights
+        from pixel_bert.factory import load_checkpoint_weights
         load_checkpoint_weights(pre, ckpt["model"], "big.pt")
