@@ -29,7 +29,7 @@ from common import (add_common_args, count_flops, machine, print_table, random_c
                     write_photos)
 from pixel_bert import retrieval, synthetic
 from pixel_bert.config import make_model_config
-from pixel_bert.data import ImageTransform, pad_images
+from pixel_bert.images import ImageTransform, pad_images
 from pixel_bert.downstream import eval_autocast
 from pixel_bert.engine import DistInfo
 from pixel_bert.heads import PixelBertForRetrieval

@@ -33,7 +33,9 @@ from common import (DTYPES, add_common_args, autocast, count_flops, csv_list, ma
                     write_json, write_photos)
 from pixel_bert import synthetic
 from pixel_bert.config import make_model_config, make_train_config
-from pixel_bert.data import CaptionCollator, CaptionDataset, CaptionRecord, ImageTransform
+from pixel_bert.batches import CaptionCollator, CaptionDataset
+from pixel_bert.annotations import CaptionRecord
+from pixel_bert.images import ImageTransform
 from pixel_bert.engine import DistInfo, EpochStats, Trainer
 from pixel_bert.heads import PixelBertForPreTraining
 from pixel_bert.model import VisualTokens

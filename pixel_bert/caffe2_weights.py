@@ -33,7 +33,7 @@ batch statistics would replace the ones the file folded away.
 The input. Caffe2 models were trained on BGR images in 0-255 minus Detectron's ``PIXEL_MEANS``
 (102.9801, 115.9465, 122.7717), with no division by a std. Loading sets the model config's
 ``image_format="bgr255"``, ``image_mean`` and ``image_std`` accordingly; checkpoints save them, and
-`pixel_bert.data.ImageTransform.from_config` (training, evaluation, inference) follows them.
+`pixel_bert.images.ImageTransform.from_config` (training, evaluation, inference) follows them.
 
 Security. A pickle can run any code while it loads. `Caffe2Unpickler` resolves only numpy's array
 reconstruction globals and plain containers; any other global (``os.system``, ``subprocess``,

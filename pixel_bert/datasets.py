@@ -8,13 +8,13 @@
 
 ``verify`` takes the data flags of train.py and finetune.py (any subset) and, for each dataset:
 
-1. reads the annotation files with the very reader functions training uses (`pixel_bert.data`,
+1. reads the annotation files with the very reader functions training uses (`pixel_bert.annotations`,
    `pixel_bert.vqa`, `pixel_bert.nlvr2`, `pixel_bert.retrieval`), so that verify and training
    can never disagree about the layout; a missing or malformed file is reported with the
    reader's message (file, entry, fix);
 2. counts records and distinct images per split and compares them with the sizes of the official
    releases (`OFFICIAL_SIZES`): a difference is a warning, since subsets are legitimate;
-3. opens every referenced image with `pixel_bert.data.load_image` in ``--workers`` processes,
+3. opens every referenced image with `pixel_bert.images.load_image` in ``--workers`` processes,
    so "unreadable" means exactly what training would hit (missing file, truncated or corrupt
    data, decompression bomb), with a progress line (done/total, images/s, ETA);
 4. prints a table per dataset and the flags to give train.py / finetune.py for these paths.
@@ -56,13 +56,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torchvision.datasets.utils import calculate_md5, extract_archive
 
-from . import data as D
+from .annotations import karpathy_coco_ids, read_coco_captions, read_karpathy, read_visual_genome
+from .images import ImageLoadError, load_image
 from . import nlvr2 as nlvr2_data
 from . import retrieval, vqa
 from .downstream import Progress
 from .engine import DistInfo, format_seconds
 from .evaluation import add_data_arguments, default_nlvr2_images
 from .files import write_json
+from .train import add_pretrain_data_arguments
 
 # ------------------------------------------------------------------------------------------------
 # Official sizes
@@ -185,7 +187,7 @@ def check_pretrain_coco(paths: Dict[str, Optional[str]]) -> DatasetCheck:
         return check
 
     def read():
-        records = D.read_karpathy(json_path, images, splits=("train", "restval"))
+        records = read_karpathy(json_path, images, splits=("train", "restval"))
         return len(records), [r.image_path for r in records]
     check.splits.append(_read_split("train+restval", "coco", read, _hint("karpathy", "coco")))
     return check
@@ -198,7 +200,7 @@ def check_coco_captions(paths: Dict[str, Optional[str]]) -> DatasetCheck:
                          {"coco_captions": json_path, "coco_captions_images": images})
 
     def read():
-        records = D.read_coco_captions(json_path, images)
+        records = read_coco_captions(json_path, images)
         return len(records), [r.image_path for r in records]
     check.splits.append(_read_split(os.path.basename(json_path), "coco-captions", read, _hint("coco")))
     return check
@@ -215,11 +217,11 @@ def check_visual_genome(paths: Dict[str, Optional[str]]) -> DatasetCheck:
     excluded: List[str] = []
 
     def read():
-        exclude = (D.karpathy_coco_ids(paths["coco_karpathy"], ("val", "test")) if paths["coco_karpathy"]
+        exclude = (karpathy_coco_ids(paths["coco_karpathy"], ("val", "test")) if paths["coco_karpathy"]
                    else set())
         # Read once without the exclusion to count what it removes: a record is excluded exactly when
         # its key is "coco:<id>" for an excluded id (read_visual_genome's own rule).
-        records = D.read_visual_genome(paths["vg_regions"], paths["vg_image_data"], paths["vg_images"])
+        records = read_visual_genome(paths["vg_regions"], paths["vg_image_data"], paths["vg_images"])
         excluded_keys = {f"coco:{i}" for i in exclude}
         kept = [r for r in records if r.image_key not in excluded_keys]
         excluded.extend(_distinct(r.image_path for r in records if r.image_key in excluded_keys))
@@ -306,7 +308,7 @@ def check_retrieval(paths: Dict[str, Optional[str]]) -> DatasetCheck:
     train_splits = ("train", "restval") if coco else ("train",)
 
     def read_train():
-        records = D.read_karpathy(json_path, images, splits=train_splits)
+        records = read_karpathy(json_path, images, splits=train_splits)
         return len(records), [r.image_path for r in records]
     train_row = _read_split("+".join(train_splits), "", read_train, _hint("karpathy"))
     for row in eval_rows:
@@ -348,8 +350,8 @@ def read_datasets(paths: Dict[str, Optional[str]], log=print) -> List[DatasetChe
 def _open_image(path: str) -> Tuple[str, str, str]:
     """(path, reason, message) after `data.load_image`; reason "" when the image loads."""
     try:
-        D.load_image(path)
-    except D.ImageLoadError as err:
+        load_image(path)
+    except ImageLoadError as err:
         return path, err.reason, str(err)
     return path, "", ""
 
@@ -828,7 +830,7 @@ def run_download(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
-    D.add_pretrain_data_arguments(p, "pre-training data (train.py's flags)")
+    add_pretrain_data_arguments(p, "pre-training data (train.py's flags)")
     add_data_arguments(p, "fine-tuning data (finetune.py's and evaluate.py's flags)")
     check = p.add_argument_group("checking")
     check.add_argument("--workers", type=int, default=os.cpu_count() or 1,

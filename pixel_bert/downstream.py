@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .data import BadSampleReporter, describe_bad_samples
+from .bad_samples import BadSampleReporter, describe_bad_samples
 from .engine import BadDataError, DistInfo, format_seconds
 
 

@@ -14,7 +14,7 @@ The loop is task-agnostic and reads top to bottom, as torchvision's ``train_one_
 A task plugs in ``step_fn(model, batch, step) -> {"loss": tensor, other scalars}``; ``step`` is the
 number of optimizer steps taken so far. Batches are dicts; the loop reads only their bookkeeping
 keys ``num_samples`` (0 when every sample of the batch was bad) and ``num_bad`` / ``bad_samples``
-(the `pixel_bert.data.BadSample` of each sample the collator dropped: warned about once per file per
+(the `pixel_bert.bad_samples.BadSample` of each sample the collator dropped: warned about once per file per
 run, and the first few named when too many are bad).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config import TrainConfig, config_to_dict
-from .data import BadSampleReporter, describe_bad_samples
+from .bad_samples import BadSampleReporter, describe_bad_samples
 from .files import atomic_write, save_torch
 from .tensor_files import load_weights_only
 

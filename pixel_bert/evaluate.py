@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from pixel_bert import metrics, nlvr2, retrieval
-from pixel_bert.data import read_json
+from pixel_bert.annotations import read_json
 from pixel_bert.engine import distributed, exit_after_distributed_run, share_cpu_threads
 from pixel_bert.evaluation import EvalSettings, add_data_arguments, evaluate_split
 from pixel_bert.files import write_json

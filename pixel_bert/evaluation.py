@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from . import metrics, nlvr2, retrieval, vqa
-from .data import ImageTransform
+from .images import ImageTransform
 from .downstream import broadcast_from_main
 from .engine import DistInfo
 from .files import write_json

@@ -33,7 +33,9 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from pixel_bert import data as D
+from pixel_bert.annotations import AnnotationError, CaptionRecord, read_karpathy
+from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids, epoch_batch_sampler
+from pixel_bert.images import ImageTransform
 from pixel_bert import nlvr2, retrieval, synthetic_tasks, vqa
 from pixel_bert.config import (DEMO_TASK_COMMON, DEMO_TASK_OVERRIDES, ModelConfig, TrainConfig, add_config_arguments,
                                apply_overrides, config_to_dict, make_model_config, make_train_config)
@@ -149,14 +151,14 @@ def build_model_config(args, synthetic_data: bool):
 
 def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir, log):
     """(dataset, collate_fn factory, group ids or None, extra for model.pt, step_fn factory)."""
-    transform = D.ImageTransform.from_config(model_cfg)
+    transform = ImageTransform.from_config(model_cfg)
     if args.task == "vqa":
         images = vqa_images(args)
         splits = [s for s in args.vqa_train_splits.split(",") if s]
         train = [vqa.read_vqa(args.vqa_root, s, images) for s in splits]
         for s, t in zip(splits, train):
             if not t.questions:
-                raise D.AnnotationError(f"{vqa.vqa_files(args.vqa_root, s)[0]}: 'questions' is an empty list, so "
+                raise AnnotationError(f"{vqa.vqa_files(args.vqa_root, s)[0]}: 'questions' is an empty list, so "
                                         f"--vqa-train-splits {s} gives no training question")
         if any(t.annotations is None for t in train):
             raise ValueError(f"--vqa-train-splits {args.vqa_train_splits}: a split without annotations cannot train")
@@ -173,7 +175,7 @@ def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_c
         log(f"vqa: {len(dataset)} training questions, {len(answers)} answers (min count "
             f"{task_cfg.vqa_min_answer_count}), {dataset.num_unanswerable} with no answer in the vocabulary "
             f"({'dropped' if task_cfg.vqa_drop_unanswerable else 'kept with all-zero targets'})")
-        groups = (D.aspect_ratio_group_ids([D.CaptionRecord(q[0].image_path, "", "") for q in dataset.items])
+        groups = (aspect_ratio_group_ids([CaptionRecord(q[0].image_path, "", "") for q in dataset.items])
                   if train_cfg.group_by_aspect_ratio else None)
         collate = lambda tok: vqa.VQACollator(tok, model_cfg.max_text_len, len(answers), model_cfg.feature_stride)  # noqa: E731
         step = lambda device: (lambda m, b, _: vqa.vqa_step(m, b, device))  # noqa: E731
@@ -187,16 +189,16 @@ def build_train_data(args, task_cfg: TaskConfig, model_cfg: ModelConfig, train_c
         return dataset, collate, None, {}, step  # two images per example: no aspect grouping
     coco = "coco" in os.path.basename(args.karpathy_json)
     splits = ("train", "restval") if coco else ("train",)
-    records = D.read_karpathy(args.karpathy_json, retrieval_images(args), splits=splits)
+    records = read_karpathy(args.karpathy_json, retrieval_images(args), splits=splits)
     if not records:
-        raise D.AnnotationError(f"--karpathy-json {args.karpathy_json}: no caption in the {'/'.join(splits)} "
+        raise AnnotationError(f"--karpathy-json {args.karpathy_json}: no caption in the {'/'.join(splits)} "
                                 "split(s), so it gives no training pair")
-    dataset = D.CaptionDataset(records, transform, fatal_bad_samples=train_cfg.fatal_bad_samples)
+    dataset = CaptionDataset(records, transform, fatal_bad_samples=train_cfg.fatal_bad_samples)
     log(f"retrieval: {len(dataset)} training pairs from splits {splits}; {task_cfg.retrieval_negatives} negatives "
         f"({task_cfg.retrieval_negative_kind}), {task_cfg.retrieval_hard_negatives} hard; CNN frozen: "
         f"{train_cfg.freeze_backbone}")
-    groups = D.aspect_ratio_group_ids(records) if train_cfg.group_by_aspect_ratio else None
-    collate = lambda tok: D.CaptionCollator(tok, model_cfg.max_text_len, model_cfg.feature_stride)  # noqa: E731
+    groups = aspect_ratio_group_ids(records) if train_cfg.group_by_aspect_ratio else None
+    collate = lambda tok: CaptionCollator(tok, model_cfg.max_text_len, model_cfg.feature_stride)  # noqa: E731
     step = lambda device: (lambda m, b, _: retrieval.retrieval_step(  # noqa: E731
         m, b, device, task_cfg.retrieval_negatives, task_cfg.retrieval_hard_negatives,
         task_cfg.retrieval_negative_kind, task_cfg.retrieval_loss))
@@ -281,7 +283,7 @@ def run(args, info):
                   "data": {k: v for k, v in vars(args).items() if k.startswith(("vqa", "nlvr2", "karpathy",
                                                                                  "retrieval_images", "synthetic"))},
                   "model_extra": {"vocab": tokenizer.vocab, **extra}}
-    make_batch_sampler = D.epoch_batch_sampler(dataset, train_cfg.batch_size, train_cfg.seed, info.world_size,
+    make_batch_sampler = epoch_batch_sampler(dataset, train_cfg.batch_size, train_cfg.seed, info.world_size,
                                                info.rank, groups)
     trainer = Trainer(model, train_cfg, out_dir, dataset, make_collate(tokenizer), make_batch_sampler,
                       make_step(info.device), info, run_config)

@@ -10,7 +10,7 @@
     maps.map_for("red")                                                 # (gh, gw) attention over pixels
 
 Every method takes one image (a `PIL.Image` or a path) or a list of them, and one text or a list;
-lists are run as one padded batch (`pixel_bert.data.pad_images`), so padding pixels are masked
+lists are run as one padded batch (`pixel_bert.images.pad_images`), so padding pixels are masked
 exactly as in training. Everything runs under ``torch.no_grad()`` in eval mode, which also turns
 random pixel sampling off: inference uses all feature pixels (Sec. 3.3 of the paper).
 
@@ -44,7 +44,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from PIL import Image
 
-from .data import ImageTransform, load_image, pad_images
+from .images import ImageTransform, load_image, pad_images
 from .tokenizer import WordPieceTokenizer
 from .saved_model import load_model
 

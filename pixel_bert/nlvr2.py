@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import AnnotationError, BadSample, ImageLoadError, drop_bad_samples, pad_images
+from .annotations import AnnotationError
+from .bad_samples import BadSample, drop_bad_samples
+from .images import ImageLoadError, pad_images
 from .downstream import predict_sharded
 from .files import write_text
 from .engine import DistInfo
@@ -104,7 +106,7 @@ def _numbered_lines(path: str):
 
 
 class NLVR2Dataset(torch.utils.data.Dataset):
-    """Items ``dict(left, right, sentence, label, identifier)``; a `pixel_bert.data.BadSample` naming
+    """Items ``dict(left, right, sentence, label, identifier)``; a `pixel_bert.bad_samples.BadSample` naming
     the first bad image of the pair when one is missing or unreadable (unless ``fatal_bad_samples``)."""
 
     def __init__(self, examples: Sequence[NLVR2Example], transform, fatal_bad_samples: bool = False):

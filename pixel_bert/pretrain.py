@@ -97,7 +97,7 @@ def pretrain_losses(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, itm_logi
 
 
 def prepare_pretrain_batch(batch: dict, tokenizer, train_cfg: TrainConfig, vocab_size: int, itm: bool = True):
-    """Caption batch (pixel_bert.data.CaptionCollator) -> model inputs with ITM pairs and MLM labels,
+    """Caption batch (pixel_bert.batches.CaptionCollator) -> model inputs with ITM pairs and MLM labels,
     plus the effective masking rate (predicted tokens / maskable tokens of the labelled captions).
     ``itm=False``: no mismatched pairs (MLM alone, see TrainConfig.itm_start_step)."""
     ids, mask, itm_labels = make_itm_pairs(batch["input_ids"], batch["attention_mask"], batch["image_keys"],

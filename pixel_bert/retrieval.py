@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import AnnotationError, ImageLoadError, json_field, karpathy_images, json_list, pad_images
+from .annotations import AnnotationError, json_field, karpathy_images, json_list
+from .images import ImageLoadError, pad_images
 from .downstream import Progress, eval_autocast, eval_dtype, gather_to_main, shard_range
 from .engine import DistInfo, unwrap
 from .files import save_torch

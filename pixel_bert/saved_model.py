@@ -88,7 +88,7 @@ FOLDER_CONFIG, FOLDER_WEIGHTS, FOLDER_VOCAB, FOLDER_ANSWERS = (
 LOCAL_PATH_FIELDS = ("backbone_weights", "bert_weights", "vocab_file")
 
 
-# How an image and a text are prepared for the model (pixel_bert.data.ImageTransform, the tokenizer).
+# How an image and a text are prepared for the model (pixel_bert.images.ImageTransform, the tokenizer).
 PREPROCESSING_FIELDS = ("image_short_side", "image_long_side", "image_format", "image_mean", "image_std",
                         "max_text_len")
 

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .data import ImageTransform
+from .images import ImageTransform
 from .files import write_json
 from .tokenizer import SPECIAL_TOKENS, write_vocab_file
 
@@ -344,9 +344,9 @@ class SyntheticCaptions(Dataset):
     """``num_images`` synthetic images with ``captions_per_image`` captions each, generated on the fly.
 
     Item ``index`` is caption ``index % captions_per_image`` of image ``index // captions_per_image``
-    and has the same format as `pixel_bert.data.CaptionDataset`:
+    and has the same format as `pixel_bert.batches.CaptionDataset`:
     ``dict(image=Tensor(3, S, S) normalised, caption=str, image_key=str, index=int)``, so
-    `pixel_bert.data.CaptionCollator` batches it. ``transform`` defaults to an `ImageTransform`
+    `pixel_bert.batches.CaptionCollator` batches it. ``transform`` defaults to an `ImageTransform`
     with ImageNet mean/std that keeps the size; pass ``ImageTransform.from_config(cfg)`` to match a
     config. Same ``seed`` -> same images and captions; a different seed -> a different world.
     """
@@ -411,7 +411,7 @@ def write_coco_format(out_dir: str, num_images: int, seed: int, image_size: int 
     ``out_dir/images/{id:06d}.png`` and ``out_dir/captions_train2014.json`` in the official format
     (``images[{id, file_name, height, width}]``, ``annotations[{id, image_id, caption}]``), with the
     same images and captions as ``SyntheticCaptions(num_images, seed, image_size, captions_per_image)``
-    (COCO image id = image index), so `pixel_bert.data.read_coco_captions(json, out_dir/"images")`
+    (COCO image id = image index), so `pixel_bert.annotations.read_coco_captions(json, out_dir/"images")`
     reads it back. It exercises the real-data path end to end.
     """
     dataset = SyntheticCaptions(num_images, seed, image_size, captions_per_image)

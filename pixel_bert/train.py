@@ -22,7 +22,9 @@ from typing import List, Optional
 import torch
 from torch.utils.data import DistributedSampler
 
-from pixel_bert import data as D
+from pixel_bert.annotations import AnnotationError, CaptionRecord, KARPATHY_SPLITS, karpathy_coco_ids, karpathy_images, read_coco_captions, read_karpathy, read_visual_genome
+from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids, epoch_batch_sampler
+from pixel_bert.images import ImageTransform
 from pixel_bert import synthetic
 from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, add_config_arguments, apply_overrides,
                                config_to_dict,
@@ -34,6 +36,21 @@ from pixel_bert.files import make_output_folder, write_json
 from pixel_bert.runs import tokenizer_for_run
 from pixel_bert.saved_model import config_for_init, read_checkpoint
 from pixel_bert.factory import create_model, model_from_state
+
+def add_pretrain_data_arguments(parser, title: str = "pre-training data (the official layouts)"):
+    """The flags of the pre-training readers (`pixel_bert.annotations`): train.py's, and
+    `python -m pixel_bert.datasets verify`'s."""
+    g = parser.add_argument_group(title)
+    g.add_argument("--coco-karpathy", help="Karpathy dataset_coco.json: COCO train + restval captions")
+    g.add_argument("--coco-images", help="COCO image root holding train2014/ and val2014/")
+    g.add_argument("--coco-captions", help="a COCO captions_*.json (e.g. one written by python -m "
+                   "pixel_bert.synthetic); images under --coco-captions-images")
+    g.add_argument("--coco-captions-images", help="image folder of --coco-captions (default: images/ next to it)")
+    g.add_argument("--vg-regions", help="Visual Genome region_descriptions.json")
+    g.add_argument("--vg-image-data", help="Visual Genome image_data.json (maps VG ids to COCO ids)")
+    g.add_argument("--vg-images", help="Visual Genome root holding VG_100K/ and VG_100K_2/")
+    return g
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
@@ -52,7 +69,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
                         "(for quick checks; the schedule still spans all epochs)")
-    D.add_pretrain_data_arguments(parser, "data (default, when none is given: the synthetic shapes world)")
+    add_pretrain_data_arguments(parser, "data (default, when none is given: the synthetic shapes world)")
     data = parser.add_argument_group("the synthetic shapes world")
     data.add_argument("--synthetic-images", type=int, default=32000, help="synthetic training images (default "
                       "32000: the demo recipe's one epoch of 1,000 steps of 32)")
@@ -94,35 +111,35 @@ def unused_data_flags(args) -> Optional[str]:
     return None
 
 
-def require_records(records: List[D.CaptionRecord], flag: str, path: str, what: str) -> List[D.CaptionRecord]:
+def require_records(records: List[CaptionRecord], flag: str, path: str, what: str) -> List[CaptionRecord]:
     """``records``, or an AnnotationError naming the file: a data flag that yields no pair is an error,
     never a silent fall-back to the synthetic world."""
     if not records:
-        raise D.AnnotationError(f"{flag} {path}: {what}, so it gives no training pair. Check that this is the "
+        raise AnnotationError(f"{flag} {path}: {what}, so it gives no training pair. Check that this is the "
                                 "intended file (python -m pixel_bert.datasets verify checks a layout)")
     return records
 
 
 def karpathy_split_counts(path: str) -> str:
     """How many images each split of a Karpathy file has, for the error message of an empty split."""
-    _, _, images = D.karpathy_images(path, D.KARPATHY_SPLITS)
+    _, _, images = karpathy_images(path, KARPATHY_SPLITS)
     counts = collections.Counter(image["split"] for _, image in images)
-    return ", ".join(f"{split} {counts[split]}" for split in D.KARPATHY_SPLITS)
+    return ", ".join(f"{split} {counts[split]}" for split in KARPATHY_SPLITS)
 
 
-def read_caption_records(args) -> List[D.CaptionRecord]:
+def read_caption_records(args) -> List[CaptionRecord]:
     """The (image, caption) records of the real-data flags (empty when none is given)."""
-    records: List[D.CaptionRecord] = []
+    records: List[CaptionRecord] = []
     if args.coco_karpathy:
         if not args.coco_images:
             raise ValueError("--coco-karpathy needs --coco-images (the folder holding train2014/ and val2014/)")
         records += require_records(
-            D.read_karpathy(args.coco_karpathy, args.coco_images, splits=("train", "restval")), "--coco-karpathy",
+            read_karpathy(args.coco_karpathy, args.coco_images, splits=("train", "restval")), "--coco-karpathy",
             args.coco_karpathy, f"no caption in the train and restval splits (images per split: "
                                 f"{karpathy_split_counts(args.coco_karpathy)})")
     if args.coco_captions:
         coco = require_records(
-            D.read_coco_captions(args.coco_captions, args.coco_captions_images or
+            read_coco_captions(args.coco_captions, args.coco_captions_images or
                                  os.path.join(os.path.dirname(args.coco_captions), "images")),
             "--coco-captions", args.coco_captions, "'annotations' lists no caption")
         if any("val2014" in r.image_path for r in coco):
@@ -133,12 +150,12 @@ def read_caption_records(args) -> List[D.CaptionRecord]:
     if args.vg_regions:
         if not (args.vg_image_data and args.vg_images):
             raise ValueError("--vg-regions needs --vg-image-data and --vg-images")
-        exclude = D.karpathy_coco_ids(args.coco_karpathy, ("val", "test")) if args.coco_karpathy else set()
+        exclude = karpathy_coco_ids(args.coco_karpathy, ("val", "test")) if args.coco_karpathy else set()
         if not exclude:
             print("warning: no --coco-karpathy given, so Visual Genome images of the COCO Karpathy val/test "
                   "splits cannot be excluded (retrieval evaluation would leak)", file=sys.stderr)
         records += require_records(
-            D.read_visual_genome(args.vg_regions, args.vg_image_data, args.vg_images, exclude), "--vg-regions",
+            read_visual_genome(args.vg_regions, args.vg_image_data, args.vg_images, exclude), "--vg-regions",
             args.vg_regions, "no region description (every image's 'regions' list is empty, or every image is a "
                              "COCO Karpathy val/test image, left out of pre-training)")
     return records
@@ -147,11 +164,11 @@ def read_caption_records(args) -> List[D.CaptionRecord]:
 def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
     """(train dataset, group ids or None, held-out dataset or None, uses synthetic data): the real
     data the flags name, or the synthetic world when no data flag is given."""
-    transform = D.ImageTransform.from_config(model_cfg)
+    transform = ImageTransform.from_config(model_cfg)
     records = read_caption_records(args)
     if records:
-        dataset = D.CaptionDataset(records, transform, fatal_bad_samples=train_cfg.fatal_bad_samples)
-        groups = D.aspect_ratio_group_ids(records) if train_cfg.group_by_aspect_ratio else None
+        dataset = CaptionDataset(records, transform, fatal_bad_samples=train_cfg.fatal_bad_samples)
+        groups = aspect_ratio_group_ids(records) if train_cfg.group_by_aspect_ratio else None
         return dataset, groups, None, False
     size = model_cfg.image_short_side
     shapes = args.synthetic_max_shapes
@@ -198,9 +215,9 @@ def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig):
     else:
         model = create_model(model_cfg, "pretrain", verbose=info.is_main)
 
-    make_batch_sampler = D.epoch_batch_sampler(dataset, train_cfg.batch_size, train_cfg.seed, info.world_size,
+    make_batch_sampler = epoch_batch_sampler(dataset, train_cfg.batch_size, train_cfg.seed, info.world_size,
                                                info.rank, groups)
-    collate = D.CaptionCollator(tokenizer, model_cfg.max_text_len, model_cfg.feature_stride)
+    collate = CaptionCollator(tokenizer, model_cfg.max_text_len, model_cfg.feature_stride)
     trainer = Trainer(model, train_cfg, out_dir, dataset, collate, make_batch_sampler,
                       lambda m, batch, step: pretrain_step(m, batch, tokenizer, train_cfg, info.device, step),
                       info, run_config)

@@ -215,7 +215,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = get_args_parser().parse_args(argv)
-    from .data import load_image
+    from .images import load_image
     predictor = PixelBertPredictor.from_checkpoint(args.checkpoint, device=args.device)
     image = load_image(args.image)
     # Renormalised or raw makes no difference to the picture (each panel is scaled to its max, and

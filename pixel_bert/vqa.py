@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .data import (AnnotationError, BadSample, ImageLoadError, drop_bad_samples, json_field, json_list,
-                   pad_images, read_json)
+from .annotations import AnnotationError, json_field, json_list, read_json
+from .bad_samples import BadSample, drop_bad_samples
+from .images import ImageLoadError, pad_images
 from .downstream import predict_sharded
 from .files import write_json
 from .engine import DistInfo
@@ -166,7 +167,7 @@ def answer_vocabulary(annotation_lists: Sequence[Sequence[dict]], min_count: int
 class VQADataset(torch.utils.data.Dataset):
     """Items ``dict(image, question, question_id, labels, scores, index)``: the resized, normalised
     image, the question text, and the soft-score target as (answer indices, scores) from
-    metrics.vqa_targets. A missing or corrupt image gives a `pixel_bert.data.BadSample` (dropped and
+    metrics.vqa_targets. A missing or corrupt image gives a `pixel_bert.bad_samples.BadSample` (dropped and
     carried in the batch by the collator) unless ``fatal_bad_samples``."""
 
     def __init__(self, questions: Sequence[VQAQuestion], answers: Sequence[str], transform,

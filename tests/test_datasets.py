@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from pixel_bert import evaluation, finetune, train
-from pixel_bert import data as D
+from pixel_bert.annotations import karpathy_coco_ids, read_visual_genome
 from pixel_bert import datasets as ds
 
 # ---- trees in the official layouts ----------------------------------------------------------------
@@ -296,8 +296,8 @@ def test_vg_left_out_images_match_the_reader_exclusion(tmp_path):
     root = make_tree(tmp_path)
     paths = ds.resolve_image_roots(ds.get_args_parser().parse_args(["verify", *all_flags(root)]))
     check = ds.check_visual_genome(paths)
-    exclude = D.karpathy_coco_ids(paths["coco_karpathy"], ("val", "test"))
-    records = D.read_visual_genome(paths["vg_regions"], paths["vg_image_data"], paths["vg_images"], exclude)
+    exclude = karpathy_coco_ids(paths["coco_karpathy"], ("val", "test"))
+    records = read_visual_genome(paths["vg_regions"], paths["vg_image_data"], paths["vg_images"], exclude)
     assert check.splits[0].records == len(records) == 6
     assert check.splits[0].image_paths == list(dict.fromkeys(r.image_path for r in records))
     assert check.splits[0].official == (None, 108_077 - 1)

@@ -15,7 +15,8 @@ from PIL import Image
 from pixel_bert import evaluate, finetune
 from pixel_bert import metrics, nlvr2, retrieval, synthetic, synthetic_tasks, vqa
 from pixel_bert.config import make_model_config
-from pixel_bert.data import AnnotationError, ImageTransform, pad_images, load_image
+from pixel_bert.annotations import AnnotationError
+from pixel_bert.images import ImageTransform, pad_images, load_image
 from pixel_bert.engine import DistInfo
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForRetrieval
 from pixel_bert.tokenizer import WordPieceTokenizer

@@ -9,7 +9,7 @@ import torch
 
 from pixel_bert import train
 from pixel_bert.config import make_model_config, make_train_config
-from pixel_bert.data import epoch_batch_sampler
+from pixel_bert.batches import epoch_batch_sampler
 from pixel_bert.engine import (DistInfo, EpochStats, NonFiniteLossError, Trainer, amp_settings, make_optimizer,
                                newest_valid_checkpoint)
 from pixel_bert.files import DiskFullError, atomic_write, save_torch

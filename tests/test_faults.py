@@ -30,9 +30,11 @@ from PIL import Image
 from pixel_bert import engine, evaluate, finetune, nlvr2, synthetic, train, visualize, vqa
 from pixel_bert.caffe2_weights import read_caffe2_blobs
 from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD, make_model_config, make_train_config
-from pixel_bert.data import (AnnotationError, BadSample, BadSampleWarning, CaptionCollator, CaptionDataset,
-                             CaptionRecord, ImageLoadError, ImageTransform, epoch_batch_sampler, load_image,
-                             read_coco_captions, read_karpathy, read_visual_genome)
+from pixel_bert.annotations import (AnnotationError, CaptionRecord, read_coco_captions, read_karpathy,
+                                    read_visual_genome)
+from pixel_bert.bad_samples import BadSample, BadSampleWarning
+from pixel_bert.batches import CaptionCollator, CaptionDataset, epoch_batch_sampler
+from pixel_bert.images import ImageLoadError, ImageTransform, load_image
 from pixel_bert.downstream import predict_sharded
 from pixel_bert.engine import (BadDataError, DistInfo, Trainer, newest_valid_checkpoint,
                                read_training_checkpoint)

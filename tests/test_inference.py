@@ -19,7 +19,7 @@ from PIL import Image
 from pixel_bert import train
 from pixel_bert import synthetic
 from pixel_bert.config import ModelConfig, config_from_dict
-from pixel_bert.data import ImageLoadError
+from pixel_bert.images import ImageLoadError
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
 from pixel_bert.inference import PixelBertPredictor, TextTruncatedWarning
 from pixel_bert.visualize import figure_size, get_args_parser, main as visualize_main, overlay

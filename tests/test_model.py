@@ -200,7 +200,7 @@ def brute_force_cell_validity(pixel_mask: torch.Tensor, stride: int, grid) -> to
 def test_feature_mask_is_exact_over_a_sweep_of_sizes(preset):
     """Batches padded to the feature stride (as every collator pads them): each cell that covers a real
     pixel is valid and every other cell is masked, for r50's stride 64 and the tiny config's 16."""
-    from pixel_bert.data import pad_images
+    from pixel_bert.images import pad_images
     cfg = make_model_config(preset, backbone_weights=None, bert_weights=None)
     emb = VisualEmbedding.__new__(VisualEmbedding)  # feature_mask needs only the config: no 25M-weight trunk
     emb.config = cfg

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pixel_bert import metrics
-from pixel_bert.data import pad_images
+from pixel_bert.images import pad_images
 from pixel_bert.tokenizer import WordPieceTokenizer
 
 PROPERTY = settings(max_examples=60, deadline=None, database=None, print_blob=True)  # a failure prints how to replay it
