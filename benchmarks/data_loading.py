@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from common import add_common_args, csv_list, machine, print_table, setup, time_runs, write_json, write_photos
-from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD
 from pixel_bert.batches import GroupedBatchSampler, aspect_ratio_group_ids
+from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD
 from pixel_bert.images import ImageTransform
 
 # (width, height, share) of the COCO-like shape mix

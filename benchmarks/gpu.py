@@ -36,9 +36,8 @@ import retrieval_throughput
 from common import DTYPES, autocast, device_peak_tflops, machine, matmul_flops, print_table, setup, write_json
 from step import Setup, breakdown, measure
 
-from pixel_bert.config import TrainConfig  # noqa: E402
-from pixel_bert.engine import amp_settings  # noqa: E402
-from pixel_bert.pretrain import pretrain_step  # noqa: E402
+from pixel_bert.precision import amp_settings
+from pixel_bert.pretrain import pretrain_step
 
 
 def get_args_parser():
@@ -73,7 +72,7 @@ def paper_step_rows(args, device, folder):
     r50 pre-training step at 800x1333 in fp16 (with loss scaling, as on the paper's V100s) and in bf16:
     the feature grid of the batch's images, the loss, and whether every weight is finite after the
     optimizer step. --smoke: the tiny preset on the CPU."""
-    choice = amp_settings(TrainConfig(amp="auto"), device)
+    choice = amp_settings("auto", device)
     rows = [{"part": "amp auto", "setting": choice.reason, "note": f"loss scaling {choice.loss_scaling}"}]
     preset, size = ("tiny", (64, 64)) if args.smoke else ("r50", (800, 1333))
     options = argparse.Namespace(layers=None, batch=2, compile=False)

@@ -29,10 +29,10 @@ from common import (add_common_args, count_flops, machine, print_table, random_c
                     write_photos)
 from pixel_bert import retrieval, synthetic
 from pixel_bert.config import make_model_config
-from pixel_bert.images import ImageTransform, pad_images
-from pixel_bert.downstream import eval_autocast
-from pixel_bert.engine import DistInfo
+from pixel_bert.distributed import DistInfo
 from pixel_bert.heads import PixelBertForRetrieval
+from pixel_bert.images import ImageTransform, pad_images
+from pixel_bert.precision import eval_autocast
 from pixel_bert.tokenizer import WordPieceTokenizer
 
 DATASETS = {"Flickr30K 1K x 5K": (1000, 5000), "COCO 5K x 25K": (5000, 25000)}  # images, captions

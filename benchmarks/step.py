@@ -4,7 +4,7 @@
     python benchmarks/step.py --device cuda --presets r50 --batch 64 --sizes 600x1000,800x1333 --dtype bf16
 
 The step is the training loop's (pixel_bert.pretrain.pretrain_step under autocast, backward,
-gradient clipping, SGD for the CNN + AdamW for the rest, all taken by engine.Trainer) on a batch
+gradient clipping, SGD for the CNN + AdamW for the rest, all taken by trainer.Trainer) on a batch
 collated from COCO-sized JPEGs (640x480 photos, resized to the preset's or --sizes' short/long
 side). Models start from random weights (nothing downloads). Per setting (image size x pixels
 kept x CNN activation checkpointing): samples/s, model TFLOP/s and its share of a large matmul,
@@ -32,15 +32,16 @@ from common import (DTYPES, add_common_args, autocast, count_flops, csv_list, ma
                     operators_by_section, peak_memory, print_table, random_captions, setup, sync, time_runs,
                     write_json, write_photos)
 from pixel_bert import synthetic
-from pixel_bert.config import make_model_config, make_train_config
-from pixel_bert.batches import CaptionCollator, CaptionDataset
 from pixel_bert.annotations import CaptionRecord
-from pixel_bert.images import ImageTransform
-from pixel_bert.engine import DistInfo, EpochStats, Trainer
+from pixel_bert.batches import CaptionCollator, CaptionDataset
+from pixel_bert.config import make_model_config, make_train_config
+from pixel_bert.distributed import DistInfo
 from pixel_bert.heads import PixelBertForPreTraining
+from pixel_bert.images import ImageTransform
 from pixel_bert.model import VisualTokens
 from pixel_bert.pretrain import prepare_pretrain_batch, pretrain_losses, pretrain_step
 from pixel_bert.tokenizer import WordPieceTokenizer
+from pixel_bert.trainer import EpochStats, Trainer
 
 
 def get_args_parser():
@@ -106,7 +107,7 @@ class Setup:
                 for k, v in self.host_batch.items()}
 
     def step(self):
-        """One optimizer step, taken by engine.Trainer as in training."""
+        """One optimizer step, taken by trainer.Trainer as in training."""
         stats = EpochStats()
         self.trainer.micro_batch(self.batch, stats)
         self.trainer.optimizer_step(stats)
@@ -121,7 +122,7 @@ class Setup:
             backbone.checkpointing = recompute
 
     def optimizer_step(self):
-        """engine.Trainer.optimizer_step on the gradients already there."""
+        """trainer.Trainer.optimizer_step on the gradients already there."""
         self.trainer.optimizer_step(EpochStats())
 
     def sectioned_step(self, timed):

@@ -8,7 +8,7 @@ counts or remembers there reaches the training loop, and a warning printed there
 every worker and every epoch. A bad sample therefore travels *in the batch*: the dataset returns a
 `BadSample`, the collator (`drop_bad_samples`, also in the worker) drops it and puts
 ``batch["num_bad"]`` and ``batch["bad_samples"]`` into the batch, and the process that reads the
-batches (`pixel_bert.engine.Trainer`, `pixel_bert.downstream.predict_sharded`) hands them to one
+batches (`pixel_bert.trainer.Trainer`, `pixel_bert.downstream.predict_sharded`) hands them to one
 `BadSampleReporter`, which warns once per file for the whole run and counts every occurrence. The
 Trainer sums ``num_bad`` over the epoch (under DDP all-reduced) for its summary line, and stops the
 run when too large a share of an epoch is bad, naming the first bad files.
@@ -101,3 +101,7 @@ def describe_bad_samples(bad_samples: Sequence[BadSample]) -> str:
         text += (f". All of these are missing and {where}: the image folder flag most likely names the wrong "
                  "root, or the images are not extracted there")
     return text
+
+
+class BadDataError(RuntimeError):
+    pass

@@ -215,7 +215,7 @@ class GroupedBatchSampler(Sampler[List[int]]):
 
 def epoch_batch_sampler(dataset: Dataset, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
                         groups: Optional[Sequence[int]] = None):
-    """``make_batch_sampler(epoch)`` for `pixel_bert.engine.Trainer`: this rank's share of the
+    """``make_batch_sampler(epoch)`` for `pixel_bert.trainer.Trainer`: this rank's share of the
     dataset, shuffled per epoch with the same permutation on every rank (``drop_last``, so every rank
     takes the same number of steps), in batches of ``batch_size``; grouped by aspect ratio when
     ``groups`` (`aspect_ratio_group_ids`) are given."""

@@ -56,14 +56,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torchvision.datasets.utils import calculate_md5, extract_archive
 
+from . import nlvr2 as nlvr2_data, retrieval, vqa
 from .annotations import karpathy_coco_ids, read_coco_captions, read_karpathy, read_visual_genome
-from .images import ImageLoadError, load_image
-from . import nlvr2 as nlvr2_data
-from . import retrieval, vqa
-from .downstream import Progress
-from .engine import DistInfo, format_seconds
+from .distributed import DistInfo
 from .evaluation import add_data_arguments, default_nlvr2_images
 from .files import write_json
+from .images import ImageLoadError, load_image
+from .progress import Progress, format_seconds
 from .train import add_pretrain_data_arguments
 
 # ------------------------------------------------------------------------------------------------

@@ -8,17 +8,15 @@ The task modules (`vqa`, `nlvr2`, `retrieval`) take plain arguments, so they do 
 """
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from .bad_samples import BadSampleReporter, describe_bad_samples
-from .engine import BadDataError, DistInfo, format_seconds
+from .bad_samples import BadDataError, BadSampleReporter, describe_bad_samples
+from .distributed import DistInfo, gather_to_main, sharded_loader
+from .precision import eval_autocast
+from .progress import Progress
 
 
 @dataclass
@@ -64,72 +62,16 @@ class TaskConfig:
 #                                   Distributed evaluation
 # -------------------------------------------------------------------------------------------------
 
-def shard_range(n: int, info: DistInfo) -> range:
-    """The contiguous block of ``range(n)`` this rank evaluates. Blocks never overlap and cover
-    everything, so gathered results have no duplicates (unlike DistributedSampler, which pads
-    with repeated items to equalise ranks)."""
-    per = -(-n // info.world_size) if n else 0  # ceil
-    start = min(info.rank * per, n)
-    return range(start, min(start + per, n))
 
 
-def gather_to_main(obj: Any, info: DistInfo) -> Optional[List[Any]]:
-    """Every rank's ``obj`` as a list on rank 0 (None elsewhere); ``[obj]`` without torchrun.
-    Uses gather_object (pickles through the process group; fine for predictions and score
-    blocks of a few hundred MB)."""
-    if info.world_size == 1:
-        return [obj]
-    out = [None] * info.world_size if info.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
-def broadcast_from_main(obj: Any, info: DistInfo) -> Any:
-    """Rank 0's ``obj`` on every rank (e.g. the metrics, so every rank returns the same)."""
-    if info.world_size == 1:
-        return obj
-    box = [obj if info.is_main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
-def eval_dtype(device: torch.device, amp: str = "auto") -> Optional[torch.dtype]:
-    """The autocast dtype of inference: bf16 (or fp16) on CUDA, None on CPU (as engine.amp_settings)."""
-    from .config import TrainConfig
-    from .engine import amp_settings
-    return amp_settings(TrainConfig(amp=amp), device).dtype
 
 
-def eval_autocast(device: torch.device, amp: str = "auto"):
-    """Autocast for inference (`eval_dtype`); nothing on CPU."""
-    dtype = eval_dtype(device, amp)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
-class Progress:
-    """A progress line every ``every`` seconds: done/total, rate in ``unit``/s and ETA. Only the
-    main rank prints; with sharding each rank reports its own share, so rank 0's line is
-    representative (all shards are the same size up to one item)."""
-
-    def __init__(self, total: int, unit: str, info: DistInfo, every: float = 10.0, label: str = "",
-                 stream=None):
-        self.total, self.unit, self.every, self.label = total, unit, every, label
-        self.enabled = info.is_main
-        self.stream = stream or sys.stdout
-        self.start = self.last = time.time()
-        self.done = 0
-
-    def update(self, n: int, force: bool = False):
-        self.done += n
-        now = time.time()
-        if self.enabled and (force or now - self.last >= self.every):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"{self.label}{self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.1f}%)  "
-                  f"{rate:,.0f} {self.unit}/s  eta {format_seconds(eta)}", file=self.stream, flush=True)
 
 
 def check_splits(split: str, forbidden: Sequence[str] = ("test",), what: str = "model selection"):
@@ -139,11 +81,6 @@ def check_splits(split: str, forbidden: Sequence[str] = ("test",), what: str = "
                          "(see docs/paper.md). Use the val/dev split; evaluate.py scores test splits.")
 
 
-def sharded_loader(dataset, info: DistInfo, batch_size: int, collate_fn, num_workers: int = 0):
-    """A DataLoader over this rank's contiguous block of ``dataset`` (see `shard_range`), in order."""
-    subset = torch.utils.data.Subset(dataset, list(shard_range(len(dataset), info)))
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                                       num_workers=num_workers, pin_memory=info.device.type == "cuda")
 
 
 @torch.no_grad()

@@ -39,11 +39,11 @@ import torch
 
 from pixel_bert import metrics, nlvr2, retrieval
 from pixel_bert.annotations import read_json
-from pixel_bert.engine import distributed, exit_after_distributed_run, share_cpu_threads
+from pixel_bert.distributed import distributed, exit_after_distributed_run, share_cpu_threads
 from pixel_bert.evaluation import EvalSettings, add_data_arguments, evaluate_split
 from pixel_bert.files import write_json
-from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.saved_model import load_model
+from pixel_bert.tokenizer import WordPieceTokenizer
 
 DEFAULT_SPLITS = {"vqa": "val2014", "nlvr2": "dev", "retrieval": "test"}
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from . import metrics, nlvr2, retrieval, vqa
-from .images import ImageTransform
-from .downstream import broadcast_from_main
-from .engine import DistInfo
+from .distributed import DistInfo, broadcast_from_main
 from .files import write_json
+from .images import ImageTransform
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, title: str = "data (the official layouts, "

@@ -18,7 +18,7 @@ evaluate on the val/dev split (docs/paper.md#evaluation-protocols).
 ``--init`` is a pre-training checkpoint (its bert.* weights are loaded, the report says which
 heads start new) or ``none``: BERT + ImageNet weights as the model config asks. Every
 ModelConfig / TrainConfig / TaskConfig field is a flag. Checkpoints, resume, AMP, DDP and logging
-are engine.Trainer's. The final model.pt carries "task", "vocab" and, for VQA, "answers"; the
+are trainer.Trainer's. The final model.pt carries "task", "vocab" and, for VQA, "answers"; the
 same model is also written without pickle as the folder RUN/model/ (pixel_bert.saved_model.write_model_folder).
 Model selection and the reported figures use the val/dev split only, never a test split.
 """
@@ -33,20 +33,22 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from pixel_bert import nlvr2, retrieval, synthetic_tasks, vqa
 from pixel_bert.annotations import AnnotationError, CaptionRecord, read_karpathy
 from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids, epoch_batch_sampler
-from pixel_bert.images import ImageTransform
-from pixel_bert import nlvr2, retrieval, synthetic_tasks, vqa
-from pixel_bert.config import (DEMO_TASK_COMMON, DEMO_TASK_OVERRIDES, ModelConfig, TrainConfig, add_config_arguments,
-                               apply_overrides, config_to_dict, make_model_config, make_train_config)
+from pixel_bert.config import (DEMO_TASK_COMMON, DEMO_TASK_OVERRIDES, ModelConfig, TrainConfig,
+                               add_config_arguments, apply_overrides, config_to_dict, make_model_config,
+                               make_train_config)
+from pixel_bert.distributed import distributed, exit_after_distributed_run, share_cpu_threads, unwrap
 from pixel_bert.downstream import TaskConfig, check_splits
-from pixel_bert.engine import Trainer, distributed, exit_after_distributed_run, share_cpu_threads, unwrap
 from pixel_bert.evaluation import (EvalSettings, add_data_arguments, evaluate_split, nlvr2_images,
                                    retrieval_images, vqa_images)
+from pixel_bert.factory import create_model, model_from_state
 from pixel_bert.files import make_output_folder, write_json, write_text
+from pixel_bert.images import ImageTransform
 from pixel_bert.runs import tokenizer_for_run
 from pixel_bert.saved_model import config_for_init, read_checkpoint, save_answers
-from pixel_bert.factory import create_model, model_from_state
+from pixel_bert.trainer import Trainer
 
 # Synthetic data sizes (train, val, test): images for VQA / retrieval, sentences for NLVR2.
 SYNTHETIC_SIZES = {"vqa": (1500, 200, 50), "nlvr2": (400, 100, 25), "retrieval": (1000, 100, 50)}

@@ -45,8 +45,8 @@ import torch
 from PIL import Image
 
 from .images import ImageTransform, load_image, pad_images
-from .tokenizer import WordPieceTokenizer
 from .saved_model import load_model
+from .tokenizer import WordPieceTokenizer
 
 ImageLike = Union[Image.Image, str, os.PathLike]
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from . import metrics
 from .annotations import AnnotationError
 from .bad_samples import BadSample, drop_bad_samples
-from .images import ImageLoadError, pad_images
+from .distributed import DistInfo
 from .downstream import predict_sharded
 from .files import write_text
-from .engine import DistInfo
+from .images import ImageLoadError, pad_images
 
 
 class NLVR2Example(NamedTuple):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .engine import unwrap
+from .distributed import unwrap
 
 IGNORE_INDEX = -100  # label of tokens that are not predicted (cross_entropy's ignore_index)
 

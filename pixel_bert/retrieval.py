@@ -58,12 +58,13 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .annotations import AnnotationError, json_field, karpathy_images, json_list
-from .images import ImageLoadError, pad_images
-from .downstream import Progress, eval_autocast, eval_dtype, gather_to_main, shard_range
-from .engine import DistInfo, unwrap
+from .annotations import AnnotationError, json_field, json_list, karpathy_images
+from .distributed import DistInfo, gather_to_main, shard_range, unwrap
 from .files import save_torch
+from .images import ImageLoadError, pad_images
 from .model import VisualTokens
+from .precision import eval_autocast, eval_dtype
+from .progress import Progress
 
 # -------------------------------------------------------------------------------------------------
 #                                          Data

@@ -34,8 +34,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .images import ImageTransform
 from .files import write_json
+from .images import ImageTransform
 from .tokenizer import SPECIAL_TOKENS, write_vocab_file
 
 # ---- the world -----------------------------------------------------------------------------------

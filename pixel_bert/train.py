@@ -22,20 +22,22 @@ from typing import List, Optional
 import torch
 from torch.utils.data import DistributedSampler
 
-from pixel_bert.annotations import AnnotationError, CaptionRecord, KARPATHY_SPLITS, karpathy_coco_ids, karpathy_images, read_coco_captions, read_karpathy, read_visual_genome
-from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids, epoch_batch_sampler
-from pixel_bert.images import ImageTransform
 from pixel_bert import synthetic
-from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, add_config_arguments, apply_overrides,
-                               config_to_dict,
-                               make_model_config, make_train_config)
-from pixel_bert.engine import (Trainer, all_reduce_mean, distributed, exit_after_distributed_run,
-                               share_cpu_threads, unwrap)
-from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
+from pixel_bert.annotations import (KARPATHY_SPLITS, AnnotationError, CaptionRecord, karpathy_coco_ids,
+                                    karpathy_images, read_coco_captions, read_karpathy, read_visual_genome)
+from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids, epoch_batch_sampler
+from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, add_config_arguments,
+                               apply_overrides, config_to_dict, make_model_config, make_train_config)
+from pixel_bert.distributed import (all_reduce_mean, distributed, exit_after_distributed_run,
+                                    share_cpu_threads, unwrap)
+from pixel_bert.factory import create_model, model_from_state
 from pixel_bert.files import make_output_folder, write_json
+from pixel_bert.images import ImageTransform
+from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
 from pixel_bert.runs import tokenizer_for_run
 from pixel_bert.saved_model import config_for_init, read_checkpoint
-from pixel_bert.factory import create_model, model_from_state
+from pixel_bert.trainer import Trainer
+
 
 def add_pretrain_data_arguments(parser, title: str = "pre-training data (the official layouts)"):
     """The flags of the pre-training readers (`pixel_bert.annotations`): train.py's, and

@@ -25,7 +25,6 @@ practice: it still teaches the model to lower every score it cannot earn);
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -36,10 +35,9 @@ import torch.nn.functional as F
 from . import metrics
 from .annotations import AnnotationError, json_field, json_list, read_json
 from .bad_samples import BadSample, drop_bad_samples
-from .images import ImageLoadError, pad_images
+from .distributed import DistInfo
 from .downstream import predict_sharded
-from .files import write_json
-from .engine import DistInfo
+from .images import ImageLoadError, pad_images
 
 # The COCO image folder of each VQA split: test-dev is a subset of the test2015 images.
 SPLIT_IMAGE_DIRS = {"train2014": "train2014", "val2014": "val2014", "test2015": "test2015",

@@ -15,8 +15,8 @@ from torchvision.models.resnet import Bottleneck, ResNet, resnet18, resnet50
 from pixel_bert import train
 from pixel_bert.caffe2_weights import DETECTRON_X152_URL, caffe2_blob_name, trunk_tensors_from_blobs
 from pixel_bert.config import DETECTRON_PIXEL_MEANS, IMAGENET_MEAN, IMAGENET_STD, make_model_config
-from pixel_bert.images import ImageTransform
 from pixel_bert.heads import PixelBertForPreTraining
+from pixel_bert.images import ImageTransform
 from pixel_bert.inference import PixelBertPredictor
 from pixel_bert.model import BackboneTrunk, PixelBert, build_resnet, freeze_batchnorm
 from pixel_bert.pretrained import load_backbone_weights

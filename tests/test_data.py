@@ -16,17 +16,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD, make_model_config
-from pixel_bert.images import (ALPHA_BACKGROUND, ImageLoadError, ImageTransform, load_image, pad_images,
-                               read_image_size)
+from pixel_bert import synthetic
 from pixel_bert.annotations import (AnnotationError, CaptionRecord, build_pretrain_records,
                                     karpathy_coco_ids, read_coco_captions, read_karpathy, read_visual_genome)
 from pixel_bert.bad_samples import BadSample, BadSampleError, BadSampleReporter, BadSampleWarning
 from pixel_bert.batches import CaptionCollator, CaptionDataset, GroupedBatchSampler, aspect_ratio_group_ids
-from pixel_bert import synthetic
-from pixel_bert.synthetic import (
-    COLOURS, SIZE_FRACTIONS, SyntheticCaptions, colour_words, make_caption, make_scene, relations,
-    render, shape_words, write_coco_format, write_vocab)
+from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD, make_model_config
+from pixel_bert.images import (ALPHA_BACKGROUND, ImageLoadError, ImageTransform, load_image, pad_images,
+                               read_image_size)
+from pixel_bert.synthetic import (COLOURS, SIZE_FRACTIONS, SyntheticCaptions, colour_words, make_caption,
+                                  make_scene, relations, render, shape_words, write_coco_format, write_vocab)
 from pixel_bert.tokenizer import SPECIAL_TOKENS, WordPieceTokenizer
 
 

@@ -18,9 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from pixel_bert import evaluation, finetune, train
+from pixel_bert import datasets as ds, evaluation, finetune, train
 from pixel_bert.annotations import karpathy_coco_ids, read_visual_genome
-from pixel_bert import datasets as ds
 
 # ---- trees in the official layouts ----------------------------------------------------------------
 

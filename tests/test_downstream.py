@@ -12,15 +12,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pixel_bert import evaluate, finetune
-from pixel_bert import metrics, nlvr2, retrieval, synthetic, synthetic_tasks, vqa
-from pixel_bert.config import make_model_config
+from pixel_bert import evaluate, finetune, metrics, nlvr2, retrieval, synthetic, synthetic_tasks, vqa
 from pixel_bert.annotations import AnnotationError
-from pixel_bert.images import ImageTransform, pad_images, load_image
-from pixel_bert.engine import DistInfo
+from pixel_bert.config import make_model_config
+from pixel_bert.distributed import DistInfo
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForRetrieval
-from pixel_bert.tokenizer import WordPieceTokenizer
+from pixel_bert.images import ImageTransform, load_image, pad_images
 from pixel_bert.saved_model import save_model
+from pixel_bert.tokenizer import WordPieceTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 64

@@ -8,12 +8,15 @@ import pytest
 import torch
 
 from pixel_bert import train
-from pixel_bert.config import make_model_config, make_train_config
 from pixel_bert.batches import epoch_batch_sampler
-from pixel_bert.engine import (DistInfo, EpochStats, NonFiniteLossError, Trainer, amp_settings, make_optimizer,
-                               newest_valid_checkpoint)
+from pixel_bert.checkpoints import newest_valid_checkpoint
+from pixel_bert.config import make_model_config, make_train_config
+from pixel_bert.distributed import DistInfo
 from pixel_bert.files import DiskFullError, atomic_write, save_torch
 from pixel_bert.heads import PixelBertForPreTraining
+from pixel_bert.optim import make_optimizer
+from pixel_bert.precision import amp_settings
+from pixel_bert.trainer import EpochStats, NonFiniteLossError, Trainer
 
 TINY = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
         "--image-short-side", "32", "--image-long-side", "32", "--num-sampled-pixels", "2",
@@ -85,10 +88,10 @@ def test_amp_auto_uses_fp16_with_loss_scaling_below_compute_capability_8(monkeyp
                                              ((9, 0), "NVIDIA H100 80GB HBM3", torch.bfloat16, False)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
-        amp = amp_settings(cfg, torch.device("cuda", 0))
+        amp = amp_settings(cfg.amp, torch.device("cuda", 0))
         assert (amp.dtype, amp.loss_scaling) == (dtype, scaling)
         assert name in amp.reason and f"{capability[0]}.{capability[1]}" in amp.reason
-    cpu = amp_settings(cfg, torch.device("cpu"))
+    cpu = amp_settings(cfg.amp, torch.device("cpu"))
     assert cpu.dtype is None and not cpu.loss_scaling
 
 

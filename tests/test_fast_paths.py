@@ -9,8 +9,8 @@ from PIL import Image
 
 from pixel_bert import retrieval
 from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD
-from pixel_bert.images import ImageTransform, jpeg_draft_scale, load_image, pad_images
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForRetrieval
+from pixel_bert.images import ImageTransform, jpeg_draft_scale, load_image, pad_images
 from pixel_bert.model import FrozenBatchNorm2d, PixelBert, VisualEmbedding
 
 

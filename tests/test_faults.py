@@ -27,23 +27,24 @@ import pytest
 import torch
 from PIL import Image
 
-from pixel_bert import engine, evaluate, finetune, nlvr2, synthetic, train, visualize, vqa
-from pixel_bert.caffe2_weights import read_caffe2_blobs
-from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD, make_model_config, make_train_config
+from pixel_bert import evaluate, finetune, nlvr2, synthetic, train, trainer, visualize, vqa
 from pixel_bert.annotations import (AnnotationError, CaptionRecord, read_coco_captions, read_karpathy,
                                     read_visual_genome)
-from pixel_bert.bad_samples import BadSample, BadSampleWarning
+from pixel_bert.bad_samples import BadDataError, BadSample, BadSampleWarning
 from pixel_bert.batches import CaptionCollator, CaptionDataset, epoch_batch_sampler
-from pixel_bert.images import ImageLoadError, ImageTransform, load_image
+from pixel_bert.caffe2_weights import read_caffe2_blobs
+from pixel_bert.checkpoints import newest_valid_checkpoint, read_training_checkpoint
+from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD, make_model_config, make_train_config
+from pixel_bert.distributed import DistInfo
 from pixel_bert.downstream import predict_sharded
-from pixel_bert.engine import (BadDataError, DistInfo, Trainer, newest_valid_checkpoint,
-                               read_training_checkpoint)
 from pixel_bert.files import DiskFullError, UnwritableError
 from pixel_bert.heads import PixelBertForPreTraining
+from pixel_bert.images import ImageLoadError, ImageTransform, load_image
 from pixel_bert.inference import PixelBertPredictor
-from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.pretrained import load_backbone_weights, load_bert_weights
 from pixel_bert.tensor_files import read_state_dict
+from pixel_bert.tokenizer import WordPieceTokenizer
+from pixel_bert.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
@@ -122,7 +123,7 @@ CHILD = """
 import io, os, sys, time
 sys.path.insert(0, {root!r})
 import torch
-from pixel_bert import engine, files, train
+from pixel_bert import files, train, trainer
 
 
 def wait_for_the_kill():
@@ -144,7 +145,7 @@ def save_torch(obj, path):
     return files.save_torch(obj, path)
 
 
-after_step = engine.Trainer.after_step
+after_step = trainer.Trainer.after_step
 
 
 def after_step_then_pause(self, stats, total_steps):
@@ -154,8 +155,8 @@ def after_step_then_pause(self, stats, total_steps):
         wait_for_the_kill()
 
 
-engine.save_torch = save_torch
-engine.Trainer.after_step = after_step_then_pause
+trainer.save_torch = save_torch
+trainer.Trainer.after_step = after_step_then_pause
 train.cli()
 """
 
@@ -440,13 +441,13 @@ def fail_checkpoint_write(monkeypatch, out, step, fault):
             return real_save(obj, f, *args, **kwargs)
         monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
     elif os.geteuid() != 0:
-        real_save_checkpoint = engine.Trainer.save_checkpoint
+        real_save_checkpoint = trainer.Trainer.save_checkpoint
 
         def lock_then_save(self):
             if self.step == step:
                 os.chmod(out, 0o500)
             real_save_checkpoint(self)
-        monkeypatch.setattr(engine.Trainer, "save_checkpoint", lock_then_save)
+        monkeypatch.setattr(trainer.Trainer, "save_checkpoint", lock_then_save)
     else:
         real_replace = os.replace
 

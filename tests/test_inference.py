@@ -16,14 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pixel_bert import train
-from pixel_bert import synthetic
+from pixel_bert import synthetic, train
 from pixel_bert.config import ModelConfig, config_from_dict
-from pixel_bert.images import ImageLoadError
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
+from pixel_bert.images import ImageLoadError
 from pixel_bert.inference import PixelBertPredictor, TextTruncatedWarning
-from pixel_bert.visualize import figure_size, get_args_parser, main as visualize_main, overlay
 from pixel_bert.saved_model import read_checkpoint, save_model
+from pixel_bert.visualize import figure_size, get_args_parser, main as visualize_main, overlay
 
 # The attention-in-box measure is the benchmark's (benchmarks/attention_in_boxes.py); tested here.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))

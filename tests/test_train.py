@@ -215,7 +215,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     # a damaged newest checkpoint is passed over by --resume auto
     with open(out / "ckpt_00000099.pt", "wb") as f:
         f.write(b"truncated")
-    from pixel_bert.engine import newest_valid_checkpoint
+    from pixel_bert.checkpoints import newest_valid_checkpoint
     assert newest_valid_checkpoint(str(out))[0].endswith("ckpt_00000012.pt")
 
 
@@ -245,7 +245,7 @@ def test_a_failing_rank_fails_the_job_instead_of_hanging(tmp_path):
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "from pixel_bert.engine import distributed\n"
+        "from pixel_bert.distributed import distributed\n"
         "with distributed('cpu') as info:\n"
         "    if info.rank == 1:\n"
         "        raise RuntimeError('rank 1 fails on purpose')\n"
@@ -289,7 +289,7 @@ def test_itm_joins_at_itm_start_step():
 def test_itm_weight_and_lr_factor_apply_from_itm_start_step():
     """itm_weight scales L_ITM in the loss; itm_lr_factor scales both optimisers' lr from
     itm_start_step on, on top of the warm-up and the epoch decays."""
-    from pixel_bert.engine import lr_factor
+    from pixel_bert.optim import lr_factor
     cfg = make_model_config("tiny", hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64)
     model = PixelBertForPreTraining(cfg).train()
     ids, mask = _captions(16, 10)

@@ -11,9 +11,9 @@ transformers = pytest.importorskip("transformers")
 from pixel_bert.config import make_model_config, model_config_from_bert
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
 from pixel_bert.model import PixelBert
-from pixel_bert.tokenizer import WordPieceTokenizer
 from pixel_bert.pretrained import load_backbone_weights, load_bert_weights
 from pixel_bert.saved_model import load_model, read_checkpoint, save_model
+from pixel_bert.tokenizer import WordPieceTokenizer
 
 SENTENCES = ["a dog catches a frisbee on the grass",
              "Two men are cutting a cake in the room, while a child watches.",

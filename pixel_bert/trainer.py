@@ -1,6 +1,6 @@
-"""Training machinery shared by train.py and finetune.py: distributed set-up, the paper's two
-optimisers and schedule (Sec. 4.1 of the paper, "Implementation Details"; docs/paper.md),
-mixed precision, gradient accumulation, atomic checkpoints with exact resume, and progress logging.
+"""The training loop shared by train.py and finetune.py: DDP, the paper's two optimisers and schedule
+(`pixel_bert.optim`), mixed precision (`pixel_bert.precision`), gradient accumulation, atomic
+checkpoints with exact resume (`pixel_bert.checkpoints`) and progress logging (`pixel_bert.progress`).
 
 The loop is task-agnostic and reads top to bottom, as torchvision's ``train_one_epoch`` does::
 
@@ -20,401 +20,27 @@ run, and the first few named when too many are bad).
 from __future__ import annotations
 
 import contextlib
-import datetime
-import glob
-import json
 import os
-import random
-import re
-import sys
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .bad_samples import BadDataError, BadSampleReporter, describe_bad_samples
+from .checkpoints import (batch_layout, list_checkpoints, newest_valid_checkpoint, read_training_checkpoint,
+                          remove_interrupted_checkpoint_writes, rng_state, set_aside_previous_run,
+                          set_rng_state)
 from .config import TrainConfig, config_to_dict
-from .bad_samples import BadSampleReporter, describe_bad_samples
-from .files import atomic_write, save_torch
-from .tensor_files import load_weights_only
-
-# -------------------------------------------------------------------------------------------------
-#                                        Distributed
-# -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group if there is one (NCCL on GPU, gloo on CPU)."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo",
-                                    timeout=datetime.timedelta(minutes=30))
-    else:
-        rank, world, local_rank = 0, 1, 0
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    return DistInfo(rank, world, local_rank, dev)
-
-
-def cleanup_distributed():
-    """Leave the process group together: a rank that tears gloo down while another still writes its
-    files can abort the other's connection (seen as SIGABRT at exit)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def share_cpu_threads(info: "DistInfo") -> None:
-    """On CPU, split the cores between the processes of this node, unless OMP_NUM_THREADS says how
-    many threads each should use. (Oversubscribed cores are far slower than idle ones: two threads
-    per process on a busy 2-core machine measured about 15x slower than one.)"""
-    if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-
-
-@contextlib.contextmanager
-def distributed(device: str = "auto"):
-    """``with distributed(args.device) as info:`` joins the torchrun process group (if any) and
-    leaves it together with the other ranks on the way out: the one set-up/tear-down of every script.
-
-    A rank that fails leaves at once, without the closing barrier: the other ranks may be blocked
-    in another collective (a DDP broadcast, a gradient all-reduce), and a barrier there would hang
-    the whole job instead of failing it. Its non-zero exit makes torchrun stop the others."""
-    info = setup_distributed(device)
-    yield info  # an error in the body propagates from here, skipping the closing barrier below
-    cleanup_distributed()
-
-
-def exit_after_distributed_run():
-    """End a torchrun worker once its work is done and its files are written. torch's gloo backend
-    can abort at interpreter shutdown after a clean run ("terminate called without an active
-    exception", seen in about a third of 2-process CPU runs with torch 2.14), so a worker of a
-    multi-process run leaves without the C++ destructors. A single process exits normally."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def all_reduce_mean(values: Dict[str, float], info: DistInfo) -> Dict[str, float]:
-    if info.world_size == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return {k: v / info.world_size for k, v in zip(keys, t.tolist())}
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP and/or torch.compile wrappers (checkpoints hold its state dict, so a run
-    resumes with compilation on or off and on any number of processes)."""
-    while True:
-        if isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DataParallel
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
-            model = model._orig_mod
-        else:
-            return model
-
-
-# -------------------------------------------------------------------------------------------------
-#                                  Optimisers and schedule
-# -------------------------------------------------------------------------------------------------
-
-CNN_PREFIX = "bert.visual_embedding.backbone."      # the ResNet trunk
-VISUAL_PREFIXES = ("bert.visual_embedding.proj.", "bert.visual_embedding.semantic")  # eq. (5)'s conv and s_v
-
-
-def is_cnn_parameter(name: str, cfg: Optional[TrainConfig] = None) -> bool:
-    """Whether a parameter (named as in a task model) trains with the CNN's SGD: the ResNet trunk,
-    plus the 1x1 projection and s_v of eq. (5) when ``cfg.visual_embedding_optimizer == "sgd"``."""
-    name = name if name.startswith("bert.") else f"bert.{name}"
-    if name.startswith(CNN_PREFIX):
-        return True
-    return cfg is not None and cfg.visual_embedding_optimizer == "sgd" and name.startswith(VISUAL_PREFIXES)
-
-
-def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> List[torch.optim.Optimizer]:
-    """SGD for the CNN, AdamW for the transformer and heads [paper]. With ``cfg.no_decay_1d`` every
-    1-D parameter (biases, LayerNorm weights, s_v) gets no AdamW weight decay (BERT practice)
-    [choice]; SGD decays every CNN parameter. Frozen parameters get no optimiser."""
-    cnn, decay, no_decay = [], [], []
-    seen = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:  # tied weights appear once
-            continue
-        seen.add(id(p))
-        if is_cnn_parameter(name, cfg):
-            cnn.append(p)
-        elif cfg.no_decay_1d and p.ndim < 2:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    optimizers = [make_optimizer(torch.optim.AdamW, [{"params": decay, "weight_decay": cfg.weight_decay},
-                                                     {"params": no_decay, "weight_decay": 0.0}],
-                                 cfg.fused_optimizers, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)]
-    if cnn:
-        optimizers.append(make_optimizer(torch.optim.SGD, cnn, cfg.fused_optimizers, lr=cfg.cnn_lr,
-                                         momentum=cfg.cnn_momentum, weight_decay=cfg.cnn_weight_decay))
-    return optimizers
-
-
-def make_optimizer(cls, params, fused: bool, **settings) -> torch.optim.Optimizer:
-    """``cls(params, **settings)`` with ``fused=True`` when asked for and this torch has a fused kernel
-    for the parameters' device; otherwise the plain implementation (same update to rounding)."""
-    if fused:
-        params = list(params)  # read twice when the fused constructor refuses
-        try:
-            return cls(params, fused=True, **settings)
-        except (TypeError, RuntimeError):  # older torch: no `fused` argument, or no kernel for this device
-            pass
-    return cls(params, **settings)
-
-
-def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base lr after ``step`` optimizer steps: linear warm-up from
-    ``warmup_start_factor`` over ``warmup_steps``, then x``decay_factor`` at each decay epoch, and
-    x``itm_lr_factor`` once ITM has joined (``itm_start_step``; pre-training's delayed ITM).
-    Counted in optimizer steps, so gradient accumulation never shrinks the schedule."""
-    warm = 1.0
-    if step < cfg.warmup_steps:
-        warm = cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / cfg.warmup_steps
-    epoch = step / max(steps_per_epoch, 1)
-    itm = cfg.itm_lr_factor if step >= cfg.itm_start_step else 1.0
-    return warm * cfg.decay_factor ** sum(epoch >= e for e in cfg.decay_epochs) * itm
-
-
-@dataclass
-class AmpSettings:
-    dtype: Optional[torch.dtype]   # autocast dtype, None = fp32
-    loss_scaling: bool             # fp16 needs a GradScaler; bf16 has fp32's range and does not
-    reason: str                    # for the start-up line
-
-
-def amp_settings(cfg: TrainConfig, device: torch.device) -> AmpSettings:
-    """``amp="auto"``: bf16 on GPUs with native bf16 (compute capability 8.0 and up: A100, H100, ...);
-    fp16 with loss scaling on older ones (the paper's V100s: `torch.cuda.is_bf16_supported()` says
-    True there, but bf16 is emulated and slow); fp32 on CPU [choice]."""
-    mode, reason = cfg.amp, f"--amp {cfg.amp}"
-    if mode == "auto":
-        if device.type != "cuda":
-            return AmpSettings(None, False, f"fp32: --amp auto on {device.type}")
-        major, minor = torch.cuda.get_device_capability(device)
-        name = torch.cuda.get_device_name(device)
-        native = major >= 8
-        mode = "bf16" if native else "fp16"
-        reason = (f"--amp auto on {name} (compute capability {major}.{minor}): "
-                  + ("native bf16" if native else "no native bf16 below 8.0, so fp16 with loss scaling"))
-    if mode == "none":
-        return AmpSettings(None, False, f"fp32: {reason}")
-    if mode == "fp16":
-        return AmpSettings(torch.float16, True, f"fp16 + loss scaling: {reason}")
-    return AmpSettings(torch.bfloat16, False, f"bf16: {reason}")
-
-
-# -------------------------------------------------------------------------------------------------
-#                                         Checkpoints
-# -------------------------------------------------------------------------------------------------
-
-CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
-CKPT_KEYS = ("model", "optimizers", "schedulers", "scaler", "step", "epoch", "batch_in_epoch", "rng")
-
-
-def list_checkpoints(out_dir: str) -> List[str]:
-    paths = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*.pt")) if CKPT_PATTERN.search(p)]
-    return sorted(paths, key=lambda p: int(CKPT_PATTERN.search(p).group(1)))
-
-
-def read_training_checkpoint(path: str) -> dict:
-    """The contents of a training checkpoint (a ``ckpt_*.pt`` of a run folder), read with
-    ``weights_only=True``; a missing, damaged, foreign or code-carrying file raises an error naming it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    ckpt = load_weights_only(path, "checkpoint")
-    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: not a training checkpoint (no {', '.join(missing)}). --resume takes a "
-                         f"ckpt_*.pt of a run folder; to start from a model.pt's weights use --init")
-    return ckpt
-
-
-def newest_valid_checkpoint(out_dir: str) -> Optional[Tuple[str, dict]]:
-    """(path, contents) of the newest checkpoint that loads and holds a training state; a damaged
-    or foreign file is reported and passed over."""
-    for path in reversed(list_checkpoints(out_dir)):
-        try:
-            return path, read_training_checkpoint(path)
-        except ValueError as e:
-            print(f"warning: skipping {path}: {e}", file=sys.stderr)
-    return None
-
-
-def remove_interrupted_checkpoint_writes(out_dir: str) -> List[str]:
-    """Delete the temporary files of checkpoint writes that a kill interrupted (`files.atomic_write`
-    names them ``.ckpt_<step>.pt.<random>.tmp``): never a checkpoint, but as large as one."""
-    stale = glob.glob(os.path.join(out_dir, ".ckpt_*.pt.*.tmp"))
-    for path in stale:
-        os.remove(path)
-    return stale
-
-
-PREVIOUS_RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "model.pt", "model", "result.json")
-
-
-def set_aside_previous_run(out_dir: str) -> Optional[str]:
-    """A fresh start (``--resume none``) in a folder that holds an earlier run: move that run's
-    checkpoints, metrics and final weights into ``out_dir/previous-<time>/``. Left in place, its
-    higher-step checkpoints would be resumed later in place of this run's, this run's checkpoints would
-    be pruned first as the oldest, and both runs' steps would mix in metrics.jsonl. Returns the folder,
-    or None when there was no earlier run."""
-    earlier = list_checkpoints(out_dir) + [p for p in (os.path.join(out_dir, name) for name in PREVIOUS_RUN_OUTPUTS)
-                                           if os.path.exists(p)]
-    if not earlier:
-        return None
-    dest = os.path.join(out_dir, datetime.datetime.now().strftime("previous-%Y%m%d-%H%M%S"))
-    while os.path.exists(dest):  # two fresh starts within a second
-        dest += "-1"
-    os.makedirs(dest)
-    for path in earlier:
-        os.replace(path, os.path.join(dest, os.path.basename(path)))
-    return dest
-
-
-def rng_state() -> dict:
-    """Every random stream of this process, as tensors and plain values (weights_only-loadable)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuples(state["python"]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuples(x):
-    """weights_only loading returns tuples as lists in places; random/numpy want tuples back."""
-    if isinstance(x, list):
-        return tuple(_tuples(v) for v in x)
-    return x
-
-
-def batch_layout(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
-    """What fixes the epoch length and the schedule: a run resumes only with the same layout."""
-    return {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps, "world_size": world_size}
-
-
-# -------------------------------------------------------------------------------------------------
-#                                          Logging
-# -------------------------------------------------------------------------------------------------
-
-
-class SmoothedValue:
-    """A window average for progress lines, plus the global average for epoch summaries."""
-
-    def __init__(self, window: int = 20):
-        self.window = deque(maxlen=window)
-        self.total, self.count = 0.0, 0
-
-    def update(self, value: float, n: int = 1):
-        self.window.append(value)
-        self.total += value * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return sum(self.window) / max(len(self.window), 1)
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / max(self.count, 1)
-
-
-class MetricsWriter:
-    """JSON lines in the run folder, plus TensorBoard when it is installed (main process only). The
-    files are opened at the first record, so a run that has written nothing has left nothing yet."""
-
-    def __init__(self, out_dir: str, enabled: bool):
-        self.enabled, self.out_dir = enabled, out_dir
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        self.file, self.tb = None, None
-
-    def _open(self):
-        self.file = open(self.path, "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
-        except Exception:  # tensorboard not installed: the JSON lines are enough
-            self.tb = None
-
-    def cut_after(self, step: int):
-        """Drop the records written after optimizer step ``step`` (a resumed run redoes those steps,
-        so every step appears once in metrics.jsonl)."""
-        if not self.enabled or not os.path.isfile(self.path):
-            return
-        self.close()
-        with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with atomic_write(self.path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-
-    def write(self, record: dict):
-        if not self.enabled:
-            return
-        if self.file is None:
-            self._open()
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record.get("step", 0))
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.file, self.tb = None, None
-
-
-def format_seconds(s: float) -> str:
-    return str(datetime.timedelta(seconds=int(max(s, 0))))
-
-
-# -------------------------------------------------------------------------------------------------
-#                                          Trainer
-# -------------------------------------------------------------------------------------------------
+from .distributed import DistInfo, all_reduce_mean, unwrap
+from .files import save_torch
+from .optim import build_optimizers, lr_factor
+from .precision import amp_settings
+from .progress import MetricsWriter, SmoothedValue, format_seconds
+from .saved_model import save_model, save_model_folder
 
 
 class EpochBatches:
@@ -438,10 +64,6 @@ class EpochBatches:
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class BadDataError(RuntimeError):
     pass
 
 
@@ -508,7 +130,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.seed))  # its own: worker seeds never touch the global RNG
         factor = lambda step: lr_factor(step, self.steps_per_epoch, cfg)  # noqa: E731
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
-        self.amp = amp_settings(cfg, info.device)
+        self.amp = amp_settings(cfg.amp, info.device)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp.loss_scaling)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.nonfinite_streak = 0
@@ -620,7 +242,6 @@ class Trainer:
         if info.world_size > 1:
             self.log(f"weights identical on all {info.world_size} ranks: {self.replicas_in_sync()}")
         if info.is_main:  # the trained weights alone, for finetune.py / evaluate.py / inference
-            from .saved_model import save_model, save_model_folder
             extra = {"task": self.run_config.get("task", "pretrain"), **self.run_config.get("model_extra", {})}
             save_model(unwrap(self.model), os.path.join(self.out_dir, "model.pt"), extra=extra)
             # the same model without pickle, in the layout models are shared in (saved_model.write_model_folder),
