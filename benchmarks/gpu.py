@@ -37,7 +37,7 @@ from common import DTYPES, autocast, device_peak_tflops, machine, matmul_flops, 
 from step import Setup, breakdown, measure
 
 from pixel_bert.precision import amp_settings
-from pixel_bert.pretrain import pretrain_step
+from pixel_bert.train import pretrain_step
 
 
 def get_args_parser():

@@ -22,7 +22,7 @@ def step_time(model, ids, mask, images, sample, steps, amp):
                 torch.cuda.synchronize()
             start = time.perf_counter()
         with ctx:
-            _, mlm, itm = model(ids, mask, images, sample_pixels=sample)
+            _, mlm, itm = model(ids, mask, images, num_sampled_pixels=sample)
             loss = mlm.float().logsumexp(-1).mean() + itm.float().mean()
         loss.backward()
         model.zero_grad(set_to_none=True)

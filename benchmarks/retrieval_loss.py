@@ -1,5 +1,5 @@
 """Which reading of the paper's retrieval loss trains best? Fine-tunes the synthetic retrieval task
-with each form of `pixel_bert.retrieval.hard_negative_loss` over several seeds and prints R@1/5/10
+with each form of `pixel_bert.losses.hard_negative_loss` over several seeds and prints R@1/5/10
 on the val split (min / median / max over the seeds).
 
     python benchmarks/retrieval_loss.py --init runs/demo-scenes/model.pt --seeds 0 1 2 --jobs 2

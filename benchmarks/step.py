@@ -3,7 +3,7 @@
     python benchmarks/step.py                                       # CPU: tiny, and r50 at 600x1000, batch 1
     python benchmarks/step.py --device cuda --presets r50 --batch 64 --sizes 600x1000,800x1333 --dtype bf16
 
-The step is the training loop's (pixel_bert.pretrain.pretrain_step under autocast, backward,
+The step is the training loop's (pixel_bert.train.pretrain_step under autocast, backward,
 gradient clipping, SGD for the CNN + AdamW for the rest, all taken by trainer.Trainer) on a batch
 collated from COCO-sized JPEGs (640x480 photos, resized to the preset's or --sizes' short/long
 side). Models start from random weights (nothing downloads). Per setting (image size x pixels
@@ -38,9 +38,10 @@ from pixel_bert.config import make_model_config, make_train_config
 from pixel_bert.distributed import DistInfo
 from pixel_bert.heads import PixelBertForPreTraining
 from pixel_bert.images import ImageTransform
+from pixel_bert.losses import pretrain_losses
 from pixel_bert.model import VisualTokens
-from pixel_bert.pretrain import prepare_pretrain_batch, pretrain_losses, pretrain_step
 from pixel_bert.tokenizer import WordPieceTokenizer
+from pixel_bert.train import prepare_pretrain_batch, pretrain_step
 from pixel_bert.trainer import EpochStats, Trainer
 
 

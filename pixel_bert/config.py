@@ -33,10 +33,9 @@ class ModelConfig(PixelBertConfig):
     """Everything a run needs to build and feed the model: the network's own fields
     (`pixel_bert.model.PixelBertConfig`, inherited) plus the image sizes and normalisation, the text
     length, the vocabulary file and the initial weights. Saved in every checkpoint."""
-    # ---- initial weights and pixel sampling (Sec. 3.3) ------------------------------------------
+    # ---- initial weights ------------------------------------------------------------------------
     backbone_weights: Optional[str] = "imagenet"  # "imagenet" (torchvision enum), a state-dict file, a Detectron
                                           # .pkl (x152: X-152-32x8d-IN5k.pkl), or None
-    num_sampled_pixels: int = 100         # random pixel sampling in pre-training [paper]
     # ---- image input -----------------------------------------------------------------------------
     image_short_side: int = 800           # keep-ratio resize [paper: 800/1333 for R50]
     image_long_side: int = 1333           # cap on the longer side after the resize [paper: 1333 for R50]

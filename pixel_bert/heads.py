@@ -123,9 +123,9 @@ class PixelBertForPreTraining(nn.Module):
         self.mlm = MLMHead(config, self.bert.text_embedding.word)
         self.itm = ITMHead(config)
 
-    def forward(self, input_ids, attention_mask, images=None, pixel_mask=None, sample_pixels: int = 0,
+    def forward(self, input_ids, attention_mask, images=None, pixel_mask=None, num_sampled_pixels: int = 0,
                 **kwargs):
-        out: PixelBertOutput = self.bert(input_ids, attention_mask, images, pixel_mask, sample_pixels, **kwargs)
+        out: PixelBertOutput = self.bert(input_ids, attention_mask, images, pixel_mask, num_sampled_pixels, **kwargs)
         text_hidden = out.hidden[:, : out.text_len]              # (B, T, H)
         return out, self.mlm(text_hidden), self.itm(out.cls)     # (B, T, V), (B,)
 

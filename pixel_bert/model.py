@@ -42,6 +42,8 @@ class PixelBertConfig:
                                           # tokens start at the text embeddings' scale whatever the trunk's
                                           # width (0.022 for ResNet-50's 2048 channels, near BERT's 0.02;
                                           # 0.088 for the tiny trunk's 128) [choice]
+    num_sampled_pixels: int = 100         # feature pixels per image kept by random pixel sampling in
+                                          # pre-training (Sec. 3.3) [paper]
     visual_pool: int = 2                  # 2x2 max-pool after the conv -> stride 64 [paper]; ceil mode, so
                                           # the last row/column of an odd grid is pooled too [choice]
     channels_last: bool = True            # CNN activations and weights in NHWC layout: the fast layout of
@@ -203,7 +205,7 @@ class VisualEmbedding(nn.Module):
 
     CNN trunk -> conv to the transformer width -> 2x2 max-pool -> flatten -> + s_v. There is no
     positional embedding and no LayerNorm on visual tokens: eq. (5) is all [paper]. The padding
-    mask of a batch of padded images is carried to the feature grid; ``sample_pixels=k`` keeps k
+    mask of a batch of padded images is carried to the feature grid; ``num_sampled_pixels=k`` keeps k
     random valid pixels per image (random pixel sampling, Sec. 3.3); it applies in training mode
     only, since fine-tuning and testing use all pixels [paper].
     """
@@ -262,7 +264,7 @@ class VisualEmbedding(nn.Module):
         return (rows & cols).flatten(1)  # (B, gh*gw)
 
     def forward(self, images: torch.Tensor, pixel_mask: Optional[torch.Tensor] = None,
-                sample_pixels: int = 0) -> VisualTokens:
+                num_sampled_pixels: int = 0) -> VisualTokens:
         if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         x = self.pool(self.proj(self.backbone(images)))   # (B, H, gh, gw)
@@ -270,12 +272,12 @@ class VisualEmbedding(nn.Module):
         pixels = x.flatten(2).transpose(1, 2)              # (B, gh*gw, H); a free view when channels_last
         mask = self.feature_mask(pixel_mask, B, (gh, gw), x.device)
         positions = torch.arange(gh * gw, device=x.device).expand(B, -1)
-        if sample_pixels and self.training and sample_pixels < gh * gw:
+        if num_sampled_pixels and self.training and num_sampled_pixels < gh * gw:
             # Random pixel sampling: uniform scores on valid pixels, -1 on padding; the top-k are
             # k valid pixels without replacement (padding is only picked if fewer than k are valid,
             # and stays masked). One vectorised op for the whole batch.
             scores = torch.rand(B, gh * gw, device=x.device).masked_fill(~mask, -1.0)
-            positions = scores.topk(sample_pixels, dim=1).indices  # (B, k)
+            positions = scores.topk(num_sampled_pixels, dim=1).indices  # (B, k)
             pixels = pixels.gather(1, positions[..., None].expand(-1, -1, pixels.shape[-1]))
             mask = mask.gather(1, positions)
         return VisualTokens(pixels + self.semantic, mask, positions, (gh, gw))
@@ -386,7 +388,7 @@ class PixelBertOutput:
 class PixelBert(nn.Module):
     """The whole model of Sec. 3.2 of the paper: eq. (5) + eq. (4) -> eq. (6) -> L BERT layers.
 
-    forward(input_ids, attention_mask, images, pixel_mask, sample_pixels) -> PixelBertOutput.
+    forward(input_ids, attention_mask, images, pixel_mask, num_sampled_pixels) -> PixelBertOutput.
     The two halves are also callable apart, so that the CNN runs once per image when one image is
     paired with many texts (retrieval): ``visual = model.encode_image(images, pixel_mask)`` then
     ``model(input_ids, attention_mask, visual=visual[rows])``.
@@ -430,13 +432,13 @@ class PixelBert(nn.Module):
         self.visual_embedding.freeze_backbone(include_projection)
 
     def encode_image(self, images: torch.Tensor, pixel_mask: Optional[torch.Tensor] = None,
-                     sample_pixels: int = 0) -> VisualTokens:
+                     num_sampled_pixels: int = 0) -> VisualTokens:
         """Eq. (5) for a batch of (padded) images (B, 3, H, W) -> VisualTokens."""
-        return self.visual_embedding(images, pixel_mask, sample_pixels)
+        return self.visual_embedding(images, pixel_mask, num_sampled_pixels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 images: Optional[torch.Tensor] = None, pixel_mask: Optional[torch.Tensor] = None,
-                sample_pixels: int = 0, visual: Optional[VisualTokens] = None,
+                num_sampled_pixels: int = 0, visual: Optional[VisualTokens] = None,
                 token_type_ids: Optional[torch.Tensor] = None,
                 output_attentions: bool = False) -> PixelBertOutput:
         if attention_mask is None:
@@ -445,7 +447,7 @@ class PixelBert(nn.Module):
         x = self.text_embedding(input_ids, token_type_ids)                  # (B, T, H)
         mask = attention_mask
         if visual is None and images is not None:
-            visual = self.encode_image(images, pixel_mask, sample_pixels)
+            visual = self.encode_image(images, pixel_mask, num_sampled_pixels)
         if visual is not None:
             if visual.embeddings.shape[0] != x.shape[0]:
                 raise ValueError(f"{visual.embeddings.shape[0]} images for {x.shape[0]} texts")

@@ -55,13 +55,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import metrics
 from .annotations import AnnotationError, json_field, json_list, karpathy_images
 from .distributed import DistInfo, gather_to_main, shard_range, unwrap
 from .files import save_torch
 from .images import ImageLoadError, pad_images
+from .losses import hard_negative_loss
 from .model import VisualTokens
 from .precision import eval_autocast, eval_dtype
 from .progress import Progress
@@ -178,42 +178,6 @@ def negative_pairs(image_keys: Sequence[str], num_negatives: int, kind: str = "b
     img_rows = torch.cat([own, own.expand(B, n_cap), others[:, n_cap:]], dim=1)
     cap_rows = torch.cat([own, others[:, :n_cap], own.expand(B, n_img)], dim=1)
     return img_rows, cap_rows
-
-
-RETRIEVAL_LOSSES = ("hard6", "all21", "all21_offsets")
-
-
-def hard_negative_loss(pos: torch.Tensor, neg: torch.Tensor, num_hard: int, form: str = "hard6",
-                       hard_idx: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax cross-entropy ranking the positive first, with gradients only through the positive
-    and the ``num_hard`` highest-scoring (= highest-loss) negatives. The paper's sentence ("back-
-    propagate only through the 5 negatives with the highest loss") reads three ways (``form``):
-
-    - "hard6": a softmax over the positive and the 5 hard negatives only (UNITER's hard-negative
-      training): dL/ds+ = p+ - 1 with p over those 6;
-    - "all21": a softmax over all 1 + N scores, the easy ones as constants (detached): dL/ds+ = p+ - 1
-      with p over all 21, and the easy negatives get no gradient;
-    - "all21_offsets": over all 1 + N, the easy ones as offsets from the positive, s+ + (s_e - s+)
-      detached: the loss stays invariant to a common shift of all scores, but dL/ds+ = p+ + sum_easy
-      p_e - 1, smaller than in "all21" (the easy negatives move with the positive).
-
-    pos (B,), neg (B, N) scores. ``hard_idx`` (B, num_hard) gives the hard negatives when already
-    chosen (training chooses them in a gradient-free pass). Returns (loss, hard_idx)."""
-    if form not in RETRIEVAL_LOSSES:
-        raise ValueError(f"retrieval loss {form!r}: choose from {RETRIEVAL_LOSSES}")
-    if hard_idx is None:
-        hard_idx = neg.detach().topk(num_hard, dim=1).indices
-    hard = neg.gather(1, hard_idx)                                            # (B, k), with gradients
-    if form == "hard6":
-        others = hard
-    elif form == "all21":
-        others = neg.detach().scatter(1, hard_idx, hard)                      # (B, N), easy ones constant
-    else:
-        offsets = neg.detach() - pos.detach()[:, None]
-        others = (pos[:, None] + offsets).scatter(1, hard_idx, hard)          # (B, N), easy ones move with s+
-    logits = torch.cat([pos[:, None], others], dim=1)
-    target = torch.zeros(len(pos), dtype=torch.long, device=pos.device)
-    return F.cross_entropy(logits.float(), target), hard_idx
 
 
 ITM_TO_RETRIEVAL = {"itm.classifier.weight": "retrieval.score.weight", "itm.classifier.bias": "retrieval.score.bias"}

@@ -17,7 +17,7 @@ import collections
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -33,7 +33,7 @@ from pixel_bert.distributed import (all_reduce_mean, distributed, exit_after_dis
 from pixel_bert.factory import create_model, model_from_state
 from pixel_bert.files import make_output_folder, write_json
 from pixel_bert.images import ImageTransform
-from pixel_bert.pretrain import evaluate_pretraining, pretrain_step, summarise_pretraining_eval
+from pixel_bert.losses import IGNORE_INDEX, make_itm_pairs, mask_tokens, pretrain_losses
 from pixel_bert.runs import tokenizer_for_run
 from pixel_bert.saved_model import config_for_init, read_checkpoint
 from pixel_bert.trainer import Trainer
@@ -181,6 +181,103 @@ def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
                 if args.synthetic_eval_images else None)
     return train, None, held_out, True
 
+
+# -------------------------------------------------------------------------------------------------
+#                       The pre-training step: MLM, eq. (7), and ITM, eq. (8)
+# -------------------------------------------------------------------------------------------------
+
+def prepare_pretrain_batch(batch: dict, tokenizer, train_cfg: TrainConfig, vocab_size: int, itm: bool = True):
+    """Caption batch (pixel_bert.batches.CaptionCollator) -> model inputs with ITM pairs and MLM labels,
+    plus the effective masking rate (predicted tokens / maskable tokens of the labelled captions).
+    ``itm=False``: no mismatched pairs (MLM alone, see TrainConfig.itm_start_step)."""
+    ids, mask, itm_labels = make_itm_pairs(batch["input_ids"], batch["attention_mask"], batch["image_keys"],
+                                           train_cfg.itm_negative_ratio if itm else 0.0)
+    probability = train_cfg.mlm_probability
+    if not itm and train_cfg.mlm_probability_before_itm is not None:
+        probability = train_cfg.mlm_probability_before_itm
+    never = [tokenizer.token_to_id(t) for t in train_cfg.mlm_never_mask]
+    predict = itm_labels.bool() if train_cfg.mlm_on_matched_only else torch.ones_like(itm_labels, dtype=torch.bool)
+    masked_ids, mlm_labels = mask_tokens(ids, mask, never, vocab_size, tokenizer.mask_id, probability,
+                                         train_cfg.mlm_replace_probs, predict=predict,
+                                         min_one=train_cfg.mlm_min_one_mask)
+    maskable = (mask.bool() & ~torch.isin(ids, torch.tensor(never)))[predict].sum()
+    mask_rate = (mlm_labels != IGNORE_INDEX).sum() / maskable.clamp_min(1)
+    return masked_ids, mask, mlm_labels, itm_labels, mask_rate
+
+
+def pretrain_step(model, batch: dict, tokenizer, train_cfg: TrainConfig, device, step: int = 0) -> Dict[str, torch.Tensor]:
+    """One micro-batch of pre-training: ITM pairs, MLM masking, one forward pass, both losses.
+    ``step`` (optimizer steps so far) switches ITM on at ``train_cfg.itm_start_step``; before that
+    the returned dict has no ``itm_loss`` / ``itm_acc`` (they would mean nothing)."""
+    bert_config = unwrap(model).config
+    itm = step >= train_cfg.itm_start_step
+    ids, mask, mlm_labels, itm_labels, mask_rate = prepare_pretrain_batch(batch, tokenizer, train_cfg,
+                                                                          bert_config.vocab_size, itm)
+    sampled = bert_config.num_sampled_pixels if train_cfg.sample_pixels else 0
+    _, mlm_logits, itm_logits = model(ids.to(device), mask.to(device), batch["images"].to(device, non_blocking=True),
+                                      batch["pixel_mask"].to(device, non_blocking=True), num_sampled_pixels=sampled)
+    # before itm_start_step all pairs are matched: the ITM head stays in the graph (DDP needs every
+    # parameter used) with weight 0, and its loss and accuracy are not reported
+    out = pretrain_losses(mlm_logits, mlm_labels.to(device), itm_logits, itm_labels.to(device),
+                          itm_weight=train_cfg.itm_weight if itm else 0.0)
+    if not itm:
+        del out["itm_loss"], out["itm_acc"]
+    return {**out, "mask_rate": mask_rate}
+
+
+@torch.no_grad()
+def evaluate_pretraining(model, loader, tokenizer, probe_groups: Sequence[Sequence[int]], device,
+                         seed: int = 1234) -> Dict[str, float]:
+    """Held-out evidence that the model looks at the pixels.
+
+    - ITM accuracy on pairs of which half are mismatched (eq. 8);
+    - MLM accuracy on probe words (e.g. colour words, then shape words: one group masked at a time,
+      so "the [MASK] shape is a triangle" can still be read off the triangle), predicted with the
+      caption's own image and with another image of the batch. Learning from pixels shows as the
+      first well above the second.
+    Returns counts summed over every batch (the caller sums them over ranks when distributed).
+    """
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    size = max(tokenizer.vocab_size, 1 + max(max(group) for group in probe_groups))
+    groups = []
+    for group in probe_groups:
+        member = torch.zeros(size, dtype=torch.bool)
+        member[list(group)] = True
+        groups.append(member)
+    totals = dict(itm_correct=0.0, itm_total=0.0, mlm_true=0.0, mlm_shuffled=0.0, mlm_total=0.0)
+    for batch in loader:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if len(ids) < 2:
+            continue
+        images, pixel_mask = batch["images"].to(device), batch["pixel_mask"].to(device)
+        visual = model.bert.encode_image(images, pixel_mask)  # the CNN once per batch
+        shift = torch.roll(torch.arange(len(ids)), 1)  # each caption meets its neighbour's image
+        visuals = {"mlm_true": visual, "mlm_shuffled": visual[shift.to(device)]}
+        pair_ids, pair_mask, itm_labels = make_itm_pairs(ids, mask, batch["image_keys"], 0.5, generator=g)
+        _, _, itm_logits = model(pair_ids.to(device), pair_mask.to(device), visual=visual)
+        totals["itm_correct"] += ((itm_logits.float().cpu() > 0).float() == itm_labels).sum().item()
+        totals["itm_total"] += len(itm_labels)
+        for member in groups:
+            target = member[ids] & mask.bool()
+            masked = torch.where(target, torch.full_like(ids, tokenizer.mask_id), ids).to(device)
+            for key, vis in visuals.items():
+                _, logits, _ = model(masked, mask.to(device), visual=vis)
+                totals[key] += (logits.argmax(-1).cpu()[target] == ids[target]).sum().item()
+            totals["mlm_total"] += target.sum().item()
+    return totals
+
+
+def summarise_pretraining_eval(totals: Dict[str, float]) -> Dict[str, float]:
+    return dict(itm_acc=totals["itm_correct"] / max(totals["itm_total"], 1),
+                mlm_acc_true_image=totals["mlm_true"] / max(totals["mlm_total"], 1),
+                mlm_acc_shuffled_image=totals["mlm_shuffled"] / max(totals["mlm_total"], 1),
+                pairs=totals["itm_total"], probe_words=totals["mlm_total"])
+
+
+# -------------------------------------------------------------------------------------------------
+#                                             Run
+# -------------------------------------------------------------------------------------------------
 
 def main(argv: Optional[List[str]] = None):
     parser = get_args_parser()

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from . import metrics
 from .annotations import AnnotationError, json_field, json_list, read_json
@@ -38,6 +37,7 @@ from .bad_samples import BadSample, drop_bad_samples
 from .distributed import DistInfo
 from .downstream import predict_sharded
 from .images import ImageLoadError, pad_images
+from .losses import vqa_loss
 
 # The COCO image folder of each VQA split: test-dev is a subset of the test2015 images.
 SPLIT_IMAGE_DIRS = {"train2014": "train2014", "val2014": "val2014", "test2015": "test2015",
@@ -156,8 +156,6 @@ def answer_vocabulary(annotation_lists: Sequence[Sequence[dict]], min_count: int
     return answers
 
 
-
-
 # -------------------------------------------------------------------------------------------------
 #                                     Dataset and batches
 # -------------------------------------------------------------------------------------------------
@@ -224,13 +222,6 @@ class VQACollator:
 # -------------------------------------------------------------------------------------------------
 #                                        Loss and step
 # -------------------------------------------------------------------------------------------------
-
-def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits on the soft scores (Sec. 4.2), summed over the answers
-    and averaged over the questions. This equals the element mean times num_answers, the
-    convention of UNITER / ViLT / LXMERT [choice]: the plain element mean would divide every
-    gradient by ~3,000 and leave the loss looking flat."""
-    return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / max(len(logits), 1)
 
 
 def vqa_step(model, batch: dict, device) -> Dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pixel_bert import evaluate, finetune, metrics, nlvr2, retrieval, synthetic, synthetic_tasks, vqa
+from pixel_bert import evaluate, finetune, losses, metrics, nlvr2, retrieval, synthetic, synthetic_tasks, vqa
 from pixel_bert.annotations import AnnotationError
 from pixel_bert.config import make_model_config
 from pixel_bert.distributed import DistInfo
@@ -133,7 +133,7 @@ def test_vqa_loader_targets_and_collator(tmp_path, tokenizer):
 def test_vqa_loss_is_sum_over_answers_mean_over_questions():
     logits, targets = torch.randn(4, 7), torch.rand(4, 7)
     plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
-    assert torch.allclose(vqa.vqa_loss(logits, targets), plain * 7)
+    assert torch.allclose(losses.vqa_loss(logits, targets), plain * 7)
 
 
 def test_nlvr2_loader_and_predictions_file(tmp_path):
@@ -227,12 +227,12 @@ def test_synthetic_tasks_cli_help_names_every_flag(capsys):
 #                                 Retrieval: hard negatives
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("form", retrieval.RETRIEVAL_LOSSES)
+@pytest.mark.parametrize("form", losses.RETRIEVAL_LOSSES)
 def test_hard_negative_loss_forms_match_hand_computed_gradients(form):
     torch.manual_seed(0)
     pos = torch.randn(4, requires_grad=True)
     neg = torch.randn(4, 20, requires_grad=True)
-    loss, hard = retrieval.hard_negative_loss(pos, neg, 5, form)
+    loss, hard = losses.hard_negative_loss(pos, neg, 5, form)
     loss.backward()
     top5 = neg.detach().topk(5, dim=1).indices
     assert torch.equal(hard.sort(1).values, top5.sort(1).values)

@@ -49,26 +49,26 @@ def test_pixel_sampling_k_valid_random_and_off_in_eval(tiny_config):
     images = torch.randn(2, 3, 96, 96)
     pixel_mask = torch.ones(2, 96, 96, dtype=torch.bool)
     pixel_mask[1, 48:, :] = False  # image 1: 3x6 = 18 valid pixels
-    a = emb(images, pixel_mask, sample_pixels=10)
-    b = emb(images, pixel_mask, sample_pixels=10)
+    a = emb(images, pixel_mask, num_sampled_pixels=10)
+    b = emb(images, pixel_mask, num_sampled_pixels=10)
     assert a.embeddings.shape == (2, 10, tiny_config.hidden_size)
     assert a.mask.all()  # 10 <= valid count: every sampled pixel is a valid one
     assert (a.positions[1] < 18).all()  # valid pixels of image 1 are the first 3 rows
     assert len(set(a.positions[0].tolist())) == 10  # without replacement
     assert not torch.equal(a.positions, b.positions)  # a fresh sample each call
     # fewer valid pixels than k: all of them are kept, the rest masked
-    c = emb(images, pixel_mask, sample_pixels=30)
+    c = emb(images, pixel_mask, num_sampled_pixels=30)
     assert c.mask[0].all() and c.mask[1].sum() == 18
     assert set(c.positions[1][c.mask[1]].tolist()) == set(range(18))
     # sampled tokens are exactly the full grid's tokens at those positions (BatchNorm held fixed)
     emb.backbone.eval()
-    a = emb(images, pixel_mask, sample_pixels=10)
+    a = emb(images, pixel_mask, num_sampled_pixels=10)
     full = emb.eval()(images, pixel_mask)
     picked = full.embeddings.gather(1, a.positions[..., None].expand(-1, -1, full.embeddings.shape[-1]))
     assert torch.allclose(picked, a.embeddings, atol=1e-6)
     # in eval mode sampling is off: fine-tuning and testing use all pixels
     emb.eval()
-    d = emb(images, pixel_mask, sample_pixels=10)
+    d = emb(images, pixel_mask, num_sampled_pixels=10)
     assert d.embeddings.shape[1] == 36
 
 
@@ -142,7 +142,7 @@ def test_sdpa_equals_manual_attention(tiny_config):
 def test_every_parameter_gets_a_gradient_in_pretraining(tiny_config):
     model = PixelBertForPreTraining(tiny_config).train()
     ids, mask = _text(tiny_config)
-    out, mlm_logits, itm_logits = model(ids, mask, torch.randn(3, 3, 96, 96), sample_pixels=12)
+    out, mlm_logits, itm_logits = model(ids, mask, torch.randn(3, 3, 96, 96), num_sampled_pixels=12)
     assert mlm_logits.shape == (3, 7, 64) and itm_logits.shape == (3,)
     loss = mlm_logits.logsumexp(-1).mean() + itm_logits.sum()
     loss.backward()

@@ -1,5 +1,5 @@
-"""model.py (and heads.py beside it) copy out of the repository and work with only torch and
-torchvision: nanoGPT's promise for its model.py, kept here for the reference's readers."""
+"""model.py (and heads.py and losses.py beside it) copy out of the repository and work with only torch
+and torchvision: nanoGPT's promise for its model.py, kept here for the reference's readers."""
 import os
 import shutil
 import subprocess
@@ -66,6 +66,41 @@ def test_heads_py_copies_out_with_model_py(tmp_path):
     """, str(tmp_path))
     assert stdout.split() == ["(3,", "6,", "50)", "(3,)", "(3,", "9)"]
 
+
+
+def test_losses_py_copies_out_with_model_py_and_heads_py(tmp_path):
+    """A pre-training step and a retrieval loss from the three copied files and a plain PixelBertConfig:
+    the number of sampled pixels is the network's own field, so nothing of the run's configuration is needed."""
+    lib = tmp_path / "mylib"
+    lib.mkdir()
+    (lib / "__init__.py").write_text("")
+    for name in ("model.py", "heads.py", "losses.py"):
+        shutil.copy(os.path.join(PACKAGE_DIR, name), lib / name)
+    stdout = run_child("""
+        import torch
+        from mylib.heads import PixelBertForPreTraining, PixelBertForRetrieval
+        from mylib.losses import IGNORE_INDEX, hard_negative_loss, make_itm_pairs, mask_tokens, pretrain_losses
+        from mylib.model import PixelBertConfig
+        cfg = PixelBertConfig(backbone="resnet18", backbone_stages=2, freeze_backbone_bn=False, vocab_size=50,
+                              hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, num_sampled_pixels=5)
+        torch.manual_seed(0)
+        ids, mask = torch.randint(5, 50, (4, 6)), torch.ones(4, 6, dtype=torch.bool)
+        images = torch.randn(4, 3, 64, 64)
+        pair_ids, pair_mask, itm_labels = make_itm_pairs(ids, mask, ["a", "b", "c", "d"], generator=torch.Generator().manual_seed(0))
+        masked, mlm_labels = mask_tokens(pair_ids, pair_mask, [0, 1, 2, 3, 4], 50, 4, probability=0.5,
+                                         predict=itm_labels.bool(), generator=torch.Generator().manual_seed(1))
+        model = PixelBertForPreTraining(cfg).train()
+        out, mlm, itm = model(masked, pair_mask, images, num_sampled_pixels=cfg.num_sampled_pixels)
+        losses = pretrain_losses(mlm, mlm_labels, itm, itm_labels)
+        losses["loss"].backward()
+        scores = PixelBertForRetrieval(cfg)(ids, mask, images)
+        rank_loss, hard = hard_negative_loss(scores[:2], torch.stack([scores[2:], scores[2:]]), num_hard=1)
+        print(out.visual.embeddings.shape[1], bool(torch.isfinite(losses["loss"])), (mlm_labels != IGNORE_INDEX).any().item(),
+              model.bert.visual_embedding.proj.weight.grad.abs().sum().item() > 0, tuple(hard.shape),
+              bool(torch.isfinite(rank_loss)))
+    """, str(tmp_path))
+    # 5 sampled feature pixels of the 4x4 grid; a finite loss whose gradient reaches the visual projection
+    assert stdout.split() == ["5", "True", "True", "True", "(2,", "1)", "True"]
 
 def test_blocks_do_not_share_activation_modules():
     from pixel_bert.config import make_model_config

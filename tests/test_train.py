@@ -12,7 +12,8 @@ import torch
 from pixel_bert import train
 from pixel_bert.config import make_model_config, make_train_config
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
-from pixel_bert.pretrain import IGNORE_INDEX, make_itm_pairs, mask_tokens, pretrain_step
+from pixel_bert.losses import IGNORE_INDEX, make_itm_pairs, mask_tokens
+from pixel_bert.train import pretrain_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden_size", "64", "--num_layers", "2", "--num_heads", "4", "--intermediate_size", "128",
@@ -81,7 +82,7 @@ def test_every_caption_gets_a_prediction():
 def test_masking_rate_is_what_the_config_says(words):
     """The paper's independent 15% on short captions (most Visual Genome phrases) and long ones alike;
     forcing one mask per caption (mlm_min_one_mask) would raise 3-word captions to about 35%."""
-    from pixel_bert.pretrain import prepare_pretrain_batch
+    from pixel_bert.train import prepare_pretrain_batch
     B = 6000
     ids = torch.cat([torch.full((B, 1), 2), torch.randint(5, 64, (B, words)), torch.full((B, 1), 3)], 1)
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids, dtype=torch.bool),
@@ -273,7 +274,7 @@ def test_itm_joins_at_itm_start_step():
     early = pretrain_step(model, batch, Tok, train_cfg, torch.device("cpu"), step=9)
     assert torch.allclose(early["loss"], early["mlm_loss"])  # ITM weighs nothing yet
     assert "itm_loss" not in early and "itm_acc" not in early  # nor is it reported
-    from pixel_bert.pretrain import prepare_pretrain_batch
+    from pixel_bert.train import prepare_pretrain_batch
     masked, _, labels, itm_labels, _ = prepare_pretrain_batch(batch, Tok, train_cfg, 64, itm=False)
     assert itm_labels.eq(1).all()  # no mismatched pairs while MLM runs alone
     early_rate = (labels != IGNORE_INDEX).float().sum() / (mask & (ids > 4)).sum()
