@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
-from .model import PixelBertConfig
+from .model import PixelBertConfig, check_fields, field_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,6 +51,10 @@ class ModelConfig(PixelBertConfig):
     max_text_len: int = 40                # tokens incl. [CLS]/[SEP]; longer captions are truncated [choice]
     vocab_file: Optional[str] = None      # WordPiece vocab.txt; None = bert-base-uncased's (downloaded)
     bert_weights: Optional[str] = None    # HF BERT directory/file to initialise from ("bert-base-uncased")
+
+    ALLOWED: ClassVar[Dict[str, Any]] = {  # see pixel_bert.model.allowed_values
+        "image_short_side": (1, None), "image_long_side": (1, None), "image_format": IMAGE_FORMATS,
+        "max_text_len": (3, None)}
 
     def __post_init__(self):
         super().__post_init__()
@@ -136,62 +140,23 @@ class TrainConfig:
     keep_checkpoints: int = 3             # newest checkpoints kept in the run folder
     seed: int = 0                         # seeds model init, data order and masking
 
+    ALLOWED: ClassVar[Dict[str, Any]] = {  # see pixel_bert.model.allowed_values
+        "cnn_lr": (0, None), "cnn_weight_decay": (0, None), "cnn_momentum": (0, 1), "lr": (0, None),
+        "weight_decay": (0, None), "visual_embedding_optimizer": ("adamw", "sgd"), "adam_eps": (0, None),
+        "warmup_steps": (0, None), "warmup_start_factor": (0, 1), "grad_clip": (0, None), "epochs": (1, None),
+        "decay_factor": (0, None), "batch_size": (1, None), "grad_accum_steps": (1, None),
+        "amp": ("auto", "bf16", "fp16", "none"), "max_nonfinite_steps": (0, None), "mlm_probability": (0, 1),
+        "itm_negative_ratio": (0, 1), "mlm_probability_before_itm": (0, 1), "itm_start_step": (0, None),
+        "itm_weight": (0, None), "itm_lr_factor": (0, None), "num_workers": (0, None),
+        "max_bad_sample_fraction": (0, 1), "bad_sample_check_after": (1, None), "log_every": (1, None),
+        "ckpt_every": (1, None), "keep_checkpoints": (1, None), "seed": (0, None)}
+
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
         self.decay_epochs = tuple(self.decay_epochs)
         self.mlm_replace_probs = tuple(self.mlm_replace_probs)
         self.mlm_never_mask = tuple(self.mlm_never_mask)
         check_fields(self)
-
-
-# ---- allowed values: checked when a config is built and when a flag is parsed ---------------------
-
-# field -> (lowest, highest) allowed value, None = unbounded
-FIELD_RANGES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
-    "backbone_stages": (1, 4), "visual_proj_kernel": (1, None), "visual_proj_init_std": (0, None), "visual_pool": (1, None),
-    "vocab_size": (1, None), "hidden_size": (1, None), "num_layers": (1, None), "num_heads": (1, None),
-    "intermediate_size": (1, None), "hidden_dropout": (0, 1), "attention_dropout": (0, 1),
-    "max_position_embeddings": (2, None), "type_vocab_size": (1, None), "layer_norm_eps": (0, None),
-    "initializer_range": (0, None), "num_answers": (1, None), "classifier_expansion": (1, None), "num_sampled_pixels": (0, None),
-    "image_short_side": (1, None), "image_long_side": (1, None), "max_text_len": (3, None),
-    "cnn_lr": (0, None), "cnn_weight_decay": (0, None), "cnn_momentum": (0, 1), "lr": (0, None),
-    "weight_decay": (0, None), "adam_eps": (0, None), "warmup_steps": (0, None), "warmup_start_factor": (0, 1),
-    "grad_clip": (0, None), "epochs": (1, None), "decay_factor": (0, None), "batch_size": (1, None),
-    "grad_accum_steps": (1, None), "max_nonfinite_steps": (0, None), "mlm_probability": (0, 1),
-    "itm_negative_ratio": (0, 1), "mlm_probability_before_itm": (0, 1), "itm_start_step": (0, None),
-    "itm_weight": (0, None), "itm_lr_factor": (0, None),
-    "num_workers": (0, None), "max_bad_sample_fraction": (0, 1), "bad_sample_check_after": (1, None),
-    "log_every": (1, None), "ckpt_every": (1, None), "keep_checkpoints": (1, None), "seed": (0, None),
-}
-FIELD_CHOICES: Dict[str, Tuple[str, ...]] = {
-    "backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext152_32x8d"),
-    "hidden_act": ("gelu", "gelu_new", "relu"),
-    "amp": ("auto", "bf16", "fp16", "none"),
-    "visual_embedding_optimizer": ("adamw", "sgd"),
-    "attention_impl": ("sdpa", "manual"),
-    "image_format": IMAGE_FORMATS,
-}
-
-
-def check_value(name: str, value: Any) -> Optional[str]:
-    """Why ``value`` is not allowed for field ``name`` (None when it is)."""
-    if name in FIELD_CHOICES and value not in FIELD_CHOICES[name]:
-        return f"must be one of {', '.join(FIELD_CHOICES[name])}"
-    low, high = FIELD_RANGES.get(name, (None, None))
-    if value is None or isinstance(value, (str, tuple)):
-        return None
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = (f"between {low} and {high}" if high is not None else f">= {low}")
-        return f"must be {bounds}"
-    return None
-
-
-def check_fields(cfg) -> None:
-    """Raise ValueError naming the first field of ``cfg`` whose value is not allowed."""
-    for f in fields(cfg):
-        problem = check_value(f.name, getattr(cfg, f.name))
-        if problem:
-            raise ValueError(f"{type(cfg).__name__}.{f.name} {problem}, got {getattr(cfg, f.name)!r}")
 
 
 # ---- presets: overrides of the defaults above ------------------------------------------------------
@@ -292,8 +257,9 @@ def model_config_from_bert(config_json: str, **overrides) -> ModelConfig:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{config_json}: only absolute position embeddings are supported")
     act = hf.get("hidden_act", "gelu")
-    if act not in ("gelu", "gelu_new", "relu"):
-        raise ValueError(f"{config_json}: hidden_act {act!r} is not supported (gelu, gelu_new, relu)")
+    if field_problem(ModelConfig, "hidden_act", act):
+        raise ValueError(f"{config_json}: hidden_act {act!r} is not supported "
+                         f"({field_problem(ModelConfig, 'hidden_act', act)})")
     mapped = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"], hidden_act=act,
@@ -303,105 +269,3 @@ def model_config_from_bert(config_json: str, **overrides) -> ModelConfig:
         type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
         initializer_range=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id", 0))
     return ModelConfig(**{**mapped, **overrides})
-
-
-def parse_field(cls, name: str, text: str) -> Any:
-    """A command-line string -> the value of field ``name`` of config class ``cls``, by the field's
-    type; a value that is not allowed raises ``argparse.ArgumentTypeError`` saying what is."""
-    import argparse
-    kind = str({f.name: f for f in fields(cls)}[name].type).replace(" ", "")
-    optional = kind.startswith("Optional[")
-    base = kind[len("Optional["):-1] if optional else kind
-    text = text.strip()
-    try:
-        if optional and text.lower() in ("none", "null"):
-            return None
-        if base == "bool":
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            value = text.lower() in ("true", "1", "yes")
-        elif base in ("int", "float"):
-            value = int(text) if base == "int" else float(text)
-        elif base.startswith("Tuple["):
-            item = str if "str" in base else int if "int" in base else float
-            value = tuple(item(v.strip()) for v in text.strip("()[]").split(",") if v.strip())
-        else:
-            value = text
-    except ValueError:
-        expected = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(base, base)
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    problem = check_value(name, value)
-    if problem:
-        raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
-    return value
-
-
-def parse_override(cfg, key: str, value: str):
-    """Set ``cfg.key`` from a command-line string (`parse_field`), then re-check the whole config."""
-    if key not in {f.name for f in fields(cfg)}:
-        raise ValueError(f"unknown config field {key!r} for {type(cfg).__name__}; known: "
-                         f"{sorted(f.name for f in fields(cfg))}")
-    setattr(cfg, key, parse_field(type(cfg), key, value))
-    cfg.__post_init__()
-    return cfg
-
-
-def field_help(cls) -> Dict[str, str]:
-    """Each field's comment in this file (the text after ``#`` on its line and the comment lines
-    under it), so command-line ``--help`` explains every flag from the one place it is written."""
-    import inspect
-    import re
-    docs: Dict[str, str] = {}
-    last = None
-    sources = [inspect.getsource(c) for c in cls.__mro__ if dataclasses.is_dataclass(c)]
-    for line in "\n".join(sources).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
-        if m and m.group(1) in {f.name for f in fields(cls)}:
-            last = m.group(1)
-            docs[last] = (m.group(2) or "").strip()
-            continue
-        c = re.match(r"\s+#\s*(.*)$", line)
-        if c and last and not c.group(1).startswith("----"):
-            docs[last] = (docs[last] + " " + c.group(1).strip()).strip()
-        else:
-            last = None
-    return docs
-
-
-class _NotGiven:
-    """Default of every field flag: the flag was not given (None is a value: ``--bert-weights none``)."""
-
-    def __repr__(self) -> str:
-        return "not given"
-
-
-NOT_GIVEN = _NotGiven()
-
-
-def add_config_arguments(parser, cls, prefix_help: str = ""):
-    """One ``--field-name`` flag per dataclass field (``--field_name`` is accepted too), checked when
-    parsed; not given = keep the preset's value."""
-    docs = field_help(cls)
-    group = parser.add_argument_group(f"{cls.__name__} fields{prefix_help}")
-    for f in fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        parse = lambda text, name=f.name: parse_field(cls, name, text)  # noqa: E731
-        parse.__name__ = f.name  # argparse names the type in its messages
-        group.add_argument(*names, dest=f.name, default=NOT_GIVEN, metavar="V", type=parse,
-                           # argparse %-formats help text: a literal % (e.g. "60%") must be doubled
-                           help=f"{docs.get(f.name, '')} (default {default!r})".replace("%", "%%"))
-
-
-def apply_overrides(cfg, args) -> list:
-    """Apply the field flags the user gave to ``cfg`` (already parsed and checked by the flags' types);
-    returns the names changed. Cross-field checks run once all are set."""
-    changed = []
-    for f in fields(cfg):
-        value = getattr(args, f.name, NOT_GIVEN)
-        if value is not NOT_GIVEN:
-            setattr(cfg, f.name, value)
-            changed.append(f.name)
-    if changed:
-        cfg.__post_init__()
-    return changed

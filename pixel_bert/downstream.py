@@ -3,7 +3,7 @@ and the plumbing of a distributed evaluation (sharding, gathering, autocast, pro
 
 ``TaskConfig`` holds every fine-tuning detail that docs/paper.md marks [paper] or [choice] and that is
 not already a `pixel_bert.config.TrainConfig` field (answer-vocabulary threshold, retrieval
-negatives, ...). finetune.py turns each field into a flag with `config.add_config_arguments`.
+negatives, ...). finetune.py turns each field into a flag with `cli.add_config_arguments`.
 The task modules (`vqa`, `nlvr2`, `retrieval`) take plain arguments, so they do not depend on it.
 """
 from __future__ import annotations

@@ -36,9 +36,9 @@ import torch.distributed as dist
 from pixel_bert import nlvr2, retrieval, synthetic_tasks, vqa
 from pixel_bert.annotations import AnnotationError, CaptionRecord, read_karpathy
 from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids, epoch_batch_sampler
+from pixel_bert.cli import add_config_arguments, apply_overrides
 from pixel_bert.config import (DEMO_TASK_COMMON, DEMO_TASK_OVERRIDES, ModelConfig, TrainConfig,
-                               add_config_arguments, apply_overrides, config_to_dict, make_model_config,
-                               make_train_config)
+                               config_to_dict, make_model_config, make_train_config)
 from pixel_bert.distributed import distributed, exit_after_distributed_run, share_cpu_threads, unwrap
 from pixel_bert.downstream import TaskConfig, check_splits
 from pixel_bert.evaluation import (EvalSettings, add_data_arguments, evaluate_split, nlvr2_images,

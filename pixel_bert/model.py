@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,48 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 import torchvision
 from torchvision.models.resnet import Bottleneck, ResNet
+
+
+# -------------------------------------------------------------------------------------------------
+#                                       Configuration
+# -------------------------------------------------------------------------------------------------
+
+# BERT's activation names -> a constructor; each module builds its own instance.
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_new": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
+ATTENTION_IMPLS = ("sdpa", "manual")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext152_32x8d")
+
+
+def allowed_values(cls) -> Dict[str, Any]:
+    """Field -> what it allows, from the ``ALLOWED`` tables of a config class and its bases: a tuple
+    of strings lists the choices, a (low, high) pair bounds a number (None = unbounded)."""
+    merged: Dict[str, Any] = {}
+    for c in reversed(cls.__mro__):
+        merged.update(c.__dict__.get("ALLOWED", {}))
+    return merged
+
+
+def field_problem(cls, name: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not allowed for field ``name`` of config class ``cls`` (None when it is)."""
+    allowed = allowed_values(cls).get(name)
+    if allowed is None or value is None:
+        return None
+    if all(isinstance(a, str) for a in allowed):
+        return None if value in allowed else f"must be one of {', '.join(allowed)}"
+    low, high = allowed
+    if isinstance(value, (str, tuple)):
+        return None
+    if (low is not None and value < low) or (high is not None and value > high):
+        return f"must be between {low} and {high}" if high is not None else f"must be >= {low}"
+    return None
+
+
+def check_fields(cfg) -> None:
+    """Raise ValueError naming the first field of ``cfg`` whose value its class does not allow."""
+    for name in allowed_values(type(cfg)):
+        problem = field_problem(type(cfg), name, getattr(cfg, name))
+        if problem:
+            raise ValueError(f"{type(cfg).__name__}.{name} {problem}, got {getattr(cfg, name)!r}")
 
 
 @dataclass
@@ -73,24 +115,24 @@ class PixelBertConfig:
     classifier_expansion: int = 2         # the VQA and NLVR2 MLPs: Linear(in, k*h) -> GELU -> LayerNorm ->
                                           # Linear(k*h, out) with k this [choice: UNITER's and ViLT's 2]
 
+    ALLOWED: ClassVar[Dict[str, Any]] = {  # see allowed_values
+        "backbone": BACKBONES, "backbone_stages": (1, 4), "visual_proj_kernel": (1, None),
+        "visual_proj_init_std": (0, None), "num_sampled_pixels": (0, None), "visual_pool": (1, None),
+        "vocab_size": (1, None), "hidden_size": (1, None), "num_layers": (1, None), "num_heads": (1, None),
+        "intermediate_size": (1, None), "hidden_act": tuple(ACTIVATIONS), "hidden_dropout": (0, 1),
+        "attention_dropout": (0, 1), "max_position_embeddings": (2, None), "type_vocab_size": (1, None),
+        "layer_norm_eps": (0, None), "initializer_range": (0, None), "attention_impl": ATTENTION_IMPLS,
+        "num_answers": (1, None), "classifier_expansion": (1, None)}
+
     @property
     def feature_stride(self) -> int:
         """Input pixels per feature pixel: the backbone's stride times the pool."""
         return 2 ** (self.backbone_stages + 1) * self.visual_pool
 
     def __post_init__(self):
+        check_fields(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if not 1 <= self.backbone_stages <= 4:
-            raise ValueError(f"backbone_stages must be 1..4, got {self.backbone_stages}")
-        if self.attention_impl not in ("sdpa", "manual"):
-            raise ValueError(f"attention_impl must be 'sdpa' or 'manual', got {self.attention_impl!r}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
-
-
-# BERT's activation names -> a constructor; each module builds its own instance.
-ACTIVATIONS = {"gelu": nn.GELU, "gelu_new": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -112,8 +154,7 @@ def build_resnet(name: str) -> ResNet:
     if name == "resnext152_32x8d":
         return ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=8)
     if name not in _TORCHVISION_RESNETS:
-        raise ValueError(f"unknown backbone {name!r}; choose from "
-                         f"{sorted(_TORCHVISION_RESNETS) + ['resnext152_32x8d']}")
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
     return _TORCHVISION_RESNETS[name][0](weights=None)
 
 

@@ -26,8 +26,9 @@ from pixel_bert import synthetic
 from pixel_bert.annotations import (KARPATHY_SPLITS, AnnotationError, CaptionRecord, karpathy_coco_ids,
                                     karpathy_images, read_coco_captions, read_karpathy, read_visual_genome)
 from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids, epoch_batch_sampler
-from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, add_config_arguments,
-                               apply_overrides, config_to_dict, make_model_config, make_train_config)
+from pixel_bert.cli import add_config_arguments, apply_overrides
+from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, config_to_dict, make_model_config,
+                               make_train_config)
 from pixel_bert.distributed import (all_reduce_mean, distributed, exit_after_distributed_run,
                                     share_cpu_threads, unwrap)
 from pixel_bert.factory import create_model, model_from_state

@@ -1,0 +1,116 @@
+"""The command line: every config dataclass field is a flag, checked when parsed.
+
+`add_config_arguments` gives each field of `ModelConfig`, `TrainConfig` or a task's config a
+``--field-name`` flag (``--field_name`` too) whose help is the field's comment in its source and
+whose value is parsed by the field's type and checked against the class's ``ALLOWED`` table;
+`apply_overrides` puts the flags the user gave on top of a preset.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+from dataclasses import fields
+from typing import Any, Dict
+
+from .model import field_problem
+
+
+def parse_field(cls, name: str, text: str) -> Any:
+    """A command-line string -> the value of field ``name`` of config class ``cls``, by the field's
+    type; a value that is not allowed raises ``argparse.ArgumentTypeError`` saying what is."""
+    kind = str({f.name: f for f in fields(cls)}[name].type).replace(" ", "")
+    optional = kind.startswith("Optional[")
+    base = kind[len("Optional["):-1] if optional else kind
+    text = text.strip()
+    try:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if base == "bool":
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            value = text.lower() in ("true", "1", "yes")
+        elif base in ("int", "float"):
+            value = int(text) if base == "int" else float(text)
+        elif base.startswith("Tuple["):
+            item = str if "str" in base else int if "int" in base else float
+            value = tuple(item(v.strip()) for v in text.strip("()[]").split(",") if v.strip())
+        else:
+            value = text
+    except ValueError:
+        expected = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(base, base)
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    problem = field_problem(cls, name, value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
+    return value
+
+
+def parse_override(cfg, key: str, value: str):
+    """Set ``cfg.key`` from a command-line string (`parse_field`), then re-check the whole config."""
+    if key not in {f.name for f in fields(cfg)}:
+        raise ValueError(f"unknown config field {key!r} for {type(cfg).__name__}; known: "
+                         f"{sorted(f.name for f in fields(cfg))}")
+    setattr(cfg, key, parse_field(type(cfg), key, value))
+    cfg.__post_init__()
+    return cfg
+
+
+def field_help(cls) -> Dict[str, str]:
+    """Each field's comment in this file (the text after ``#`` on its line and the comment lines
+    under it), so command-line ``--help`` explains every flag from the one place it is written."""
+    docs: Dict[str, str] = {}
+    last = None
+    sources = [inspect.getsource(c) for c in cls.__mro__ if dataclasses.is_dataclass(c)]
+    for line in "\n".join(sources).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
+        if m and m.group(1) in {f.name for f in fields(cls)}:
+            last = m.group(1)
+            docs[last] = (m.group(2) or "").strip()
+            continue
+        c = re.match(r"\s+#\s*(.*)$", line)
+        if c and last and not c.group(1).startswith("----"):
+            docs[last] = (docs[last] + " " + c.group(1).strip()).strip()
+        else:
+            last = None
+    return docs
+
+
+class _NotGiven:
+    """Default of every field flag: the flag was not given (None is a value: ``--bert-weights none``)."""
+
+    def __repr__(self) -> str:
+        return "not given"
+
+
+NOT_GIVEN = _NotGiven()
+
+
+def add_config_arguments(parser, cls, prefix_help: str = ""):
+    """One ``--field-name`` flag per dataclass field (``--field_name`` is accepted too), checked when
+    parsed; not given = keep the preset's value."""
+    docs = field_help(cls)
+    group = parser.add_argument_group(f"{cls.__name__} fields{prefix_help}")
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        parse = lambda text, name=f.name: parse_field(cls, name, text)  # noqa: E731
+        parse.__name__ = f.name  # argparse names the type in its messages
+        group.add_argument(*names, dest=f.name, default=NOT_GIVEN, metavar="V", type=parse,
+                           # argparse %-formats help text: a literal % (e.g. "60%") must be doubled
+                           help=f"{docs.get(f.name, '')} (default {default!r})".replace("%", "%%"))
+
+
+def apply_overrides(cfg, args) -> list:
+    """Apply the field flags the user gave to ``cfg`` (already parsed and checked by the flags' types);
+    returns the names changed. Cross-field checks run once all are set."""
+    changed = []
+    for f in fields(cfg):
+        value = getattr(args, f.name, NOT_GIVEN)
+        if value is not NOT_GIVEN:
+            setattr(cfg, f.name, value)
+            changed.append(f.name)
+    if changed:
+        cfg.__post_init__()
+    return changed
