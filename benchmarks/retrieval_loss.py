@@ -5,7 +5,7 @@ on the val split (min / median / max over the seeds).
     python benchmarks/retrieval_loss.py --init runs/demo-scenes/model.pt --seeds 0 1 2 --jobs 2
 
 The paper: softmax cross-entropy over the positive and its 20 negatives, back-propagating only
-through the 5 negatives with the highest loss (Sec. 4.2). The forms (TaskConfig.retrieval_loss):
+through the 5 negatives with the highest loss (Sec. 4.2). The forms (RetrievalConfig.retrieval_loss):
 "hard6" (softmax over the positive and the 5 hardest), "all21" (over all 21, the 15 easy scores
 constant), "all21_offsets" (over all 21, the easy ones as offsets from the positive). Each run is
 `finetune.py --task retrieval` with the demo's defaults, in its own process with

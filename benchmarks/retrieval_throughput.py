@@ -1,5 +1,5 @@
 """Retrieval evaluation throughput (docs/paper.md#evaluation-protocols): the full evaluation with the visual
-feature cache (pixel_bert.retrieval.evaluate_retrieval: the CNN once per image, then every pair
+feature cache (pixel_bert.retrieval_scoring.evaluate_retrieval: the CNN once per image, then every pair
 scored by the transformer) against running the CNN again for every pair (score_pairs_uncached).
 
     python benchmarks/retrieval_throughput.py                   # CPU: r50 config, 1 image x 64 captions
@@ -27,7 +27,7 @@ import torch
 
 from common import (add_common_args, count_flops, machine, print_table, random_captions, setup, sync, write_json,
                     write_photos)
-from pixel_bert import retrieval, synthetic
+from pixel_bert import retrieval_scoring, synthetic
 from pixel_bert.config import make_model_config
 from pixel_bert.distributed import DistInfo
 from pixel_bert.heads import PixelBertForRetrieval
@@ -62,7 +62,7 @@ def build(args, device, folder):
     w, h = map(int, args.photo.split("x"))
     paths = write_photos(f"{folder}/images", [(w, h)] * args.images)
     captions = random_captions(args.captions, 8, 20)
-    split = retrieval.RetrievalSplit(paths, list(range(args.images)), captions, list(range(args.captions)),
+    split = retrieval_scoring.RetrievalSplit(paths, list(range(args.images)), captions, list(range(args.captions)),
                                      np.arange(args.captions) % args.images, "benchmark")
     tokenizer = WordPieceTokenizer(synthetic.write_vocab(f"{folder}/vocab.txt"))
     return cfg, model, split, tokenizer, ImageTransform.from_config(cfg)
@@ -97,7 +97,7 @@ def uncached_rate(model, split, tokenizer, transform, cfg, device, n_pairs):
     n_img = max(1, -(-n_pairs // len(split.captions)))
     cols = min(n_pairs, len(split.captions))
     def run():
-        return retrieval.score_pairs_uncached(model, images[:n_img], mask[:n_img], text.input_ids[:cols],
+        return retrieval_scoring.score_pairs_uncached(model, images[:n_img], mask[:n_img], text.input_ids[:cols],
                                               text.attention_mask[:cols], device, pairs_per_batch=64)
     if device.type == "cuda":  # warm-up: cuDNN's autotuning
         run()
@@ -114,7 +114,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         cfg, model, split, tokenizer, transform = build(args, device, folder)
         info = DistInfo(device=device)
-        run = lambda: retrieval.evaluate_retrieval(  # noqa: E731
+        run = lambda: retrieval_scoring.evaluate_retrieval(  # noqa: E731
             model, split, tokenizer, transform, cfg.max_text_len, info, image_batch_size=args.image_batch,
             pairs_per_batch=args.pairs_per_batch, log=lambda *_: None)
         warm_up(model, split, tokenizer, transform, cfg, device)

@@ -7,9 +7,8 @@ saying so; [paper] facts are defaults too, so a preset reads as the paper's reci
 - `TrainConfig`: optimisation and schedule (Sec. 4.1 "Implementation Details"), shared by pre-training and
   fine-tuning; task presets override the epochs, decay points and batch sizes (Sec. 4.2).
 
-Presets are plain dicts of overrides (no registry), all here: `MODEL_PRESETS`, `TRAIN_PRESETS`,
-the recipes of train.py's ``--config`` (`PRETRAIN_RECIPES`) and finetune.py's synthetic demo
-overrides (`DEMO_TASK_OVERRIDES`).
+Presets are plain dicts of overrides (no registry): `MODEL_PRESETS`, `TRAIN_PRESETS` and the recipes of
+train.py's ``--config`` (`PRETRAIN_RECIPES`) here; each downstream task's recipe in its own module.
 """
 from __future__ import annotations
 
@@ -180,12 +179,10 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
                  attention_dropout=0.0),
 }
 
+# TrainConfig overrides by name. The downstream tasks' recipes are their modules' own ``presets``
+# (`pixel_bert.tasks.TASKS`), with the synthetic demo's ``demo_overrides`` beside them.
 TRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
     "pretrain": dict(),
-    "vqa": dict(epochs=18, decay_epochs=(12, 16), batch_size=16),  # 256 over 16 GPUs [paper]
-    "nlvr2": dict(epochs=18, decay_epochs=(12, 16), batch_size=8),  # 128 over 16 GPUs [paper]
-    "retrieval-f30k": dict(epochs=10, decay_epochs=(6,), batch_size=64, freeze_backbone=True),  # 8 GPUs [paper]
-    "retrieval-coco": dict(epochs=4, decay_epochs=(2,), batch_size=64, freeze_backbone=True),
 }
 
 # train.py --config: name -> (model preset, train preset, train overrides). The demo's recipe differs from the
@@ -211,16 +208,6 @@ PRETRAIN_RECIPES: Dict[str, Tuple[str, str, Dict[str, Any]]] = {
     "pretrain-x152": ("x152", "pretrain", {}),
 }
 
-# Overrides of the paper's task presets for the synthetic CPU demo: a tiny model, minutes of
-# training, so a short warm-up, few epochs and (VQA, retrieval) a higher lr.
-DEMO_TASK_OVERRIDES: Dict[str, Dict[str, Any]] = {
-    "vqa": dict(epochs=3, decay_epochs=(2,), batch_size=32, lr=5e-4, cnn_lr=0.02, warmup_steps=30),
-    # NLVR2 at lr 5e-4 collapsed to chance on 2 of 3 seeds (train accuracy 0.65 at step 20, 0.50 by
-    # step 400); at the paper's 1e-4 the same seed-1 model kept learning (dev 0.73 after 1,000 steps)
-    "nlvr2": dict(epochs=4, decay_epochs=(3,), batch_size=16, lr=1e-4, cnn_lr=0.02, warmup_steps=30),
-    "retrieval": dict(epochs=2, decay_epochs=(1,), batch_size=24, lr=5e-4, warmup_steps=30),
-}
-DEMO_TASK_COMMON = dict(num_workers=1, log_every=20, ckpt_every=500, group_by_aspect_ratio=False)
 
 
 def make_model_config(preset: str = "r50", **overrides) -> ModelConfig:

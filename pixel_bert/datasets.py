@@ -59,8 +59,8 @@ from torchvision.datasets.utils import calculate_md5, extract_archive
 from . import nlvr2 as nlvr2_data, retrieval, vqa
 from .annotations import karpathy_coco_ids, read_coco_captions, read_karpathy, read_visual_genome
 from .distributed import DistInfo
-from .evaluation import add_data_arguments, default_nlvr2_images
 from .files import write_json
+from .tasks import TASKS
 from .images import ImageLoadError, load_image
 from .progress import Progress, format_seconds
 from .train import add_pretrain_data_arguments
@@ -105,8 +105,7 @@ OFFICIAL_SIZES: Dict[Tuple[str, str], Tuple[Optional[int], Optional[int]]] = {
 # The data flags of train.py (pre-training) and finetune.py (per task), by argparse dest.
 PRETRAIN_FLAGS = ("coco_karpathy", "coco_images", "coco_captions", "coco_captions_images",
                   "vg_regions", "vg_image_data", "vg_images")
-TASK_FLAGS = {"vqa": ("vqa_root", "vqa_images"), "nlvr2": ("nlvr2_root", "nlvr2_images"),
-              "retrieval": ("karpathy_json", "retrieval_images")}
+TASK_FLAGS = {name: task.data_flags for name, task in TASKS.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,16 +159,13 @@ def _read_split(name: str, official_key: str, read: Callable[[], Tuple[int, List
 
 
 def resolve_image_roots(args) -> Dict[str, Optional[str]]:
-    """All data flags, with each image root defaulted exactly as train.py / evaluate.py do when it
-    is not given (evaluate.vqa_images, nlvr2_images, retrieval_images; train.py for
-    --coco-captions-images)."""
+    """All data flags, with each image root defaulted exactly as finetune.py / evaluate.py do when it
+    is not given (each task's `image_root`; train.py for --coco-captions-images)."""
     paths = {dest: getattr(args, dest, None) for dest in PRETRAIN_FLAGS + sum(TASK_FLAGS.values(), ())}
-    if paths["vqa_root"] and not paths["vqa_images"]:
-        paths["vqa_images"] = paths["vqa_root"]
-    if paths["nlvr2_root"] and not paths["nlvr2_images"]:
-        paths["nlvr2_images"] = default_nlvr2_images(paths["nlvr2_root"])
-    if paths["karpathy_json"] and not paths["retrieval_images"]:
-        paths["retrieval_images"] = os.path.dirname(os.path.abspath(paths["karpathy_json"]))
+    for task in TASKS.values():
+        annotations, images = task.data_flags
+        if paths[annotations] and not paths[images]:
+            paths[images] = task.image_root(args)
     if paths["coco_captions"] and not paths["coco_captions_images"]:
         paths["coco_captions_images"] = os.path.join(os.path.dirname(paths["coco_captions"]), "images")
     return paths
@@ -303,8 +299,7 @@ def check_retrieval(paths: Dict[str, Optional[str]]) -> DatasetCheck:
         return len(result.captions), result.image_paths
     eval_rows = [_read_split(split, "", lambda split=split: read_eval(split), _hint("karpathy")) for split in
                  ("val", "test")]
-    coco = "coco" in os.path.basename(json_path)
-    train_splits = ("train", "restval") if coco else ("train",)
+    train_splits = ("train", "restval") if retrieval.is_coco(json_path) else ("train",)
 
     def read_train():
         records = read_karpathy(json_path, images, splits=train_splits)
@@ -830,7 +825,9 @@ def run_download(args) -> int:
 
 def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     add_pretrain_data_arguments(p, "pre-training data (train.py's flags)")
-    add_data_arguments(p, "fine-tuning data (finetune.py's and evaluate.py's flags)")
+    data = p.add_argument_group("fine-tuning data (finetune.py's and evaluate.py's flags)")
+    for task in TASKS.values():
+        task.add_data_arguments(data)
     check = p.add_argument_group("checking")
     check.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                        help="processes opening images in parallel (default: all CPU cores)")

@@ -1,86 +1,143 @@
-"""What the three downstream tasks share (Sec. 4.2 of the paper; docs/paper.md): their configuration fields,
-and the plumbing of a distributed evaluation (sharding, gathering, autocast, progress lines).
+"""What the downstream tasks of Sec. 4.2 share: the interface a task module implements for
+finetune.py and evaluate.py (`DownstreamTask`), the evaluation fields every task has
+(`DownstreamConfig`), and distributed prediction (`predict_sharded`, `evaluate_split`).
 
-``TaskConfig`` holds every fine-tuning detail that docs/paper.md marks [paper] or [choice] and that is
-not already a `pixel_bert.config.TrainConfig` field (answer-vocabulary threshold, retrieval
-negatives, ...). finetune.py turns each field into a flag with `cli.add_config_arguments`.
-The task modules (`vqa`, `nlvr2`, `retrieval`) take plain arguments, so they do not depend on it.
+A task module (`pixel_bert.vqa`, `pixel_bert.nlvr2`, `pixel_bert.retrieval`) holds everything of
+its task: its config fields, its presets, reading its files, its dataset and training step, its
+predictions and the call of its official metric; `pixel_bert.tasks.TASKS` maps each task's name to
+it. Adding a task is one new module with a `DownstreamTask` subclass and one entry there (docs/tasks.md).
 """
 from __future__ import annotations
 
+import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .config import check_fields
 from .bad_samples import BadDataError, BadSampleReporter, describe_bad_samples
-from .distributed import DistInfo, gather_to_main, sharded_loader
+from .distributed import DistInfo, broadcast_from_main, gather_to_main, sharded_loader
+from .files import write_json
 from .precision import eval_autocast
 from .progress import Progress
 
 
 @dataclass
-class TaskConfig:
-    # ---- VQA 2.0 (Sec. 4.2 of the paper) --------------------------------------------------------
-    vqa_min_answer_count: int = 9         # answers in >= this many train+val questions form the
-                                          # vocabulary: 3,129 answers on VQA 2.0 [choice: community standard]
-    vqa_drop_unanswerable: bool = False   # drop training questions with no answer in the vocabulary;
-                                          # default keeps them with an all-zero target [choice: common practice]
-    # ---- image-text retrieval (Sec. 4.2 of the paper) -------------------------------------------
-    retrieval_negatives: int = 20         # negatives per positive pair [paper]
-    retrieval_hard_negatives: int = 5     # negatives with the highest loss that get gradients [paper]
-    retrieval_negative_kind: str = "both"  # "both": half the negatives pair the image with captions of
-                                          # other images, half the caption with other images; "captions"
-                                          # / "images": only one kind [choice: the paper does not say]
-    retrieval_loss: str = "hard6"         # which reading of "back-propagate only through the 5 negatives with
-                                          # the highest loss": "hard6" softmax over the positive + 5 hardest;
-                                          # "all21" over all 21, the 15 easy scores constant; "all21_offsets"
-                                          # over all 21, the easy ones as offsets from the positive [choice:
-                                          # README "Retrieval loss" has the measurement]
-    retrieval_head_from_itm: bool = True  # start the retrieval score layer from a pre-training checkpoint's
-                                          # ITM classifier (both are Linear(h, 1) on [CLS] ranking matched
-                                          # pairs above unmatched ones), so ranking starts from what ITM
-                                          # learned; False: a new layer [choice: the paper does not say]
-    # ---- evaluation ------------------------------------------------------------------------------
+class DownstreamConfig:
+    """Fine-tuning fields every task has (each task's own fields are its module's config class)."""
     eval_batch_size: int = 64             # images or questions per evaluation batch (per process)
-    retrieval_eval_pairs: int = 1024      # image-caption pairs scored per forward pass in retrieval evaluation
+
+    ALLOWED: ClassVar[Dict[str, Any]] = {"eval_batch_size": (1, None)}  # see pixel_bert.model.allowed_values
 
     def __post_init__(self):
-        if self.retrieval_loss not in ("hard6", "all21", "all21_offsets"):
-            raise ValueError(f"retrieval_loss must be hard6/all21/all21_offsets, got {self.retrieval_loss!r}")
-        if self.retrieval_negative_kind not in ("both", "captions", "images"):
-            raise ValueError(f"retrieval_negative_kind must be both/captions/images, "
-                             f"got {self.retrieval_negative_kind!r}")
-        if not 0 < self.retrieval_hard_negatives <= self.retrieval_negatives:
-            raise ValueError(f"need 0 < retrieval_hard_negatives ({self.retrieval_hard_negatives}) <= "
-                             f"retrieval_negatives ({self.retrieval_negatives})")
-        if self.vqa_min_answer_count < 1:
-            raise ValueError(f"vqa_min_answer_count must be >= 1, got {self.vqa_min_answer_count}")
+        check_fields(self)
+
+
+@dataclass
+class EvalSettings:
+    """How to run an evaluation: batch sizes, workers, subsets, the retrieval feature cache."""
+    batch_size: int = 64
+    pairs_per_batch: int = 1024
+    num_workers: int = 0
+    max_examples: Optional[int] = None
+    max_captions: Optional[int] = None
+    feature_cache: Optional[str] = None
+    checkpoint: Optional[str] = None
+    fold_size: int = 1000
+
+
+class TrainingData(NamedTuple):
+    """What a task gives the Trainer: its training set, how to batch it, its loss step
+    (``step_fn(model, batch, step) -> {"loss": ...}``), aspect-ratio group ids or None, and what the
+    saved model carries besides its weights (e.g. VQA's answer list)."""
+    dataset: Any
+    collate_fn: Callable
+    step_fn: Callable
+    groups: Optional[List[int]]
+    extra: Dict[str, Any]
+
+
+# The synthetic CPU demo's overrides common to every task (each task adds its own ``demo_overrides``).
+DEMO_COMMON = dict(num_workers=1, log_every=20, ckpt_every=500, group_by_aspect_ratio=False)
+
+
+class DownstreamTask(ABC):
+    """A downstream task of Sec. 4.2 as finetune.py and evaluate.py use it.
+
+    Class attributes describe the task; the methods read its data, build its training set and
+    evaluate a model on one split with the official metric. A subclass overrides what differs.
+    """
+    name: ClassVar[str]
+    config_class: ClassVar[Optional[type]] = None   # the task's own config fields (flags), or None
+    data_flags: ClassVar[Tuple[str, str]]            # argparse dests: (annotations, images)
+    presets: ClassVar[Dict[str, Dict[str, Any]]]     # TrainConfig overrides: the paper's recipe(s)
+    demo_overrides: ClassVar[Dict[str, Any]]         # on top of the preset for the synthetic demo
+    synthetic_sizes: ClassVar[Tuple[int, int, int]]  # (train, val, test) of the synthetic demo data
+    val_split: ClassVar[str]                         # finetune.py's evaluation split (never a test split)
+    default_split: ClassVar[str]                     # evaluate.py's default split
+
+    @abstractmethod
+    def add_data_arguments(self, group) -> None:
+        """The task's data-path flags (the official layouts, docs/paper.md#data-formats)."""
+
+    @abstractmethod
+    def image_root(self, args) -> str:
+        """The image folder the data flags give (the images flag, else the task's default)."""
+
+    def preset(self, args) -> str:
+        """The paper's recipe for this run's data (``--preset auto``)."""
+        return next(iter(self.presets))
+
+    def init_state(self, state: Dict[str, torch.Tensor], task_cfg, log) -> Dict[str, torch.Tensor]:
+        """The ``--init`` checkpoint's state dict as this task's model starts from it."""
+        return state
+
+    def skip_evaluation(self, split: str, task_cfg) -> Optional[str]:
+        """Why finetune.py must not evaluate on ``split`` after training (e.g. it trained on it), or None."""
+        return None
+
+    @abstractmethod
+    def training_data(self, args, task_cfg, model_cfg, train_cfg, tokenizer, device, out_dir, log) -> TrainingData:
+        """The training set of the data flags (``task_cfg``: an instance of ``config_class``, or None)."""
+
+    @abstractmethod
+    def evaluate(self, model, tokenizer, args, split: str, info: DistInfo, out_dir: str,
+                 answers: Optional[List[str]], settings: EvalSettings, log) -> Dict[str, Any]:
+        """Predict ``split`` and score it (rank 0 writes the predictions); {} on other ranks."""
+
+
+def require_flags(args, *flags: str):
+    missing = [f for f in flags if not getattr(args, f.lstrip("-").replace("-", "_"))]
+    if missing:
+        raise SystemExit(f"error: {' '.join(missing)} required for this task (see --help)")
+
+
+def evaluate_split(task: DownstreamTask, model, tokenizer, args, split: str, info: DistInfo, out_dir: str,
+                   answers: Optional[List[str]] = None, settings: EvalSettings = EvalSettings(),
+                   log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run ``model`` on ``split`` of ``task`` and score it with the official metric (protocols in
+    docs/paper.md). Rank 0 writes the predictions / scores and ``metrics_{task}_{split}.json`` into
+    ``out_dir``; every rank returns the same metrics dict."""
+    if info.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    result: Dict[str, Any] = {"task": task.name, "split": split}
+    result.update(task.evaluate(model, tokenizer, args, split, info, out_dir, answers, settings, log) or {})
+    if info.is_main:
+        write_json(os.path.join(out_dir, f"metrics_{task.name}_{split}.json"), result)
+    return broadcast_from_main(result, info)
 
 
 # -------------------------------------------------------------------------------------------------
-#                                   Distributed evaluation
+#                                   Distributed prediction
 # -------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
 
 def check_splits(split: str, forbidden: Sequence[str] = ("test",), what: str = "model selection"):
     """Refuse a test split where only val/dev is allowed (docs/paper.md#pitfalls-of-peer-systems)."""
     if any(split.startswith(f) for f in forbidden):
         raise ValueError(f"split {split!r} is a test split: it must never be used for {what} "
                          "(see docs/paper.md). Use the val/dev split; evaluate.py scores test splits.")
-
-
 
 
 @torch.no_grad()

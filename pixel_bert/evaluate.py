@@ -40,13 +40,11 @@ import torch
 from pixel_bert import metrics, nlvr2, retrieval
 from pixel_bert.annotations import read_json
 from pixel_bert.distributed import distributed, exit_after_distributed_run, share_cpu_threads
-from pixel_bert.evaluation import EvalSettings, add_data_arguments, evaluate_split
+from pixel_bert.downstream import EvalSettings, evaluate_split
 from pixel_bert.files import write_json
 from pixel_bert.saved_model import load_model
+from pixel_bert.tasks import TASKS
 from pixel_bert.tokenizer import WordPieceTokenizer
-
-DEFAULT_SPLITS = {"vqa": "val2014", "nlvr2": "dev", "retrieval": "test"}
-
 
 # -------------------------------------------------------------------------------------------------
 #                                      Model-free scoring
@@ -83,11 +81,12 @@ def score_files(args) -> Dict[str, Any]:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=["vqa", "nlvr2", "retrieval"], help="downstream task")
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="downstream task")
     p.add_argument("--checkpoint", help="a fine-tuned model.pt (from finetune.py), or its model folder "
                    "(RUN/model/), to run")
     p.add_argument("--split", help="split to evaluate: VQA val2014 / test-dev2015 / test2015, NLVR2 dev / "
-                   "test1, retrieval val / test (Karpathy). Default: val2014, dev, test")
+                   "test1, retrieval val / test (Karpathy). Default: "
+                   + ", ".join(f"{name} {task.default_split}" for name, task in TASKS.items()))
     p.add_argument("--output-dir", help="where predictions, scores and metrics go (default: the checkpoint's folder)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=64, help="images / questions / examples per batch (per process)")
@@ -102,7 +101,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "(worth it for a long evaluation: the first batches pay for the compilation)")
     p.add_argument("--fold-size", type=int, default=1000, help="retrieval: COCO 1K protocol fold size (the 1K "
                    "figures are reported when the split has exactly 5 folds of images)")
-    add_data_arguments(p)
+    data = p.add_argument_group("data (the official layouts, docs/paper.md#data-formats)")
+    for task in TASKS.values():
+        task.add_data_arguments(data)
     free = p.add_argument_group("model-free scoring")
     free.add_argument("--predictions", help="VQA results JSON ([{question_id, answer}]) or NLVR2 predictions "
                       "CSV (identifier,True|False) to score")
@@ -132,8 +133,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         model.to(info.device)
         if args.compile:
             model = torch.compile(model)
-        result = evaluate_split(args.task, model, tokenizer, args, args.split or DEFAULT_SPLITS[args.task], info,
-                                out_dir, ckpt.get("answers"), settings)
+        task = TASKS[args.task]
+        result = evaluate_split(task, model, tokenizer, args, args.split or task.default_split, info, out_dir,
+                                ckpt.get("answers"), settings)
         if info.is_main:
             print(json.dumps({k: v for k, v in result.items() if k != "per_question_type"}, indent=2, default=str))
     return result

@@ -1,5 +1,5 @@
-"""Image-text retrieval: ranking fine-tuning with hard negatives, and a scalable evaluation
-(Sec. 4.2 of the paper; docs/paper.md#evaluation-protocols).
+"""Image-text retrieval: ranking fine-tuning with hard negatives (Sec. 4.2 of the paper), and the
+task as finetune.py and evaluate.py run it (docs/paper.md#evaluation-protocols).
 
 Training (Sec. 4.2). Every positive (image, caption) pair of a batch gets ``num_negatives`` = 20
 negatives drawn from the same batch [paper: 20; where they come from is our choice]:
@@ -21,64 +21,38 @@ the 21 pairs and a softmax cross-entropy puts the positive first. Hard negative 
    not 21), and the loss is a softmax cross-entropy: over these 6 scores ("hard6", the default),
    or over all 21 with the 15 easy scores as constants ("all21") or as offsets from the positive
    ("all21_offsets"); `hard_negative_loss` gives each form's gradient. In every form, gradients
-   flow through the positive and the 5 hard negatives only (TaskConfig.retrieval_loss).
+   flow through the positive and the 5 hard negatives only (RetrievalConfig.retrieval_loss).
 
 The CNN is frozen (TrainConfig.freeze_backbone, set by the retrieval presets; finetune.py calls
 PixelBert.freeze_backbone); the visual projection and s_v of eq. (5) still train unless
 TrainConfig.freeze_visual_proj.
 
-Evaluation (see docs/paper.md) must score every image against every caption: 5M pairs for Flickr30K
-1K x 5K, 125M for COCO 5K x 25K. So:
-
-* the CNN runs once per image: `encode_images` keeps each image's visual tokens (eq. 5) in a
-  cache, in the autocast dtype, valid tokens first, optionally saved to disk and reused by later
-  runs of the same checkpoint;
-* captions are tokenised once; pairs are scored in tiles of images x captions of about
-  ``pairs_per_batch`` pairs, images sorted by their count of valid visual tokens and captions by
-  length, so that a tile holds little or no padding; under autocast on GPU, with no host work per
-  pair and the scores kept on the device until the end (`score_rows`);
-* under torchrun, each rank takes a contiguous block of image rows, scores them against all
-  captions, and rank 0 gathers the blocks (each row exactly once: no duplicates);
-* a progress line reports pairs done, pairs/s and the ETA.
-
-The score matrix is saved with metrics.save_score_matrix; R@K with metrics.retrieval_recall and
-the COCO 1K five-fold protocol with metrics.coco_1k_recall.
+The evaluation (the whole score matrix at scale) is `pixel_bert.retrieval_scoring`.
 """
 from __future__ import annotations
 
-import functools
-import math
 import os
-import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import metrics
-from .annotations import AnnotationError, json_field, json_list, karpathy_images
-from .distributed import DistInfo, gather_to_main, shard_range, unwrap
-from .files import save_torch
-from .images import ImageLoadError, pad_images
-from .losses import hard_negative_loss
+from .annotations import AnnotationError, json_field, json_list, karpathy_images, read_karpathy
+from .batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids
+from .config import check_fields
+from .distributed import unwrap
+from .downstream import DownstreamTask, EvalSettings, TrainingData, require_flags
+from .images import ImageTransform
+from .losses import RETRIEVAL_LOSSES, hard_negative_loss
 from .model import VisualTokens
-from .precision import eval_autocast, eval_dtype
-from .progress import Progress
+from .retrieval_scoring import RetrievalSplit, evaluate_retrieval
+
 
 # -------------------------------------------------------------------------------------------------
 #                                          Data
 # -------------------------------------------------------------------------------------------------
-
-
-class RetrievalSplit(NamedTuple):
-    """An evaluation split: images (rows) and captions (columns) of the score matrix."""
-    image_paths: List[str]
-    image_ids: List[Union[int, str]]     # cocoid, else the file name without extension
-    captions: List[str]
-    caption_ids: List[int]               # Karpathy sentid
-    caption_image: np.ndarray            # (n_captions,) row of each caption's image
-    dataset: str                         # "coco", "flickr30k", ...
 
 
 def read_karpathy_eval(dataset_json: str, image_root: str, split: str = "test",
@@ -114,40 +88,6 @@ def read_karpathy_eval(dataset_json: str, image_root: str, split: str = "test",
                           dataset)
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Images by path, transformed; a bad image comes back as its ImageLoadError, so that one pass
-    names every bad file (a score matrix cannot skip a row: `encode_images` then refuses)."""
-
-    def __init__(self, paths: Sequence[str], transform):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        try:
-            return index, self.transform.load(self.paths[index])
-        except ImageLoadError as e:
-            return index, e
-
-
-def collate_images(samples, size_divisor: int = 1):
-    """(indices, images, pixel_mask, errors) of the readable images, and the errors of the others."""
-    good = [s for s in samples if torch.is_tensor(s[1])]
-    errors = [s[1] for s in samples if not torch.is_tensor(s[1])]
-    images, pixel_mask = pad_images([s[1] for s in good], size_divisor) if good else (None, None)
-    return torch.tensor([s[0] for s in good], dtype=torch.long), images, pixel_mask, errors
-
-
-def unreadable_images_error(errors: Sequence[ImageLoadError], total: int, shown: int = 10) -> ImageLoadError:
-    """One error naming every unreadable image (the first ``shown`` in full)."""
-    more = f"; and {len(errors) - shown} more" if len(errors) > shown else ""
-    return ImageLoadError(f"{len(errors)} of {total} evaluation images cannot be read, and retrieval scores every "
-                          f"image against every caption, so none may be missing: "
-                          f"{'; '.join(str(e) for e in errors[:shown])}{more}. Restore these files or point "
-                          f"--retrieval-images at the folder that holds them", errors[0].path, errors[0].reason)
-
-
 # -------------------------------------------------------------------------------------------------
 #                                  Training: negatives and loss
 # -------------------------------------------------------------------------------------------------
@@ -166,12 +106,15 @@ def sample_negatives(image_keys: Sequence[str], num: int, generator: Optional[to
     return torch.multinomial(allowed, num, replacement=replacement, generator=generator)
 
 
+NEGATIVE_KINDS = ("both", "captions", "images")  # RetrievalConfig.retrieval_negative_kind
+
+
 def negative_pairs(image_keys: Sequence[str], num_negatives: int, kind: str = "both",
                    generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(image rows, caption rows), each (B, 1 + num_negatives): column 0 is the positive (i, i),
     then the caption negatives (i, j) and the image negatives (j, i) (module docstring)."""
     B = len(image_keys)
-    n_cap = {"both": num_negatives // 2, "captions": num_negatives, "images": 0}[kind]
+    n_cap = {"both": num_negatives // 2, "captions": num_negatives, "images": 0}[kind]  # NEGATIVE_KINDS
     n_img = num_negatives - n_cap
     others = sample_negatives(image_keys, num_negatives, generator)          # (B, N)
     own = torch.arange(B)[:, None]
@@ -185,7 +128,7 @@ ITM_TO_RETRIEVAL = {"itm.classifier.weight": "retrieval.score.weight", "itm.clas
 
 def itm_as_retrieval_head(state: Dict[str, torch.Tensor], log=print) -> Dict[str, torch.Tensor]:
     """A copy of a pre-training state dict whose ITM classifier (eq. 8's linear layer) also serves
-    as the retrieval score layer (TaskConfig.retrieval_head_from_itm): the ITM logit already
+    as the retrieval score layer (RetrievalConfig.retrieval_head_from_itm): the ITM logit already
     ranks matched pairs above unmatched ones. A state dict without an ITM head comes back as it is."""
     if not all(k in state for k in ITM_TO_RETRIEVAL):
         log("retrieval head: new (the checkpoint has no ITM head)")
@@ -244,193 +187,6 @@ def _detach(v: VisualTokens) -> VisualTokens:
 #                                       Evaluation
 # -------------------------------------------------------------------------------------------------
 
-CACHE_FORMAT = 2  # valid visual tokens first, with their counts (files of other formats are recomputed)
-
-
-@dataclass
-class VisualCache:
-    """Visual tokens of some images: embeddings (n, K, H) and mask (n, K) with each image's valid
-    tokens first, ``lengths`` (n,) their counts (on the host), ``rows`` the global image indices.
-
-    Putting valid tokens first changes no score: visual tokens carry no position (eq. 1), and the
-    [CLS] output does not depend on the order of the tokens it attends to. It lets a batch of images
-    be cut to its longest image's valid count instead of the padded grid of the CNN batch."""
-    rows: List[int]
-    embeddings: torch.Tensor
-    mask: torch.Tensor
-    lengths: List[int]
-
-    def select(self, local: torch.Tensor, length: int) -> VisualTokens:
-        """VisualTokens for local rows ``local`` (P,), cut to ``length`` tokens (their longest)."""
-        emb = self.embeddings[local, :length]
-        positions = torch.arange(length, device=emb.device).expand(len(local), -1)
-        return VisualTokens(emb, self.mask[local, :length], positions, (1, length))
-
-
-def valid_tokens_first(visual: VisualTokens) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings, mask) of ``visual`` with each image's valid tokens moved to the front (stable)."""
-    order = visual.mask.int().argsort(dim=1, descending=True, stable=True)      # (B, K)
-    embeddings = visual.embeddings.gather(1, order[..., None].expand_as(visual.embeddings))
-    return embeddings, visual.mask.gather(1, order)
-
-
-def _cache_key(checkpoint: Optional[str]) -> str:
-    if checkpoint and os.path.isdir(checkpoint):  # a model folder: its weights file identifies it
-        checkpoint = os.path.join(checkpoint, "model.safetensors")
-    if checkpoint and os.path.isfile(checkpoint):
-        st = os.stat(checkpoint)
-        return f"{os.path.abspath(checkpoint)}:{st.st_size}:{int(st.st_mtime)}"
-    return ""
-
-
-@torch.no_grad()
-def encode_images(model, paths: Sequence[str], rows: Sequence[int], transform, device, batch_size: int = 64,
-                  num_workers: int = 0, cache_file: Optional[str] = None, cache_key: str = "",
-                  dtype: Optional[torch.dtype] = None, log=print) -> VisualCache:
-    """Run the CNN once per image of ``rows`` (indices into ``paths``) and keep its visual tokens,
-    in ``dtype`` (default: the autocast dtype of evaluation, bf16/fp16 on GPU; fp32 on CPU).
-
-    ``cache_file``: reuse the tokens saved there when the file was written for the same rows,
-    paths and ``cache_key`` (the checkpoint), else compute and save them (weights_only format)."""
-    rows = list(rows)
-    if cache_file and os.path.isfile(cache_file):
-        saved = torch.load(cache_file, map_location="cpu", weights_only=True)
-        if (saved.get("format") == CACHE_FORMAT and saved.get("key") == cache_key
-                and saved.get("paths") == [paths[r] for r in rows]):
-            log(f"visual features: {len(rows)} images from cache {cache_file}")
-            return VisualCache(rows, saved["embeddings"].to(device), saved["mask"].to(device), saved["lengths"])
-        log(f"visual features: cache {cache_file} is for other images, another checkpoint or an older "
-            "format; recomputing")
-    bert = unwrap(model).bert.eval()
-    dtype = dtype or eval_dtype(device) or torch.float32
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ImageFiles(paths, transform), rows),
-                                         batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=functools.partial(collate_images,
-                                                                      size_divisor=bert.config.feature_stride))
-    embs, masks, errors = [], [], []
-    for _, images, pixel_mask, bad in loader:
-        errors += bad
-        if errors:  # the pass goes on only to name every bad file
-            continue
-        with eval_autocast(device):
-            e, m = valid_tokens_first(bert.encode_image(images.to(device), pixel_mask.to(device)))
-        embs.append(e.to(dtype))
-        masks.append(m)
-    if errors:
-        raise unreadable_images_error(errors, len(rows))
-    lengths = torch.cat([m.sum(1) for m in masks]).tolist() if masks else []  # one copy to the host
-    K = max(max(lengths, default=1), 1)  # only valid tokens are kept: the padded grid's tail goes
-    H = embs[0].shape[2] if embs else bert.config.hidden_size
-    embeddings = torch.zeros(len(rows), K, H, dtype=dtype, device=device)
-    mask = torch.zeros(len(rows), K, dtype=torch.bool, device=device)
-    start = 0
-    for e, m in zip(embs, masks):  # one copy per image batch (grids may differ between batches)
-        k = min(K, e.shape[1])
-        embeddings[start:start + len(e), :k] = e[:, :k]
-        mask[start:start + len(e), :k] = m[:, :k]
-        start += len(e)
-    if cache_file:
-        save_torch({"format": CACHE_FORMAT, "key": cache_key, "paths": [paths[r] for r in rows],
-                    "embeddings": embeddings.cpu(), "mask": mask.cpu(), "lengths": lengths}, cache_file)
-    return VisualCache(rows, embeddings, mask, lengths)
-
-
-@torch.no_grad()
-def score_rows(model, cache: VisualCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, device,
-               pairs_per_batch: int = 1024, progress: Optional[Progress] = None) -> torch.Tensor:
-    """Scores (len(cache.rows), n_captions) of every cached image against every caption.
-
-    Pairs go through the model in tiles of about ``pairs_per_batch``: a block of images times a block
-    of captions, images sorted by their count of valid visual tokens and captions by length. A
-    tile's images then have (nearly) the same token count and its captions the same length: the
-    tile is cut to its longest of each and holds little padding, often none (attention then runs
-    without a mask). Every length is known on the host beforehand, so the loop does no host work
-    per pair and never waits for the device; the scores stay on the device until the end."""
-    model.eval()  # the wrapper itself, so that a torch.compile'd model runs compiled
-    n_rows, n_cap = len(cache.rows), len(input_ids)
-    text_lengths = attention_mask.sum(1).cpu()                                   # (n_cap,)
-    image_lengths = torch.tensor(cache.lengths, dtype=torch.long)               # (n_rows,)
-    caption_order, image_order = text_lengths.argsort(stable=True), image_lengths.argsort(stable=True)
-    caps_per_tile = min(n_cap, max(1, math.isqrt(pairs_per_batch)))
-    imgs_per_tile = min(n_rows, max(1, pairs_per_batch // caps_per_tile))
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    caption_order_dev, image_order_dev = caption_order.to(device), image_order.to(device)
-    scores = torch.empty(n_rows, n_cap, dtype=torch.float32, device=device)
-    for i in range(0, n_rows, imgs_per_tile):
-        img = image_order_dev[i:i + imgs_per_tile]
-        k = max(int(image_lengths[image_order[i:i + imgs_per_tile]].max()), 1)
-        visual = cache.select(img, k)
-        for j in range(0, n_cap, caps_per_tile):
-            cap = caption_order_dev[j:j + caps_per_tile]
-            t = int(text_lengths[caption_order[j:j + caps_per_tile]].max())
-            # every image of the tile with every caption: images repeated, captions tiled
-            pair_image = torch.arange(len(img), device=device).repeat_interleave(len(cap))
-            with eval_autocast(device):
-                s = model(input_ids[cap, :t].repeat(len(img), 1), attention_mask[cap, :t].repeat(len(img), 1),
-                          visual=visual[pair_image])
-            scores[img[:, None], cap[None, :]] = s.float().view(len(img), len(cap))
-            if progress is not None:
-                progress.update(len(img) * len(cap))
-    return scores.cpu()
-
-
-@torch.no_grad()
-def score_pairs_uncached(model, images: torch.Tensor, pixel_mask: torch.Tensor, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor, device, pairs_per_batch: int = 64) -> torch.Tensor:
-    """The naive baseline: every pair runs the CNN on its image again (which docs/paper.md
-    warns against). For the equivalence test and the throughput benchmark only."""
-    model = unwrap(model).eval()
-    n_img, n_cap = len(images), len(input_ids)
-    out = torch.empty(n_img * n_cap)
-    for start in range(0, n_img * n_cap, pairs_per_batch):
-        pair = torch.arange(start, min(start + pairs_per_batch, n_img * n_cap))
-        rows, cols = pair // n_cap, pair % n_cap
-        with eval_autocast(device):
-            s = model(input_ids[cols].to(device), attention_mask[cols].to(device), images[rows].to(device),
-                      pixel_mask[rows].to(device))
-        out[start:start + len(pair)] = s.float().cpu()
-    return out.view(n_img, n_cap)
-
-
-def evaluate_retrieval(model, split: RetrievalSplit, tokenizer, transform, max_text_len: int, info: DistInfo,
-                       image_batch_size: int = 64, pairs_per_batch: int = 1024, num_workers: int = 0,
-                       feature_cache: Optional[str] = None, checkpoint: Optional[str] = None,
-                       log=print) -> Optional[Dict[str, Any]]:
-    """Score the full (images x captions) matrix of ``split``, sharded by image rows across ranks.
-
-    Returns, on rank 0, ``dict(scores (n_images, n_captions) float32 numpy, stats)`` (None on the
-    other ranks). ``feature_cache``: a folder where each rank keeps its images' visual tokens."""
-    device = info.device
-    rows = list(shard_range(len(split.image_paths), info))
-    t0 = time.time()
-    cache_file = (os.path.join(feature_cache, f"visual_{len(split.image_paths)}img_rank{info.rank}of"
-                               f"{info.world_size}.pt") if feature_cache else None)
-    cache = encode_images(model, split.image_paths, rows, transform, device, image_batch_size, num_workers,
-                          cache_file, _cache_key(checkpoint), log=log if info.is_main else (lambda *_: None))
-    cnn_seconds = time.time() - t0
-    text = tokenizer(split.captions, max_length=max_text_len)  # tokenised once, for all pairs
-    total = len(rows) * len(split.captions)
-    progress = Progress(total, "pairs", info, label=f"retrieval eval (rank 0 of {info.world_size}): ")
-    t1 = time.time()
-    block = score_rows(model, cache, text.input_ids, text.attention_mask, device, pairs_per_batch, progress)
-    progress.update(0, force=True)
-    score_seconds = time.time() - t1
-    gathered = gather_to_main((rows, block.numpy(), score_seconds), info)
-    if gathered is None:
-        return None
-    scores = np.full((len(split.image_paths), len(split.captions)), np.nan, dtype=np.float32)
-    filled = np.zeros(len(split.image_paths), dtype=np.int64)
-    for part_rows, part, _ in gathered:
-        scores[part_rows] = part
-        filled[part_rows] += 1
-    if not (filled == 1).all():  # every row from exactly one rank
-        raise RuntimeError(f"retrieval gather: rows covered {np.bincount(filled)} times; sharding is broken")
-    n_pairs = scores.size
-    stats = dict(n_images=len(split.image_paths), n_captions=len(split.captions), pairs=n_pairs,
-                 cnn_seconds=cnn_seconds, score_seconds=max(p[2] for p in gathered),
-                 pairs_per_second=n_pairs / max(max(p[2] for p in gathered), 1e-9), world_size=info.world_size)
-    return dict(scores=scores, stats=stats)
-
 
 def retrieval_metrics(scores: np.ndarray, caption_image: np.ndarray, fold_size: int = 1000) -> Dict[str, Any]:
     """R@1/5/10 both ways on the whole matrix (COCO 5K, Flickr30K 1K), plus the COCO 1K protocol
@@ -439,3 +195,113 @@ def retrieval_metrics(scores: np.ndarray, caption_image: np.ndarray, fold_size: 
     if scores.shape[0] == 5 * fold_size:
         out["recall_1k_folds"] = metrics.coco_1k_recall(scores, caption_image, n_folds=5, fold_size=fold_size)
     return out
+
+
+# -------------------------------------------------------------------------------------------------
+#                             The task, as finetune.py and evaluate.py run it
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class RetrievalConfig:
+    """Retrieval's fine-tuning and evaluation fields beyond `pixel_bert.config.TrainConfig` (Sec. 4.2)."""
+    retrieval_negatives: int = 20         # negatives per positive pair [paper]
+    retrieval_hard_negatives: int = 5     # negatives with the highest loss that get gradients [paper]
+    retrieval_negative_kind: str = "both"  # "both": half the negatives pair the image with captions of
+                                          # other images, half the caption with other images; "captions"
+                                          # / "images": only one kind [choice: the paper does not say]
+    retrieval_loss: str = "hard6"         # which reading of "back-propagate only through the 5 negatives with
+                                          # the highest loss": "hard6" softmax over the positive + 5 hardest;
+                                          # "all21" over all 21, the 15 easy scores constant; "all21_offsets"
+                                          # over all 21, the easy ones as offsets from the positive [choice:
+                                          # docs/retrieval.md has the measurement]
+    retrieval_head_from_itm: bool = True  # start the retrieval score layer from a pre-training checkpoint's
+                                          # ITM classifier (both are Linear(h, 1) on [CLS] ranking matched
+                                          # pairs above unmatched ones), so ranking starts from what ITM
+                                          # learned; False: a new layer [choice: the paper does not say]
+    retrieval_eval_pairs: int = 1024      # image-caption pairs scored per forward pass in retrieval evaluation
+
+    ALLOWED: ClassVar[Dict[str, Any]] = {  # see pixel_bert.model.allowed_values
+        "retrieval_negatives": (1, None), "retrieval_hard_negatives": (1, None),
+        "retrieval_negative_kind": NEGATIVE_KINDS, "retrieval_loss": RETRIEVAL_LOSSES, "retrieval_eval_pairs": (1, None)}
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.retrieval_hard_negatives > self.retrieval_negatives:
+            raise ValueError(f"need retrieval_hard_negatives ({self.retrieval_hard_negatives}) <= "
+                             f"retrieval_negatives ({self.retrieval_negatives})")
+
+
+def is_coco(karpathy_json: str) -> bool:
+    """Whether a Karpathy file is COCO's (dataset_coco.json), which trains on train + restval."""
+    return "coco" in os.path.basename(karpathy_json)
+
+
+class Retrieval(DownstreamTask):
+    """Image-text retrieval (Sec. 4.2): a linear score on [CLS], softmax over the positive and 20
+    negatives with hard-negative mining, the CNN frozen; R@1/5/10 both ways."""
+    name = "retrieval"
+    config_class = RetrievalConfig
+    data_flags = ("karpathy_json", "retrieval_images")
+    presets = {"retrieval-f30k": dict(epochs=10, decay_epochs=(6,), batch_size=64, freeze_backbone=True),  # 8 GPUs [paper]
+               "retrieval-coco": dict(epochs=4, decay_epochs=(2,), batch_size=64, freeze_backbone=True)}
+    demo_overrides = dict(epochs=2, decay_epochs=(1,), batch_size=24, lr=5e-4, warmup_steps=30)
+    synthetic_sizes = (1000, 100, 50)  # images, 5 captions each
+    val_split, default_split = "val", "test"
+
+    def add_data_arguments(self, group) -> None:
+        group.add_argument("--karpathy-json", help="Karpathy dataset_coco.json or dataset_flickr30k.json")
+        group.add_argument("--retrieval-images", help="image root: COCO's (holding train2014/ val2014/) or "
+                           "Flickr30K's flickr30k-images/ folder (default: the json's folder)")
+
+    def image_root(self, args) -> str:
+        return args.retrieval_images or os.path.dirname(os.path.abspath(args.karpathy_json))
+
+    def preset(self, args) -> str:
+        return "retrieval-coco" if is_coco(args.karpathy_json) else "retrieval-f30k"
+
+    def init_state(self, state, task_cfg: RetrievalConfig, log):
+        return itm_as_retrieval_head(state, log) if task_cfg.retrieval_head_from_itm else state
+
+    def training_data(self, args, task_cfg: RetrievalConfig, model_cfg, train_cfg, tokenizer, device, out_dir,
+                      log) -> TrainingData:
+        splits = ("train", "restval") if is_coco(args.karpathy_json) else ("train",)
+        records = read_karpathy(args.karpathy_json, self.image_root(args), splits=splits)
+        if not records:
+            raise AnnotationError(f"--karpathy-json {args.karpathy_json}: no caption in the {'/'.join(splits)} "
+                                  "split(s), so it gives no training pair")
+        dataset = CaptionDataset(records, ImageTransform.from_config(model_cfg),
+                                 fatal_bad_samples=train_cfg.fatal_bad_samples)
+        log(f"retrieval: {len(dataset)} training pairs from splits {splits}; {task_cfg.retrieval_negatives} "
+            f"negatives ({task_cfg.retrieval_negative_kind}), {task_cfg.retrieval_hard_negatives} hard; CNN frozen: "
+            f"{train_cfg.freeze_backbone}")
+        groups = aspect_ratio_group_ids(records) if train_cfg.group_by_aspect_ratio else None
+        collate = CaptionCollator(tokenizer, model_cfg.max_text_len, model_cfg.feature_stride)
+
+        def step(model, batch, _):
+            return retrieval_step(model, batch, device, task_cfg.retrieval_negatives,
+                                  task_cfg.retrieval_hard_negatives, task_cfg.retrieval_negative_kind,
+                                  task_cfg.retrieval_loss)
+        return TrainingData(dataset, collate, step, groups, {})
+
+    def evaluate(self, model, tokenizer, args, split, info, out_dir, answers, settings: EvalSettings,
+                 log) -> Dict[str, Any]:
+        require_flags(args, "--karpathy-json")
+        cfg = unwrap(model).config
+        data = read_karpathy_eval(args.karpathy_json, self.image_root(args), split, settings.max_examples,
+                                  settings.max_captions)
+        out = evaluate_retrieval(model, data, tokenizer, ImageTransform.from_config(cfg), cfg.max_text_len,
+                                 info, settings.batch_size, settings.pairs_per_batch, settings.num_workers,
+                                 settings.feature_cache, settings.checkpoint,
+                                 log=log if info.is_main else (lambda *_: None))
+        if not info.is_main:
+            return {}
+        path = metrics.save_score_matrix(os.path.join(out_dir, f"retrieval_{split}_scores.npz"), out["scores"],
+                                         data.image_ids, data.caption_ids, data.caption_image)
+        result = retrieval_metrics(out["scores"], data.caption_image, settings.fold_size)
+        result.update(out["stats"], scores_file=path, chance_r1=100.0 / len(data.image_paths))
+        r = result["recall"]
+        log(f"retrieval {split} ({len(data.image_paths)} images x {len(data.captions)} captions, "
+            f"{out['stats']['pairs_per_second']:.0f} pairs/s): TR R@1/5/10 {r['tr_r1']:.1f}/{r['tr_r5']:.1f}/"
+            f"{r['tr_r10']:.1f}  IR R@1/5/10 {r['ir_r1']:.1f}/{r['ir_r5']:.1f}/{r['ir_r10']:.1f}  "
+            f"(chance R@1 {result['chance_r1']:.1f}), wrote {path}")
+        return result

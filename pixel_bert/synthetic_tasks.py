@@ -267,15 +267,20 @@ def write_retrieval(out_dir: str, n_train: int = 1500, n_val: int = 100, n_test:
 DEFAULT_SIZES = {"vqa": (2000, 300, 100), "nlvr2": (600, 100, 50), "retrieval": (1500, 100, 100)}
 
 
+def task_location(task: str, out_dir: str) -> str:
+    """Where `write_task` puts a task's data, as its loader takes it: the VQA root, the NLVR2 root, or
+    the Karpathy json path."""
+    root = os.path.join(out_dir, task)
+    return os.path.join(root, "dataset_synthetic.json") if task == "retrieval" else root
+
+
 def write_task(task: str, out_dir: str, n_train: Optional[int] = None, n_val: Optional[int] = None,
                n_test: Optional[int] = None, seed: int = 0, image_size: int = 96, **kwargs) -> str:
-    """Write one task's data under ``out_dir/{task}``; returns what the loaders take: the VQA root,
-    the NLVR2 root, or the Karpathy json path."""
+    """Write one task's data under ``out_dir/{task}``; returns `task_location`."""
     d = DEFAULT_SIZES[task]
     sizes = [d[i] if v is None else v for i, v in enumerate((n_train, n_val, n_test))]
-    root = os.path.join(out_dir, task)
     writer = {"vqa": write_vqa, "nlvr2": write_nlvr2, "retrieval": write_retrieval}[task]
-    return writer(root, *sizes, seed=seed, image_size=image_size, **kwargs)
+    return writer(os.path.join(out_dir, task), *sizes, seed=seed, image_size=image_size, **kwargs)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

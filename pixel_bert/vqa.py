@@ -27,17 +27,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import metrics
-from .annotations import AnnotationError, json_field, json_list, read_json
+from .annotations import AnnotationError, CaptionRecord, json_field, json_list, read_json
 from .bad_samples import BadSample, drop_bad_samples
+from .batches import aspect_ratio_group_ids
+from .config import check_fields
 from .distributed import DistInfo
-from .downstream import predict_sharded
-from .images import ImageLoadError, pad_images
+from .downstream import DownstreamTask, EvalSettings, TrainingData, predict_sharded, require_flags
+from .images import ImageLoadError, ImageTransform, pad_images
 from .losses import vqa_loss
+from .saved_model import save_answers
 
 # The COCO image folder of each VQA split: test-dev is a subset of the test2015 images.
 SPLIT_IMAGE_DIRS = {"train2014": "train2014", "val2014": "val2014", "test2015": "test2015",
@@ -264,3 +267,101 @@ def score_vqa(predictions: Dict[int, str], split: VQASplit) -> Dict[str, Any]:
         raise ValueError(f"split {split.split!r} has no annotations: write a submission file instead")
     result = metrics.vqa_accuracy(predictions, split.annotations, split.raw_questions)
     return {k: v for k, v in result.items() if k != "per_question"}
+
+
+# -------------------------------------------------------------------------------------------------
+#                             The task, as finetune.py and evaluate.py run it
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class VQAConfig:
+    """VQA's fine-tuning fields beyond `pixel_bert.config.TrainConfig` (Sec. 4.2; docs/paper.md)."""
+    vqa_min_answer_count: int = 9         # answers in >= this many train+val questions form the
+                                          # vocabulary: 3,129 answers on VQA 2.0 [choice: community standard]
+    vqa_drop_unanswerable: bool = False   # drop training questions with no answer in the vocabulary;
+                                          # default keeps them with an all-zero target [choice: common practice]
+    vqa_train_splits: Tuple[str, ...] = ("train2014",)  # splits to train on, comma-separated (train2014,val2014
+                                          # for a test-dev submission: the val evaluation is then skipped)
+
+    ALLOWED: ClassVar[Dict[str, Any]] = {"vqa_min_answer_count": (1, None)}  # see pixel_bert.model.allowed_values
+
+    def __post_init__(self):
+        self.vqa_train_splits = tuple(self.vqa_train_splits)
+        check_fields(self)
+
+
+class VQA(DownstreamTask):
+    """VQA 2.0 (Sec. 4.2): an MLP on [CLS] over the answer vocabulary, BCE on soft scores."""
+    name = "vqa"
+    config_class = VQAConfig
+    data_flags = ("vqa_root", "vqa_images")
+    presets = {"vqa": dict(epochs=18, decay_epochs=(12, 16), batch_size=16)}  # 256 over 16 GPUs [paper]
+    demo_overrides = dict(epochs=3, decay_epochs=(2,), batch_size=32, lr=5e-4, cnn_lr=0.02, warmup_steps=30)
+    synthetic_sizes = (1500, 200, 50)  # images
+    val_split = default_split = "val2014"
+
+    def add_data_arguments(self, group) -> None:
+        group.add_argument("--vqa-root", help="folder with v2_OpenEnded_mscoco_<split>_questions.json and "
+                           "v2_mscoco_<split>_annotations.json")
+        group.add_argument("--vqa-images", help="COCO image root holding train2014/ val2014/ test2015/ "
+                           "(default: --vqa-root)")
+
+    def image_root(self, args) -> str:
+        return args.vqa_images or args.vqa_root
+
+    def skip_evaluation(self, split: str, task_cfg: VQAConfig) -> Optional[str]:
+        return f"{split} is one of the training splits" if split in task_cfg.vqa_train_splits else None
+
+    def training_data(self, args, task_cfg: VQAConfig, model_cfg, train_cfg, tokenizer, device, out_dir,
+                      log) -> TrainingData:
+        """The training questions, and the answer vocabulary from train + val (saved as answers.json;
+        the VQA head gets one output per answer)."""
+        images = self.image_root(args)
+        splits = list(task_cfg.vqa_train_splits)
+        train = [read_vqa(args.vqa_root, s, images) for s in splits]
+        for s, t in zip(splits, train):
+            if not t.questions:
+                raise AnnotationError(f"{vqa_files(args.vqa_root, s)[0]}: 'questions' is an empty list, so "
+                                      f"--vqa-train-splits {s} gives no training question")
+        if any(t.annotations is None for t in train):
+            raise ValueError(f"--vqa-train-splits {','.join(splits)}: a split without annotations cannot train")
+        vocab_splits = {s: t for s, t in zip(splits, train)}
+        for s in ("train2014", "val2014"):  # the vocabulary always counts train + val
+            if s not in vocab_splits and os.path.isfile(os.path.join(args.vqa_root, f"v2_mscoco_{s}_annotations.json")):
+                vocab_splits[s] = read_vqa(args.vqa_root, s, images)
+        # The answer classes come from train + val together (the community standard, docs/paper.md).
+        answers = answer_vocabulary([t.annotations for t in vocab_splits.values()], task_cfg.vqa_min_answer_count)
+        save_answers(os.path.join(out_dir, "answers.json"), answers)
+        model_cfg.num_answers = len(answers)
+        dataset = VQADataset([q for t in train for q in t.questions], answers, ImageTransform.from_config(model_cfg),
+                             task_cfg.vqa_drop_unanswerable, train_cfg.fatal_bad_samples)
+        log(f"vqa: {len(dataset)} training questions, {len(answers)} answers (min count "
+            f"{task_cfg.vqa_min_answer_count}), {dataset.num_unanswerable} with no answer in the vocabulary "
+            f"({'dropped' if task_cfg.vqa_drop_unanswerable else 'kept with all-zero targets'})")
+        groups = (aspect_ratio_group_ids([CaptionRecord(q[0].image_path, "", "") for q in dataset.items])
+                  if train_cfg.group_by_aspect_ratio else None)
+        collate = VQACollator(tokenizer, model_cfg.max_text_len, len(answers), model_cfg.feature_stride)
+        return TrainingData(dataset, collate, lambda model, batch, _: vqa_step(model, batch, device), groups,
+                            {"answers": answers})
+
+    def evaluate(self, model, tokenizer, args, split, info, out_dir, answers, settings: EvalSettings,
+                 log) -> Dict[str, Any]:
+        require_flags(args, "--vqa-root")
+        cfg = model.config
+        data = read_vqa(args.vqa_root, split, self.image_root(args), settings.max_examples)
+        dataset = VQADataset(data.questions, answers, ImageTransform.from_config(cfg))
+        collate = VQACollator(tokenizer, cfg.max_text_len, len(answers), cfg.feature_stride)
+        preds = predict_vqa(model, dataset, collate, answers, info, settings.batch_size, settings.num_workers)
+        if not info.is_main:
+            return {}
+        name = "submission" if data.annotations is None else "results"
+        result: Dict[str, Any] = {"predictions_file": metrics.write_vqa_submission(
+            os.path.join(out_dir, f"vqa_{split}_{name}.json"), preds)}
+        if data.annotations is not None:
+            result.update(score_vqa(preds, data))
+            # reference: always answering the most frequent training answer
+            result["prior_baseline"] = score_vqa({q: answers[0] for q in preds}, data)["overall"]
+            log(f"vqa {split}: accuracy {result['overall']:.2f} (per type {result['per_answer_type']}; "
+                f"most-frequent-answer baseline {result['prior_baseline']:.2f})")
+        log(f"vqa {split}: wrote {result['predictions_file']}")
+        return result

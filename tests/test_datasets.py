@@ -18,7 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from pixel_bert import datasets as ds, evaluation, finetune, train
+from pixel_bert import datasets as ds, finetune, train
+from pixel_bert.tasks import TASKS
 from pixel_bert.annotations import karpathy_coco_ids, read_visual_genome
 
 # ---- trees in the official layouts ----------------------------------------------------------------
@@ -288,7 +289,7 @@ def test_verify_flags_and_defaults_match_train_finetune_evaluate():
     args = verify.parse_args(["--vqa-root", "v", "--nlvr2-root", "n", "--karpathy-json", "k/dataset_coco.json"])
     resolved = ds.resolve_image_roots(args)
     assert (resolved["vqa_images"], resolved["nlvr2_images"], resolved["retrieval_images"]) == (
-        evaluation.vqa_images(args), evaluation.nlvr2_images(args), evaluation.retrieval_images(args))
+        TASKS["vqa"].image_root(args), TASKS["nlvr2"].image_root(args), TASKS["retrieval"].image_root(args))
 
 
 def test_vg_left_out_images_match_the_reader_exclusion(tmp_path):

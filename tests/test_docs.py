@@ -278,11 +278,15 @@ def config_fields():
     """{class name: its field names} of the configuration dataclasses the docs cite."""
     import dataclasses
     from pixel_bert.config import ModelConfig, TrainConfig
-    from pixel_bert.downstream import TaskConfig
-    return {cls.__name__: {f.name for f in dataclasses.fields(cls)} for cls in (ModelConfig, TrainConfig, TaskConfig)}
+    from pixel_bert.downstream import DownstreamConfig
+    from pixel_bert.model import PixelBertConfig
+    from pixel_bert.retrieval import RetrievalConfig
+    from pixel_bert.vqa import VQAConfig
+    return {cls.__name__: {f.name for f in dataclasses.fields(cls)}
+            for cls in (PixelBertConfig, ModelConfig, TrainConfig, DownstreamConfig, VQAConfig, RetrievalConfig)}
 
 
-CONFIG_REF = re.compile(r"\b(ModelConfig|TrainConfig|TaskConfig)\.(\w+)")
+CONFIG_REF = re.compile(r"\b(PixelBertConfig|ModelConfig|TrainConfig|DownstreamConfig|VQAConfig|RetrievalConfig)\.(\w+)")
 
 
 @pytest.mark.parametrize("source_file", MARKDOWN + PYTHON)

@@ -12,13 +12,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pixel_bert import evaluate, finetune, losses, metrics, nlvr2, retrieval, synthetic, synthetic_tasks, vqa
+from pixel_bert import (evaluate, finetune, losses, metrics, nlvr2, retrieval, retrieval_scoring, synthetic,
+                        synthetic_tasks, vqa)
 from pixel_bert.annotations import AnnotationError
 from pixel_bert.config import make_model_config
 from pixel_bert.distributed import DistInfo
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForRetrieval
 from pixel_bert.images import ImageTransform, load_image, pad_images
 from pixel_bert.saved_model import save_model
+from pixel_bert.tasks import TASKS
 from pixel_bert.tokenizer import WordPieceTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -312,21 +314,21 @@ def test_cached_features_give_the_per_pair_cnn_scores(ret_ckpt, retrieval_json, 
     split = retrieval.read_karpathy_eval(retrieval_json, os.path.dirname(retrieval_json), "test")
     transform = ImageTransform.from_config(model.config)
     info = DistInfo()
-    out = retrieval.evaluate_retrieval(model, split, tokenizer, transform, 24, info, image_batch_size=4,
+    out = retrieval_scoring.evaluate_retrieval(model, split, tokenizer, transform, 24, info, image_batch_size=4,
                                        pairs_per_batch=7)
     images, mask = pad_images([transform(load_image(p)) for p in split.image_paths])
     text = tokenizer(split.captions, max_length=24)
-    naive = retrieval.score_pairs_uncached(model, images, mask, text.input_ids, text.attention_mask,
+    naive = retrieval_scoring.score_pairs_uncached(model, images, mask, text.input_ids, text.attention_mask,
                                            torch.device("cpu"), pairs_per_batch=5)
     assert out["scores"].shape == (6, 18) and np.allclose(out["scores"], naive.numpy(), atol=1e-5)
     assert out["scores"].std() > 1e-3  # the scores really differ between pairs
     # the on-disk cache: written on the first run, read (same scores) on the second
     cache = str(tmp_path / "feats")
-    first = retrieval.evaluate_retrieval(model, split, tokenizer, transform, 24, info, feature_cache=cache,
+    first = retrieval_scoring.evaluate_retrieval(model, split, tokenizer, transform, 24, info, feature_cache=cache,
                                          checkpoint=ret_ckpt)
     assert len(os.listdir(cache)) == 1
     logs = []
-    second = retrieval.evaluate_retrieval(model, split, tokenizer, transform, 24, info, feature_cache=cache,
+    second = retrieval_scoring.evaluate_retrieval(model, split, tokenizer, transform, 24, info, feature_cache=cache,
                                           checkpoint=ret_ckpt, log=logs.append)
     assert any("from cache" in line for line in logs)
     assert np.array_equal(first["scores"], second["scores"])
@@ -376,7 +378,7 @@ def test_finetune_then_evaluate_end_to_end(task, pre_ckpt, tmp_path):
     data = os.path.join(run, "data", task)
     flags = {"vqa": ["--vqa-root", data], "nlvr2": ["--nlvr2-root", data],
              "retrieval": ["--karpathy-json", os.path.join(data, "dataset_synthetic.json")]}[task]
-    split = finetune.VAL_SPLITS[task]
+    split = TASKS[task].val_split
     again = evaluate.main(["--task", task, "--checkpoint", os.path.join(run, "model.pt"), "--split", split,
                            "--output-dir", str(tmp_path / "eval"), "--num-workers", "0"] + flags)
     final = result["eval"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pixel_bert import retrieval
+from pixel_bert import retrieval_scoring
 from pixel_bert.config import IMAGENET_MEAN, IMAGENET_STD
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForRetrieval
 from pixel_bert.images import ImageTransform, jpeg_draft_scale, load_image, pad_images
@@ -170,7 +170,7 @@ def test_sorted_tiled_retrieval_scores_equal_per_pair_scores(tiny_config, tmp_pa
     transform = ImageTransform(32, 64, IMAGENET_MEAN, IMAGENET_STD)
     sizes = [(64, 32), (32, 32), (40, 64), (64, 48), (32, 32)]
     paths = [_photo(tmp_path / f"{i}.jpg", w, h, seed=i) for i, (w, h) in enumerate(sizes)]
-    cache = retrieval.encode_images(model, paths, range(len(paths)), transform, torch.device("cpu"),
+    cache = retrieval_scoring.encode_images(model, paths, range(len(paths)), transform, torch.device("cpu"),
                                     batch_size=5, log=lambda *_: None)  # padded as the reference
     assert len(set(cache.lengths)) >= 3
     n_cap, T = 7, 9
@@ -178,10 +178,10 @@ def test_sorted_tiled_retrieval_scores_equal_per_pair_scores(tiny_config, tmp_pa
     lengths = torch.tensor([9, 3, 5, 9, 4, 6, 3])
     mask = torch.arange(T)[None, :] < lengths[:, None]
     ids = ids.masked_fill(~mask, 0)
-    tiled = retrieval.score_rows(model, cache, ids, mask, torch.device("cpu"), pairs_per_batch=6)
+    tiled = retrieval_scoring.score_rows(model, cache, ids, mask, torch.device("cpu"), pairs_per_batch=6)
     # padded as encode_images pads (to a multiple of the feature stride): padding changes the CNN's
     # output at an image's border (its max-pool windows see padded pixels there, not -inf)
     images, pixel_mask = pad_images([transform.load(p) for p in paths], size_divisor=tiny_config.feature_stride)
-    naive = retrieval.score_pairs_uncached(model, images, pixel_mask, ids, mask, torch.device("cpu"))
+    naive = retrieval_scoring.score_pairs_uncached(model, images, pixel_mask, ids, mask, torch.device("cpu"))
     assert tiled.shape == (5, 7) and torch.allclose(tiled, naive, atol=1e-5)
     assert naive.std() > 1e-3

@@ -990,7 +990,7 @@ def test_evaluate_refuses_a_vqa_checkpoint_whose_answers_do_not_fit_its_head(tmp
 
 
 def test_retrieval_evaluation_names_every_unreadable_image_before_scoring(tmp_path):
-    from pixel_bert import retrieval
+    from pixel_bert import retrieval_scoring
     from pixel_bert.heads import PixelBertForRetrieval
     cfg = make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     model = PixelBertForRetrieval(cfg).eval()
@@ -1003,12 +1003,12 @@ def test_retrieval_evaluation_names_every_unreadable_image_before_scoring(tmp_pa
     open(paths[6], "wb").close()                             # empty
     transform = ImageTransform(32, 64, IMAGENET_MEAN, IMAGENET_STD)
     with pytest.raises(ImageLoadError, match=r"^3 of 7 evaluation images cannot be read") as err:
-        retrieval.encode_images(model, paths, range(7), transform, torch.device("cpu"), batch_size=2,
+        retrieval_scoring.encode_images(model, paths, range(7), transform, torch.device("cpu"), batch_size=2,
                                 log=lambda *_: None)  # the first bad one is in the first batch
     for bad in (paths[1], paths[4], paths[6]):
         assert bad in str(err.value)
     for good in (paths[0], paths[2], paths[3], paths[5]):
         assert good not in str(err.value)
-    cache = retrieval.encode_images(model, paths[::2][:2] + [paths[5]], range(3), transform,
+    cache = retrieval_scoring.encode_images(model, paths[::2][:2] + [paths[5]], range(3), transform,
                                     torch.device("cpu"), batch_size=2, log=lambda *_: None)
     assert cache.embeddings.shape[0] == 3  # readable images alone go through
