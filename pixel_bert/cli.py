@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import re
 from dataclasses import fields
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from .model import field_problem
 
@@ -114,3 +114,18 @@ def apply_overrides(cfg, args) -> list:
     if changed:
         cfg.__post_init__()
     return changed
+
+
+def flag_name(dest: str) -> str:
+    """The command-line spelling of an argparse dest: ``coco_images`` -> ``--coco-images``."""
+    return f"--{dest.replace('_', '-')}"
+
+
+def flag_without_companion(args, needs: Dict[str, str]) -> Optional[str]:
+    """Why the data flags cannot be used as given, or None: ``needs`` maps a flag (argparse dest) to the
+    flag it is read together with (an image folder to its annotation file), so that a flag given alone,
+    which would be ignored (and the run fall back to the synthetic data), is an error instead."""
+    for dest, needed in needs.items():
+        if getattr(args, dest) and not getattr(args, needed):
+            return f"{flag_name(dest)} is given without {flag_name(needed)}, which names the annotations to read"
+    return None

@@ -12,16 +12,17 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .config import check_fields
 from .bad_samples import BadDataError, BadSampleReporter, describe_bad_samples
+from .config import check_fields
 from .distributed import DistInfo, broadcast_from_main, gather_to_main, sharded_loader
 from .files import write_json
 from .precision import eval_autocast
 from .progress import Progress
+from .runs import TrainingData
 
 
 @dataclass
@@ -46,17 +47,6 @@ class EvalSettings:
     feature_cache: Optional[str] = None
     checkpoint: Optional[str] = None
     fold_size: int = 1000
-
-
-class TrainingData(NamedTuple):
-    """What a task gives the Trainer: its training set, how to batch it, its loss step
-    (``step_fn(model, batch, step) -> {"loss": ...}``), aspect-ratio group ids or None, and what the
-    saved model carries besides its weights (e.g. VQA's answer list)."""
-    dataset: Any
-    collate_fn: Callable
-    step_fn: Callable
-    groups: Optional[List[int]]
-    extra: Dict[str, Any]
 
 
 # The synthetic CPU demo's overrides common to every task (each task adds its own ``demo_overrides``).

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -42,9 +41,8 @@ from pixel_bert.annotations import read_json
 from pixel_bert.distributed import distributed, exit_after_distributed_run, share_cpu_threads
 from pixel_bert.downstream import EvalSettings, evaluate_split
 from pixel_bert.files import write_json
-from pixel_bert.saved_model import load_model
+from pixel_bert.saved_model import load_saved_model
 from pixel_bert.tasks import TASKS
-from pixel_bert.tokenizer import WordPieceTokenizer
 
 # -------------------------------------------------------------------------------------------------
 #                                      Model-free scoring
@@ -124,7 +122,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return result
     if not args.checkpoint:
         raise SystemExit("error: give --checkpoint (run a model) or --predictions / --scores (score files)")
-    model, ckpt, tokenizer = load_task_checkpoint(args.checkpoint, args.task)
+    try:
+        saved = load_saved_model(args.checkpoint, task=args.task)
+        tokenizer = saved.tokenizer()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    model = saved.model
     settings = EvalSettings(args.batch_size, args.pairs_per_batch, args.num_workers, args.max_examples,
                             args.max_captions, args.feature_cache, args.checkpoint, args.fold_size)
     out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
@@ -135,27 +138,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             model = torch.compile(model)
         task = TASKS[args.task]
         result = evaluate_split(task, model, tokenizer, args, args.split or task.default_split, info, out_dir,
-                                ckpt.get("answers"), settings)
+                                saved.answers, settings)
         if info.is_main:
             print(json.dumps({k: v for k, v in result.items() if k != "per_question_type"}, indent=2, default=str))
     return result
-
-
-def load_task_checkpoint(path: str, task: str):
-    """(model, checkpoint dict, tokenizer) of a fine-tuned model.pt, checked against ``task``."""
-    model, ckpt = load_model(path)
-    if ckpt.get("task") != task:
-        raise SystemExit(f"error: {path} is a {ckpt.get('task')!r} model, not {task!r}")
-    if "vocab" not in ckpt:
-        raise SystemExit(f"error: {path} carries no 'vocab'; re-save it with finetune.py")
-    if task == "vqa" and not ckpt.get("answers"):
-        raise SystemExit(f"error: {path} carries no 'answers' list; it was not written by finetune.py")
-    if task == "vqa" and len(ckpt["answers"]) != model.config.num_answers:
-        raise SystemExit(f"error: {path} lists {len(ckpt['answers'])} answers but its VQA head scores "
-                         f"{model.config.num_answers}: the answer list belongs to another model")
-    with tempfile.TemporaryDirectory() as tmp:  # the tokenizer reads its vocab.txt once, here
-        tokenizer = WordPieceTokenizer.from_tokens(ckpt["vocab"], os.path.join(tmp, "vocab.txt"))
-    return model, ckpt, tokenizer
 
 
 def cli():

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from dataclasses import fields
 from typing import List, Optional
 
@@ -36,18 +35,16 @@ import torch
 import torch.distributed as dist
 
 from pixel_bert import synthetic_tasks
-from pixel_bert.batches import epoch_batch_sampler
-from pixel_bert.cli import NOT_GIVEN, add_config_arguments, apply_overrides
+from pixel_bert.cli import NOT_GIVEN, add_config_arguments, apply_overrides, flag_name, flag_without_companion
 from pixel_bert.config import ModelConfig, TrainConfig, config_to_dict, make_model_config
-from pixel_bert.distributed import distributed, exit_after_distributed_run, share_cpu_threads, unwrap
+from pixel_bert.distributed import distributed, exit_after_distributed_run, unwrap
 from pixel_bert.downstream import (DEMO_COMMON, DownstreamConfig, DownstreamTask, EvalSettings, check_splits,
                                    evaluate_split)
 from pixel_bert.factory import create_model, model_from_state
-from pixel_bert.files import make_output_folder, write_json, write_text
-from pixel_bert.runs import tokenizer_for_run
-from pixel_bert.saved_model import config_for_init, read_checkpoint
+from pixel_bert.files import write_text
+from pixel_bert.runs import fit_run, start_run, tokenizer_for_run
+from pixel_bert.saved_model import load_saved_model
 from pixel_bert.tasks import TASKS
-from pixel_bert.trainer import Trainer
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -105,15 +102,12 @@ def task_flags(task: DownstreamTask) -> List[str]:
 def unused_flags(args) -> Optional[str]:
     """Why the flags cannot be used as given (another task's data or config flag, or an image folder
     without its annotations, would be ignored and the run would fall back to synthetic data), or None."""
-    flag = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
     for name, task in TASKS.items():
         given = [n for n in task_flags(task) if getattr(args, n) not in (None, NOT_GIVEN)]
         if name != args.task and given:
-            return f"{flag(given[0])} is a flag of --task {name}, but this is --task {args.task}"
+            return f"{flag_name(given[0])} is a flag of --task {name}, but this is --task {args.task}"
     annotations, images = TASKS[args.task].data_flags
-    if getattr(args, images) and not getattr(args, annotations):
-        return f"{flag(images)} is given without {flag(annotations)}, which names the annotations to read"
-    return None
+    return flag_without_companion(args, {images: annotations})
 
 
 def prepare_synthetic(args, task: DownstreamTask, out_dir: str, image_size: int, info) -> None:
@@ -136,13 +130,13 @@ def prepare_synthetic(args, task: DownstreamTask, out_dir: str, image_size: int,
 
 
 def build_model_config(args, synthetic_data: bool):
-    """(ModelConfig, init checkpoint dict or None, fields the flags changed): the checkpoint's own
+    """(ModelConfig, the --init `SavedModel` or None, fields the flags changed): the checkpoint's own
     sizes, or a preset's, then the flags."""
-    ckpt = read_checkpoint(args.init) if args.init and args.init != "none" else None
-    cfg = config_for_init(ckpt) if ckpt is not None else make_model_config(
+    init = load_saved_model(args.init, build=False) if args.init and args.init != "none" else None
+    cfg = init.config_for_init() if init is not None else make_model_config(
         args.model_preset or ("tiny" if synthetic_data else "r50"))
     try:
-        return cfg, ckpt, apply_overrides(cfg, args)
+        return cfg, init, apply_overrides(cfg, args)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -185,12 +179,12 @@ def build_train_config(args, task: DownstreamTask, synthetic_data: bool):
     return preset, train_cfg, eval_cfg, task_cfg, bool(demo)
 
 
-def build_task_model(args, task: DownstreamTask, ckpt, model_cfg: ModelConfig, train_cfg: TrainConfig, task_cfg,
+def build_task_model(args, task: DownstreamTask, init, model_cfg: ModelConfig, train_cfg: TrainConfig, task_cfg,
                      info, log):
     """The task model from the --init checkpoint's shared weights (its load report logged), or from
     BERT + ImageNet; the CNN frozen when the recipe says so (retrieval)."""
-    if ckpt is not None:
-        model = model_from_state(task.name, model_cfg, task.init_state(ckpt["model"], task_cfg, log), args.init, log)
+    if init is not None:
+        model = model_from_state(task.name, model_cfg, task.init_state(init.state, task_cfg, log), args.init, log)
     else:
         model = create_model(model_cfg, task.name, verbose=info.is_main)
     if train_cfg.freeze_backbone:
@@ -201,21 +195,19 @@ def build_task_model(args, task: DownstreamTask, ckpt, model_cfg: ModelConfig, t
 def run(args, info):
     task = TASKS[args.task]
     log = print if info.is_main else (lambda *_: None)
-    out_dir = args.output_dir or os.path.join("runs", f"finetune-{task.name}")
-    make_output_folder(out_dir)
-    share_cpu_threads(info)
+    out_dir = start_run(args.output_dir or os.path.join("runs", f"finetune-{task.name}"), info)
     synthetic_data = not has_real_data(args, task)
     eval_split = args.eval_split or task.val_split
     check_splits(eval_split)  # before any work: a test split is never used here
-    model_cfg, ckpt, model_changed = build_model_config(args, synthetic_data)
+    model_cfg, init, model_changed = build_model_config(args, synthetic_data)
     if synthetic_data:
         prepare_synthetic(args, task, out_dir, model_cfg.image_short_side, info)
     preset, train_cfg, eval_cfg, task_cfg, demo = build_train_config(args, task, synthetic_data)
     torch.manual_seed(train_cfg.seed)
 
-    tokenizer = tokenizer_for_run(model_cfg, out_dir, synthetic_data, ckpt and ckpt.get("vocab"))
+    tokenizer = tokenizer_for_run(model_cfg, out_dir, synthetic_data, init.vocab if init else None)
     data = task.training_data(args, task_cfg, model_cfg, train_cfg, tokenizer, info.device, out_dir, log)
-    model = build_task_model(args, task, ckpt, model_cfg, train_cfg, task_cfg, info, log)
+    model = build_task_model(args, task, init, model_cfg, train_cfg, task_cfg, info, log)
     log(f"run folder {out_dir}: task {task.name}, preset {preset}{' + demo overrides' if demo else ''}, "
         f"{'synthetic' if synthetic_data else 'real'} data, model {model_cfg.backbone} + "
         f"{model_cfg.num_layers}x{model_cfg.hidden_size}, device {info.device}, {info.world_size} process(es)"
@@ -227,24 +219,9 @@ def run(args, info):
                   "data": {name: getattr(args, name) for name in task.data_flags}
                   | {k: v for k, v in vars(args).items() if k.startswith("synthetic_")},
                   "model_extra": {"vocab": tokenizer.vocab, **data.extra}}
-    make_batch_sampler = epoch_batch_sampler(data.dataset, train_cfg.batch_size, train_cfg.seed, info.world_size,
-                                             info.rank, data.groups)
-    trainer = Trainer(model, train_cfg, out_dir, data.dataset, data.collate_fn, make_batch_sampler, data.step_fn,
-                      info, run_config)
-    trainer.resume(None if args.resume == "none" else args.resume)
-    if info.is_main:  # only once the resume is accepted: a refused resume leaves the run's files alone
-        write_json(os.path.join(out_dir, "config.json"),
-                   {**run_config, "model_extra": {"vocab_size": tokenizer.vocab_size,
-                                                  **({"num_answers": len(data.extra["answers"])}
-                                                     if "answers" in data.extra else {})}})
-    started = time.time()
-    trainer.fit(max_steps=args.max_steps)
-    result = {"task": task.name, "train_seconds": time.time() - started, "steps": trainer.step}
-    result.update(final_evaluation(args, task, trainer, tokenizer, eval_split, eval_cfg, task_cfg, train_cfg,
-                                   data.extra, info, out_dir, log))
-    if info.is_main:
-        write_json(os.path.join(out_dir, "result.json"), result)
-    return result
+    return fit_run(model, train_cfg, out_dir, data, run_config, info, None if args.resume == "none" else args.resume,
+                   args.max_steps, lambda trainer: final_evaluation(args, task, trainer, tokenizer, eval_split, eval_cfg,
+                                                                     task_cfg, train_cfg, data.extra, info, out_dir, log))
 
 
 def final_evaluation(args, task: DownstreamTask, trainer, tokenizer, eval_split, eval_cfg, task_cfg, train_cfg,

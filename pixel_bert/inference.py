@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -45,7 +44,7 @@ import torch
 from PIL import Image
 
 from .images import ImageTransform, load_image, pad_images
-from .saved_model import load_model
+from .saved_model import load_saved_model
 from .tokenizer import WordPieceTokenizer
 
 ImageLike = Union[Image.Image, str, os.PathLike]
@@ -160,38 +159,12 @@ class PixelBertPredictor:
         """Load a pixel-bert checkpoint once: a ``model.pt`` of train.py or of a fine-tuning run, or
         a model folder (``RUN/model/`` of the same runs, or one written by ``python -m pixel_bert.export``).
 
-        The task model is the checkpoint's own (``ckpt["task"]``: "pretrain" gives the MLM and ITM
-        heads, "vqa" the VQA head). The vocabulary is the checkpoint's ``vocab`` list, else the
-        config's ``vocab_file``. A model.pt is read with ``weights_only=True``, a folder without any
-        pickle (`saved_model.read_checkpoint`). ``from_pretrained`` is the same function.
+        The task model is the checkpoint's own ("pretrain" gives the MLM and ITM heads, "vqa" the VQA
+        head), every tensor of it read from the file; the vocabulary and answers are the checkpoint's
+        (`saved_model.load_saved_model`). ``from_pretrained`` is the same function.
         """
-        model, ckpt = load_model(path)
-        task = ckpt.get("task", "pretrain")
-        # load_model keeps heads the checkpoint lacks at their random init; at inference that would
-        # give confident nonsense, so every tensor of the model must come from the file.
-        absent = sorted(set(model.state_dict()) - set(ckpt["model"]))
-        if absent:
-            raise ValueError(f"{path}: checkpoint of task {task!r} lacks {len(absent)} tensors of its own "
-                             f"model, e.g. {absent[:3]}")
-        if ckpt.get("vocab"):
-            # the tokenizer reads its vocab.txt once, at construction: a temporary file is enough
-            with tempfile.TemporaryDirectory(prefix="pixel_bert_vocab_") as vocab_dir:
-                tokenizer = WordPieceTokenizer.from_tokens(ckpt["vocab"], os.path.join(vocab_dir, "vocab.txt"))
-        elif model.config.vocab_file:
-            tokenizer = WordPieceTokenizer(model.config.vocab_file)
-        else:
-            raise ValueError(f"{path}: the checkpoint stores no 'vocab' list and its config names no "
-                             "vocab_file, so its text cannot be tokenised")
-        if tokenizer.vocab_size != model.config.vocab_size:
-            raise ValueError(f"{path}: vocabulary of {tokenizer.vocab_size} tokens for a model with "
-                             f"vocab_size {model.config.vocab_size}")
-        answers = ckpt.get("answers")
-        if task == "vqa":
-            if not answers:
-                raise ValueError(f"{path}: a 'vqa' checkpoint without its 'answers' list cannot name answers")
-            if len(answers) != model.config.num_answers:
-                raise ValueError(f"{path}: {len(answers)} answers for a head of {model.config.num_answers}")
-        return cls(model, tokenizer, task, answers, source=path, device=device)
+        saved = load_saved_model(path)
+        return cls(saved.model, saved.tokenizer(), saved.task, saved.answers, source=path, device=device)
 
     from_pretrained = from_checkpoint  # the name the ecosystem loads a model folder with
 

@@ -28,9 +28,10 @@ from . import metrics
 from .annotations import AnnotationError
 from .bad_samples import BadSample, drop_bad_samples
 from .distributed import DistInfo
-from .downstream import DownstreamTask, EvalSettings, TrainingData, predict_sharded, require_flags
+from .downstream import DownstreamTask, EvalSettings, predict_sharded, require_flags
 from .files import write_text
 from .images import ImageLoadError, ImageTransform, pad_images
+from .runs import TrainingData
 
 
 class NLVR2Example(NamedTuple):

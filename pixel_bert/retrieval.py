@@ -43,11 +43,12 @@ from .annotations import AnnotationError, json_field, json_list, karpathy_images
 from .batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids
 from .config import check_fields
 from .distributed import unwrap
-from .downstream import DownstreamTask, EvalSettings, TrainingData, require_flags
+from .downstream import DownstreamTask, EvalSettings, require_flags
 from .images import ImageTransform
 from .losses import RETRIEVAL_LOSSES, hard_negative_loss
 from .model import VisualTokens
 from .retrieval_scoring import RetrievalSplit, evaluate_retrieval
+from .runs import TrainingData
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,11 +1,17 @@
 """pixel-bert's own saved models: a ``model.pt`` (read with weights_only=True) or a model folder
-(config.json, model.safetensors, vocab.txt, answers.json: no pickle at all); `read_checkpoint`
-reads both into the same dict.
+(config.json, model.safetensors, vocab.txt, answers.json: no pickle at all).
+
+    load_saved_model    the one way back: the model with its tokenizer and answers, every part checked
+                        (the predictor, evaluate.py, and the --init of train.py and finetune.py use it)
+    read_checkpoint     the raw dict of either format (export.py copies it)
+    save_model, write_model_folder, save_model_folder   the two formats, written atomically
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,7 +23,7 @@ from .factory import load_checkpoint_weights
 from .files import atomic_folder, save_torch, write_bytes, write_json
 from .heads import TASK_MODELS
 from .tensor_files import load_weights_only, read_safetensors
-from .tokenizer import write_vocab_file
+from .tokenizer import WordPieceTokenizer, write_vocab_file
 
 
 # -------------------------------------------------------------------------------------------------
@@ -47,27 +53,70 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def config_for_init(ckpt: dict) -> ModelConfig:
-    """The model config of a checkpoint that starts a new run (``--init``): its own sizes, with the
-    BERT / ImageNet initial-weight paths cleared, since the checkpoint holds both."""
-    config = config_from_dict(ModelConfig, dict(ckpt["model_config"]))
-    config.backbone_weights, config.bert_weights = None, None
-    return config
+@dataclass
+class SavedModel:
+    """A saved model as `load_saved_model` reads it back: its task, its configuration, its weights,
+    its vocabulary and (VQA) its answer list, checked against each other; ``model`` is the task model
+    with every tensor loaded (None when not built)."""
+    source: str
+    task: str
+    config: ModelConfig
+    state: Dict[str, torch.Tensor]
+    vocab: Optional[List[str]]
+    answers: Optional[List[str]]
+    model: Optional[nn.Module] = None
+
+    def tokenizer(self) -> WordPieceTokenizer:
+        """The model's WordPiece tokenizer: its own vocabulary, else its config's ``vocab_file``."""
+        if self.vocab:
+            with tempfile.TemporaryDirectory(prefix="pixel_bert_vocab_") as folder:  # read once, at construction
+                return WordPieceTokenizer.from_tokens(self.vocab, os.path.join(folder, "vocab.txt"))
+        if self.config.vocab_file:
+            return WordPieceTokenizer(self.config.vocab_file)
+        raise ValueError(f"{self.source}: the checkpoint stores no 'vocab' list and its config names no "
+                         "vocab_file, so its text cannot be tokenised")
+
+    def config_for_init(self) -> ModelConfig:
+        """The configuration of a new run started from these weights (``--init``): the same sizes, with
+        the BERT / ImageNet initial-weight paths cleared, since the checkpoint holds both."""
+        config = config_from_dict(ModelConfig, config_to_dict(self.config))
+        config.backbone_weights, config.bert_weights = None, None
+        return config
 
 
-def load_model(path: str, task: Optional[str] = None, **config_overrides):
-    """Build the task model stored in (or asked of) a checkpoint and load its weights.
-
-    ``task`` None builds the checkpoint's own task (``ckpt['task']``, default "pretrain")."""
+def load_saved_model(path: str, task: Optional[str] = None, build: bool = True) -> SavedModel:
+    """Read a saved model (a ``model.pt`` or a model folder) and check that its parts belong together:
+    the vocabulary fits the embedding table, a VQA model names one answer per output, and ``task``
+    (when given) is the model's own. With ``build`` the task model is built and every one of its
+    tensors loaded from the file (a head left at random init would give confident nonsense)."""
     ckpt = read_checkpoint(path)
-    config = config_from_dict(ModelConfig, {**ckpt["model_config"], **config_overrides})
+    saved_task = ckpt.get("task", "pretrain")
+    if task is not None and saved_task != task:
+        raise ValueError(f"{path} is a {saved_task!r} model, not {task!r}")
+    if saved_task not in TASK_MODELS:
+        raise ValueError(f"{path}: unknown task {saved_task!r}; choose from {sorted(TASK_MODELS)}")
+    try:
+        config = config_from_dict(ModelConfig, dict(ckpt["model_config"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: 'model_config' is not a valid ModelConfig ({e})") from e
     config.backbone_weights = None  # the checkpoint holds the CNN
-    task = task or ckpt.get("task", "pretrain")
-    if task not in TASK_MODELS:
-        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_MODELS)}")
-    model = TASK_MODELS[task](config)
-    load_checkpoint_weights(model, ckpt["model"], path, verbose=False)
-    return model, ckpt
+    vocab, answers = ckpt.get("vocab"), ckpt.get("answers")
+    if vocab is not None and len(vocab) != config.vocab_size:
+        raise ValueError(f"{path}: vocabulary of {len(vocab)} tokens for a model with vocab_size {config.vocab_size}")
+    if saved_task == "vqa" and not answers:
+        raise ValueError(f"{path}: a 'vqa' checkpoint without its 'answers' list cannot name answers")
+    if saved_task == "vqa" and len(answers) != config.num_answers:
+        raise ValueError(f"{path} lists {len(answers)} answers but its VQA head scores {config.num_answers}: "
+                         "the answer list belongs to another model")
+    saved = SavedModel(path, saved_task, config, ckpt["model"], vocab, answers)
+    if build:
+        saved.model = TASK_MODELS[saved_task](config)
+        absent = sorted(set(saved.model.state_dict()) - set(saved.state))
+        if absent:
+            raise ValueError(f"{path}: checkpoint of task {saved_task!r} lacks {len(absent)} tensors of its own "
+                             f"model, e.g. {absent[:3]}")
+        load_checkpoint_weights(saved.model, saved.state, path, verbose=False)
+    return saved
 
 
 # -------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import argparse
 import collections
 import os
 import sys
-import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -25,19 +24,17 @@ from torch.utils.data import DistributedSampler
 from pixel_bert import synthetic
 from pixel_bert.annotations import (KARPATHY_SPLITS, AnnotationError, CaptionRecord, karpathy_coco_ids,
                                     karpathy_images, read_coco_captions, read_karpathy, read_visual_genome)
-from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids, epoch_batch_sampler
-from pixel_bert.cli import add_config_arguments, apply_overrides
+from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids
+from pixel_bert.cli import add_config_arguments, apply_overrides, flag_without_companion
 from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, config_to_dict, make_model_config,
                                make_train_config)
 from pixel_bert.distributed import (all_reduce_mean, distributed, exit_after_distributed_run,
-                                    share_cpu_threads, unwrap)
+                                    unwrap)
 from pixel_bert.factory import create_model, model_from_state
-from pixel_bert.files import make_output_folder, write_json
 from pixel_bert.images import ImageTransform
 from pixel_bert.losses import IGNORE_INDEX, make_itm_pairs, mask_tokens, pretrain_losses
-from pixel_bert.runs import tokenizer_for_run
-from pixel_bert.saved_model import config_for_init, read_checkpoint
-from pixel_bert.trainer import Trainer
+from pixel_bert.runs import TrainingData, fit_run, start_run, tokenizer_for_run
+from pixel_bert.saved_model import SavedModel, load_saved_model
 
 
 def add_pretrain_data_arguments(parser, title: str = "pre-training data (the official layouts)"):
@@ -89,11 +86,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def build_configs(args, init: Optional[dict] = None):
+def build_configs(args, init: Optional[SavedModel] = None):
     """(ModelConfig, TrainConfig): the preset's (the model's from the ``--init`` checkpoint when
     given), then the field flags."""
     model_preset, train_preset, train_overrides = PRETRAIN_RECIPES[args.config]
-    model_cfg = config_for_init(init) if init is not None else make_model_config(model_preset)
+    model_cfg = init.config_for_init() if init is not None else make_model_config(model_preset)
     train_cfg = make_train_config(train_preset, **train_overrides)
     apply_overrides(model_cfg, args)
     apply_overrides(train_cfg, args)
@@ -101,17 +98,8 @@ def build_configs(args, init: Optional[dict] = None):
 
 
 # An image folder flag is read only together with its annotation flag: alone it would be ignored.
-IMAGE_FLAG_NEEDS = {"coco_images": "--coco-karpathy", "coco_captions_images": "--coco-captions",
-                    "vg_images": "--vg-regions", "vg_image_data": "--vg-regions"}
-
-
-def unused_data_flags(args) -> Optional[str]:
-    """Why the data flags cannot be used as given (an image folder without its annotation file would
-    be ignored and the run would fall back to the synthetic world), or None."""
-    for name, needs in IMAGE_FLAG_NEEDS.items():
-        if getattr(args, name) and not getattr(args, needs.lstrip("-").replace("-", "_")):
-            return f"--{name.replace('_', '-')} is given without {needs}, which names the annotations to read"
-    return None
+IMAGE_FLAG_NEEDS = {"coco_images": "coco_karpathy", "coco_captions_images": "coco_captions",
+                    "vg_images": "vg_regions", "vg_image_data": "vg_regions"}
 
 
 def require_records(records: List[CaptionRecord], flag: str, path: str, what: str) -> List[CaptionRecord]:
@@ -283,9 +271,9 @@ def summarise_pretraining_eval(totals: Dict[str, float]) -> Dict[str, float]:
 def main(argv: Optional[List[str]] = None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if unused_data_flags(args):
-        parser.error(unused_data_flags(args))
-    init = read_checkpoint(args.init) if args.init != "none" else None
+    if flag_without_companion(args, IMAGE_FLAG_NEEDS):
+        parser.error(flag_without_companion(args, IMAGE_FLAG_NEEDS))
+    init = load_saved_model(args.init, build=False) if args.init != "none" else None
     try:  # cross-field checks (e.g. max_text_len within the position table) as argparse errors
         configs = build_configs(args, init)
     except ValueError as e:
@@ -295,14 +283,12 @@ def main(argv: Optional[List[str]] = None):
 
 
 def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig):
-    out_dir = args.output_dir or os.path.join("runs", args.config)
-    make_output_folder(out_dir)
-    share_cpu_threads(info)
+    out_dir = start_run(args.output_dir or os.path.join("runs", args.config), info)
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     log = print if info.is_main else (lambda *_: None)
 
     dataset, groups, held_out, synthetic_data = build_datasets(args, model_cfg, train_cfg)
-    tokenizer = tokenizer_for_run(model_cfg, out_dir, synthetic_data, init and init.get("vocab"))
+    tokenizer = tokenizer_for_run(model_cfg, out_dir, synthetic_data, init.vocab if init else None)
     run_config = {"task": "pretrain", "preset": args.config, "init": args.init, "model": config_to_dict(model_cfg),
                   "train": config_to_dict(train_cfg), "world_size": info.world_size,
                   "data": {k: v for k, v in vars(args).items() if k.startswith(("coco", "vg", "synthetic"))},
@@ -311,33 +297,24 @@ def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig):
         f"{model_cfg.num_layers}x{model_cfg.hidden_size} transformer, device {info.device}, "
         f"{info.world_size} process(es)")
     if init is not None:
-        model = model_from_state("pretrain", model_cfg, init["model"], args.init, log=log)
+        model = model_from_state("pretrain", model_cfg, init.state, args.init, log=log)
     else:
         model = create_model(model_cfg, "pretrain", verbose=info.is_main)
 
-    make_batch_sampler = epoch_batch_sampler(dataset, train_cfg.batch_size, train_cfg.seed, info.world_size,
-                                               info.rank, groups)
     collate = CaptionCollator(tokenizer, model_cfg.max_text_len, model_cfg.feature_stride)
-    trainer = Trainer(model, train_cfg, out_dir, dataset, collate, make_batch_sampler,
-                      lambda m, batch, step: pretrain_step(m, batch, tokenizer, train_cfg, info.device, step),
-                      info, run_config)
-    trainer.resume(None if args.resume == "none" else args.resume)
-    if info.is_main:  # only once the resume is accepted: a refused resume leaves the run's files alone
-        write_json(os.path.join(out_dir, "config.json"),
-                   run_config | {"model_extra": {"vocab_size": tokenizer.vocab_size}})
-    if trainer.step < train_cfg.itm_start_step:
-        early = train_cfg.mlm_probability_before_itm or train_cfg.mlm_probability
-        trainer.log(f"itm: starts at step {train_cfg.itm_start_step} (MLM alone until then, {early:.0%} of the "
-                    f"words masked; no ITM figures are logged before it)")
-    started, start_step = time.time(), trainer.step
-    trainer.fit(max_steps=args.max_steps)
-    result = {"train_seconds": time.time() - started, "steps": trainer.step,
-              "steps_this_run": trainer.step - start_step, "resumed_from": trainer.resumed_from}
-    if held_out is not None:
-        result.update(evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info))
-    if info.is_main:
-        write_json(os.path.join(out_dir, "result.json"), result)
-    return result
+    data = TrainingData(dataset, collate,
+                        lambda m, batch, step: pretrain_step(m, batch, tokenizer, train_cfg, info.device, step), groups, {})
+
+    def announce_itm(trainer):
+        if trainer.step < train_cfg.itm_start_step:
+            early = train_cfg.mlm_probability_before_itm or train_cfg.mlm_probability
+            trainer.log(f"itm: starts at step {train_cfg.itm_start_step} (MLM alone until then, {early:.0%} of the "
+                        f"words masked; no ITM figures are logged before it)")
+
+    def evaluate(trainer):
+        return {} if held_out is None else evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info)
+    return fit_run(model, train_cfg, out_dir, data, run_config, info, None if args.resume == "none" else args.resume,
+                   args.max_steps, evaluate, announce_itm)
 
 
 def evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info) -> dict:

@@ -37,9 +37,10 @@ from .bad_samples import BadSample, drop_bad_samples
 from .batches import aspect_ratio_group_ids
 from .config import check_fields
 from .distributed import DistInfo
-from .downstream import DownstreamTask, EvalSettings, TrainingData, predict_sharded, require_flags
+from .downstream import DownstreamTask, EvalSettings, predict_sharded, require_flags
 from .images import ImageLoadError, ImageTransform, pad_images
 from .losses import vqa_loss
+from .runs import TrainingData
 from .saved_model import save_answers
 
 # The COCO image folder of each VQA split: test-dev is a subset of the test2015 images.

@@ -20,7 +20,7 @@ from pixel_bert.images import ImageTransform
 from pixel_bert.inference import PixelBertPredictor
 from pixel_bert.model import BackboneTrunk, PixelBert, build_resnet, freeze_batchnorm
 from pixel_bert.pretrained import load_backbone_weights
-from pixel_bert.saved_model import load_model, save_model
+from pixel_bert.saved_model import load_saved_model, save_model
 
 SMALL = dict(vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64,
              image_short_side=64, image_long_side=64, bert_weights=None)
@@ -190,9 +190,9 @@ def test_image_format_round_trips_and_transform_gives_bgr255_minus_means(tmp_pat
     config = make_model_config("tiny", backbone_weights=str(tmp_path / "X.pkl"), **SMALL)
     assert (config.image_format, config.image_mean, config.image_std) == ("bgr255", DETECTRON_PIXEL_MEANS,
                                                                           (1.0, 1.0, 1.0))
-    config.backbone_weights = None  # as load_model does: the checkpoint holds the CNN
+    config.backbone_weights = None  # as load_saved_model does: the checkpoint holds the CNN
     save_model(PixelBertForPreTraining(config), str(tmp_path / "model.pt"), extra={"task": "pretrain"})
-    loaded, _ = load_model(str(tmp_path / "model.pt"))
+    loaded = load_saved_model(str(tmp_path / "model.pt")).model
     assert loaded.config.image_format == "bgr255" and loaded.config.image_mean == DETECTRON_PIXEL_MEANS
     predictor = PixelBertPredictor(loaded, tokenizer=None, task="pretrain")
     r, g, b = 200, 100, 50
@@ -237,7 +237,7 @@ def test_train_starts_the_x152_preset_from_a_detectron_file(tmp_path):
         "--synthetic-eval-images", "0", "--batch_size", "8", "--max-steps", "0", "--resume", "none",
         "--output-dir", str(out)])
     assert result["steps"] == 0
-    model, ckpt = load_model(str(out / "model.pt"))
+    model = load_saved_model(str(out / "model.pt")).model
     assert model.config.backbone == "resnext152_32x8d" and model.config.image_format == "bgr255"
     trunk = model.bert.visual_embedding.backbone
     assert torch.equal(trunk.stem[0].weight, torch.from_numpy(blobs["conv1_w"]))

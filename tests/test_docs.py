@@ -6,7 +6,7 @@
   (``pixel_bert/heads.py``, ``see docs/paper.md#pre-training``, ``benchmarks/model_speed.py``) exist.
   Paths that name files made at run time or downloaded are not repository references and are left
   alone: see `path_candidates` for the rule.
-- Dotted references to this package (``pixel_bert.saved_model.load_model``) name a module that exists
+- Dotted references to this package (``pixel_bert.saved_model.load_saved_model``) name a module that exists
   and, when they go on, a name that module defines; ``TrainConfig.lr``-style references (and the
   fields listed in docs/paper.md's tables) name fields the config dataclasses have.
 - No file points outside the repository for the paper: paper references use the paper's own

@@ -19,7 +19,7 @@ from pixel_bert.config import make_model_config
 from pixel_bert.distributed import DistInfo
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForRetrieval
 from pixel_bert.images import ImageTransform, load_image, pad_images
-from pixel_bert.saved_model import save_model
+from pixel_bert.saved_model import load_saved_model, save_model
 from pixel_bert.tasks import TASKS
 from pixel_bert.tokenizer import WordPieceTokenizer
 
@@ -304,9 +304,7 @@ def test_retrieval_step_backprops_through_positive_and_5_hard(tokenizer):
 # -------------------------------------------------------------------------------------------------
 
 def _load_ret(path):
-    from pixel_bert.saved_model import load_model
-    model, ckpt = load_model(path)
-    return model.eval()
+    return load_saved_model(path).model.eval()
 
 
 def test_cached_features_give_the_per_pair_cnn_scores(ret_ckpt, retrieval_json, tokenizer, tmp_path):

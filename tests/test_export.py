@@ -13,7 +13,7 @@ from pixel_bert import evaluate, export, finetune, synthetic, train, visualize
 from pixel_bert.files import atomic_folder
 from pixel_bert.heads import TASK_MODELS
 from pixel_bert.inference import PixelBertPredictor
-from pixel_bert.saved_model import load_model, read_checkpoint, save_model, write_model_folder
+from pixel_bert.saved_model import load_saved_model, read_checkpoint, save_model, write_model_folder
 
 TASKS = ["pretrain", "vqa", "nlvr2", "retrieval"]
 SMALL_RUN = ["--max-steps", "1", "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "--warmup_steps", "1"]
@@ -83,8 +83,7 @@ def test_round_trip_gives_identical_weights_and_outputs(task, config, tmp_path, 
         assert from_folder["model"][name].dtype == tensor.dtype and torch.equal(from_folder["model"][name], tensor), name
     for key in ("task", "vocab", "answers"):
         assert from_folder.get(key) == from_pt.get(key)
-    model_pt, _ = load_model(pt)
-    model_folder, _ = load_model(folder)
+    model_pt, model_folder = load_saved_model(pt).model, load_saved_model(folder).model
     for (name, a), (_, b) in zip(model_pt.state_dict().items(), model_folder.state_dict().items()):
         assert torch.equal(a, b), name
     for a, b in zip(_outputs(model_pt, task), _outputs(model_folder, task)):
@@ -99,7 +98,7 @@ def test_tied_decoder_is_stored_once_and_tied_again(pretrain_folder):
     with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
         stored = set(f.keys())
     assert "bert.text_embedding.word.weight" in stored and "mlm.decoder_weight" not in stored
-    model, _ = load_model(folder)
+    model = load_saved_model(folder).model
     assert model.mlm.decoder_weight is model.bert.text_embedding.word.weight  # the same Parameter object
     with torch.no_grad():
         model.bert.text_embedding.word.weight[3, 0] += 1.0
@@ -111,7 +110,7 @@ def test_untied_decoder_is_stored_and_stays_untied(config, tmp_path):
     export.main([_model_pt("pretrain", config, tmp_path / "model.pt"), str(tmp_path / "untied")])
     with safe_open(str(tmp_path / "untied" / "model.safetensors"), framework="pt") as f:
         assert "mlm.decoder_weight" in set(f.keys())
-    model, _ = load_model(str(tmp_path / "untied"))
+    model = load_saved_model(str(tmp_path / "untied")).model
     assert model.mlm.decoder_weight is not model.bert.text_embedding.word.weight
     assert not torch.equal(model.mlm.decoder_weight, model.bert.text_embedding.word.weight)
 
@@ -186,8 +185,8 @@ def test_folder_path_never_unpickles(pretrain_folder, monkeypatch):
     for module, name in ((torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads"),
                          (pickle, "Unpickler")):
         monkeypatch.setattr(module, name, refuse)
-    model, ckpt = load_model(folder)
-    assert ckpt["task"] == "pretrain"
+    saved = load_saved_model(folder)
+    assert saved.task == "pretrain"
     predictor = PixelBertPredictor.from_pretrained(folder)
     assert 0.0 <= predictor.match(synthetic.SyntheticCaptions(1, 5, 64).image(0), "a red circle") <= 1.0
 

@@ -12,7 +12,8 @@ from pixel_bert.config import make_model_config, model_config_from_bert
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
 from pixel_bert.model import PixelBert
 from pixel_bert.pretrained import load_backbone_weights, load_bert_weights
-from pixel_bert.saved_model import load_model, read_checkpoint, save_model
+from pixel_bert.factory import model_from_state
+from pixel_bert.saved_model import load_saved_model, read_checkpoint, save_model
 from pixel_bert.tokenizer import WordPieceTokenizer
 
 SENTENCES = ["a dog catches a frisbee on the grass",
@@ -153,11 +154,12 @@ def test_backbone_imagenet_offline_error(monkeypatch, tiny_config):
 def test_own_checkpoint_round_trip_into_another_task(tmp_path, tiny_config):
     pre = PixelBertForPreTraining(tiny_config)
     save_model(pre, str(tmp_path / "pre.pt"), extra={"task": "pretrain"})
-    same, ckpt = load_model(str(tmp_path / "pre.pt"))
+    same = load_saved_model(str(tmp_path / "pre.pt")).model
     assert isinstance(same, PixelBertForPreTraining)
     for k, v in pre.state_dict().items():
         assert torch.equal(v, same.state_dict()[k]), k
-    vqa, _ = load_model(str(tmp_path / "pre.pt"), task="vqa")
+    saved = load_saved_model(str(tmp_path / "pre.pt"), build=False)
+    vqa = model_from_state("vqa", saved.config, saved.state, saved.source)
     assert isinstance(vqa, PixelBertForVQA)
     assert torch.equal(vqa.bert.layers[1].ffn_in.weight, pre.bert.layers[1].ffn_in.weight)
     # a checkpoint of a different size is refused loudly, naming the tensor
