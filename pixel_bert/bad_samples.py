@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import os
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, NamedTuple, Sequence, Set, Tuple
 
 from .images import ImageLoadError
@@ -105,3 +106,29 @@ def describe_bad_samples(bad_samples: Sequence[BadSample]) -> str:
 
 class BadDataError(RuntimeError):
     pass
+
+
+@dataclass
+class BadSampleTally:
+    """The good and bad samples of one pass over a dataset (a training epoch, an evaluation), counted
+    from the batches' ``num_samples`` / ``num_bad`` / ``bad_samples``; the first few `BadSample` are kept
+    for the error message. The Trainer and `pixel_bert.downstream.predict_sharded` both count with it."""
+    good: int = 0
+    bad: int = 0
+    first: List[BadSample] = field(default_factory=list)
+
+    def add(self, batch: Dict[str, Any]) -> None:
+        self.good += int(batch.get("num_samples", 0))
+        self.bad += int(batch.get("num_bad", 0))
+        self.first += list(batch.get("bad_samples", []))[: max(0, 5 - len(self.first))]
+
+    @property
+    def seen(self) -> int:
+        return self.good + self.bad
+
+    def too_many(self, max_fraction: float) -> bool:
+        """More than ``max_fraction`` of the samples seen were bad."""
+        return self.bad > 0 and self.bad > max_fraction * self.seen
+
+    def describe(self) -> str:
+        return describe_bad_samples(self.first)

@@ -62,7 +62,7 @@ from .distributed import DistInfo
 from .files import write_json
 from .tasks import TASKS
 from .images import ImageLoadError, load_image
-from .progress import Progress, format_seconds
+from .progress import Progress, RateClock
 from .train import add_pretrain_data_arguments
 
 # ------------------------------------------------------------------------------------------------
@@ -599,17 +599,17 @@ class ByteProgress:
     def __init__(self, label: str, done: int, total: Optional[int], every: float, stream=None):
         self.label, self.done, self.total, self.every = label, done, total, every
         self.stream = stream or sys.stderr
-        self.start_bytes, self.start = done, time.time()
-        self.last = self.start
+        self.clock = RateClock(total, done)  # a resumed download's earlier bytes are not in its rate
+        self.last = self.clock.start
 
     def update(self, n: int, force: bool = False) -> None:
         self.done += n
         now = time.time()
         if force or now - self.last >= self.every:
             self.last = now
-            rate = (self.done - self.start_bytes) / max(now - self.start, 1e-9)
+            rate = self.clock.rate(self.done)
             of = f"/{self.total / 1e6:,.1f} MB ({100 * self.done / max(self.total, 1):.1f}%)" if self.total else " MB"
-            eta = f"  eta {format_seconds((self.total - self.done) / max(rate, 1e-9))}" if self.total else ""
+            eta = f"  eta {self.clock.eta(self.done)}" if self.total else ""
             print(f"  {self.label}: {self.done / 1e6:,.1f}{of}  {rate / 1e6:,.1f} MB/s{eta}", file=self.stream,
                   flush=True)
 

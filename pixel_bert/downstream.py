@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tupl
 
 import torch
 
-from .bad_samples import BadDataError, BadSampleReporter, describe_bad_samples
+from .bad_samples import BadDataError, BadSampleReporter, BadSampleTally
 from .config import check_fields
 from .distributed import DistInfo, broadcast_from_main, gather_to_main, sharded_loader
 from .files import write_json
@@ -143,18 +143,16 @@ def predict_sharded(model, dataset, collate_fn, info: DistInfo, predict_batch: C
     loader = sharded_loader(dataset, info, batch_size, collate_fn, num_workers)
     progress = Progress(len(loader.dataset), unit, info, label=label)
     preds: Dict[Any, Any] = {}
-    reporter, first_bad, good = BadSampleReporter(), [], 0
+    reporter, tally = BadSampleReporter(), BadSampleTally()
     for batch in loader:
         if batch["num_samples"]:
             with eval_autocast(info.device):
                 preds.update(predict_batch(model, batch, info.device))
         reporter.report(batch["bad_samples"])
-        first_bad += batch["bad_samples"][: 5 - len(first_bad)]
-        good += batch["num_samples"]
+        tally.add(batch)
         progress.update(batch["num_samples"] + batch["num_bad"])
     progress.update(0, force=True)
-    if first_bad and not good:
-        raise BadDataError(f"every one of the {len(loader.dataset)} {unit} of this shard was bad: "
-                           f"{describe_bad_samples(first_bad)}")
+    if tally.bad and not tally.good:
+        raise BadDataError(f"every one of the {len(loader.dataset)} {unit} of this shard was bad: {tally.describe()}")
     gathered = gather_to_main(preds, info)
     return None if gathered is None else {k: v for part in gathered for k, v in part.items()}

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections import deque
+from typing import Optional
 
 from .distributed import DistInfo
 from .files import atomic_write
@@ -85,25 +86,46 @@ class MetricsWriter:
         self.file, self.tb = None, None
 
 
+class RateClock:
+    """Work done per second since the clock started and the time the rest takes at that rate: the
+    throughput and ETA of every progress line (optimizer steps, evaluated items, downloaded bytes).
+    ``done`` is what was already done when the clock started (a resumed run): only work done since
+    counts in the rate, and only what is left counts in the ETA."""
+
+    def __init__(self, total: Optional[float], done: float = 0):
+        self.total, self.start_done, self.start = total, done, time.time()
+
+    def rate(self, done: float) -> float:
+        return (done - self.start_done) / max(time.time() - self.start, 1e-9)
+
+    def eta(self, done: float) -> str:
+        """The time left as h:mm:ss ("?" while nothing has been done since the start)."""
+        if self.total is not None and done >= self.total:
+            return format_seconds(0)
+        rate = self.rate(done)
+        return format_seconds((self.total - done) / rate) if rate > 0 and self.total is not None else "?"
+
+
 class Progress:
     """A progress line every ``every`` seconds: done/total, rate in ``unit``/s and ETA. Only the
     main rank prints; with sharding each rank reports its own share, so rank 0's line is
-    representative (all shards are the same size up to one item)."""
+    representative (all shards are the same size up to one item). ``done``: work already done
+    before (a resumed evaluation), which the rate and the ETA leave out."""
 
     def __init__(self, total: int, unit: str, info: DistInfo, every: float = 10.0, label: str = "",
-                 stream=None):
+                 stream=None, done: int = 0):
         self.total, self.unit, self.every, self.label = total, unit, every, label
         self.enabled = info.is_main
         self.stream = stream or sys.stdout
-        self.start = self.last = time.time()
-        self.done = 0
+        self.clock = RateClock(total, done)
+        self.last = self.clock.start
+        self.done = done
 
     def update(self, n: int, force: bool = False):
         self.done += n
         now = time.time()
         if self.enabled and (force or now - self.last >= self.every):
             self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
             print(f"{self.label}{self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.1f}%)  "
-                  f"{rate:,.0f} {self.unit}/s  eta {format_seconds(eta)}", file=self.stream, flush=True)
+                  f"{self.clock.rate(self.done):,.0f} {self.unit}/s  eta {self.clock.eta(self.done)}",
+                  file=self.stream, flush=True)

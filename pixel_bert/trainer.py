@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .bad_samples import BadDataError, BadSampleReporter, describe_bad_samples
+from .bad_samples import BadDataError, BadSampleReporter, BadSampleTally
 from .checkpoints import (batch_layout, list_checkpoints, newest_valid_checkpoint, read_training_checkpoint,
                           remove_interrupted_checkpoint_writes, rng_state, set_aside_previous_run,
                           set_rng_state)
@@ -39,7 +39,7 @@ from .distributed import DistInfo, all_reduce_mean, unwrap
 from .files import save_torch
 from .optim import build_optimizers, lr_factor
 from .precision import amp_settings
-from .progress import MetricsWriter, SmoothedValue, format_seconds
+from .progress import MetricsWriter, RateClock, SmoothedValue
 from .saved_model import save_model, save_model_folder
 
 
@@ -73,16 +73,12 @@ class EpochStats:
     device (copied to the host once per log line), and the bad samples the collators dropped."""
     meters: Dict[str, SmoothedValue] = field(default_factory=lambda: defaultdict(SmoothedValue))
     pending: Dict[str, list] = field(default_factory=lambda: defaultdict(list))
-    samples: int = 0
-    bad: int = 0
-    bad_samples: list = field(default_factory=list)  # the first few BadSample tuples, for the error message
+    bad_samples: BadSampleTally = field(default_factory=BadSampleTally)
     skipped_steps: int = 0
     scale_skips: int = 0
 
     def add_batch(self, batch: dict, out: Dict[str, torch.Tensor]):
-        self.samples += int(batch.get("num_samples", 0))
-        self.bad += int(batch.get("num_bad", 0))
-        self.bad_samples += list(batch.get("bad_samples", []))[: max(0, 5 - len(self.bad_samples))]
+        self.bad_samples.add(batch)
         for k, v in out.items():  # kept on the device: no GPU sync per step
             self.pending[k].append(v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v)))
 
@@ -232,7 +228,7 @@ class Trainer:
                  f"{cfg.batch_size} per process x {cfg.grad_accum_steps} accumulation x {info.world_size} "
                  f"processes = {cfg.batch_size * cfg.grad_accum_steps * info.world_size} samples per step; "
                  f"precision {self.amp.reason}")
-        self.clock = (time.time(), self.step, total_steps)
+        self.clock = RateClock(total_steps, self.step)
         while self.epoch < cfg.epochs and self.step < total_steps:
             self.train_one_epoch(total_steps)
         # Stop the persistent DataLoader workers now, while nothing else refers to them: they hold memory
@@ -337,15 +333,15 @@ class Trainer:
         """Stop when too many samples are bad: a wrong image root must not train on nothing. Checked
         once ``bad_sample_check_after`` samples are seen, and at the end of an epoch whatever its size
         (so a small dataset whose every image is missing stops too)."""
-        seen = stats.samples + stats.bad
-        if not stats.bad or stats.bad <= self.cfg.max_bad_sample_fraction * seen:
+        tally = stats.bad_samples
+        if not tally.too_many(self.cfg.max_bad_sample_fraction):
             return
-        if seen < self.cfg.bad_sample_check_after and not whole_epoch:
+        if tally.seen < self.cfg.bad_sample_check_after and not whole_epoch:
             return
         raise BadDataError(
-            f"{stats.bad} of the {seen} samples seen in epoch {self.epoch} were bad (missing or unreadable "
+            f"{tally.bad} of the {tally.seen} samples seen in epoch {self.epoch} were bad (missing or unreadable "
             f"images, empty captions): more than --max-bad-sample-fraction {self.cfg.max_bad_sample_fraction}. "
-            f"{describe_bad_samples(stats.bad_samples)}. Check that the image folder flags point at the folders "
+            f"{tally.describe()}. Check that the image folder flags point at the folders "
             f"that hold these files (python -m pixel_bert.datasets verify checks a layout). The last good "
             f"checkpoint is in {self.out_dir}.")
 
@@ -360,7 +356,7 @@ class Trainer:
         self.check_bad_samples(stats, whole_epoch=True)
         stats.flush()
         summary = all_reduce_mean({k: m.global_avg for k, m in stats.meters.items()}, self.info)
-        counts = all_reduce_mean({"bad": stats.bad, "skipped": stats.skipped_steps}, self.info)
+        counts = all_reduce_mean({"bad": stats.bad_samples.bad, "skipped": stats.skipped_steps}, self.info)
         bad_total = int(round(counts["bad"] * self.info.world_size))
         finished = self.epoch
         if epoch_done:
@@ -396,14 +392,13 @@ class Trainer:
         return torch.equal(low, high)
 
     def _log_progress(self, stats: EpochStats):
-        start_time, start_step, total_steps = self.clock
-        rate = (self.step - start_step) / max(time.time() - start_time, 1e-9)
-        samples = rate * self.cfg.batch_size * self.cfg.grad_accum_steps * self.info.world_size
+        total_steps = self.clock.total
+        samples = self.clock.rate(self.step) * self.cfg.batch_size * self.cfg.grad_accum_steps * self.info.world_size
         lrs = [g["lr"] for o in self.optimizers for g in o.param_groups[:1]]
         values = {k: m.avg for k, m in stats.meters.items()}
         mem = torch.cuda.max_memory_allocated() / 2**30 if self.info.device.type == "cuda" else 0.0
         parts = [f"epoch {self.epoch} step {self.step}/{total_steps}",
-                 f"eta {format_seconds((total_steps - self.step) / max(rate, 1e-9))}", f"{samples:.1f} samples/s"]
+                 f"eta {self.clock.eta(self.step)}", f"{samples:.1f} samples/s"]
         parts += [f"{k} {v:.4f}" for k, v in values.items() if k not in ("data_time", "grad_norm")]
         parts += [f"lr {' '.join(f'{lr:.2e}' for lr in lrs)}", f"data {values.get('data_time', 0):.3f}s"]
         if mem:
