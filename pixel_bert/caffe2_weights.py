@@ -41,6 +41,7 @@ reconstruction globals and plain containers; any other global (``os.system``, ``
 """
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 import re
@@ -88,7 +89,6 @@ class Caffe2Unpickler(pickle.Unpickler):
             raise ForbiddenGlobal(
                 f"global '{module}.{name}' is not allowed: a Caffe2 weights file holds only numpy arrays")
         if module == "_codecs":
-            import codecs
             return codecs.encode
         if module == "collections":
             return OrderedDict

@@ -20,6 +20,8 @@ import shutil
 import tempfile
 from typing import Any, Iterator, Optional
 
+import torch
+
 
 def _current_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: put it straight back
@@ -86,7 +88,6 @@ def make_output_folder(path: str, flag: str = "--output-dir") -> str:
 
 def save_torch(obj: Any, path: str) -> str:
     """torch.save through `atomic_write` (read back with ``torch.load(..., weights_only=True)``)."""
-    import torch
     with atomic_write(path) as f:
         torch.save(obj, f)
     return path

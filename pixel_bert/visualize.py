@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .images import load_image
 from .inference import AttentionMaps, PixelBertPredictor
 
 # An "inferno"-like ramp: black -> purple -> red -> orange -> pale yellow. Perceptually ordered
@@ -215,7 +216,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = get_args_parser().parse_args(argv)
-    from .images import load_image
     predictor = PixelBertPredictor.from_checkpoint(args.checkpoint, device=args.device)
     image = load_image(args.image)
     # Renormalised or raw makes no difference to the picture (each panel is scaled to its max, and
