@@ -170,8 +170,7 @@ MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
     # Tests and the CPU demo: a ResNet-18 trunk to stage 2 (stride 8, then pool -> 16) on 64x64
     # images gives a 4x4 grid; a 4-layer, 128-wide transformer over the synthetic vocabulary. The CNN
     # starts from scratch (no download), so its BatchNorm learns its statistics. No dropout: the demo
-    # sees each image once, and with BERT's 0.1 its seed-0 run had not started to use the pixels by
-    # step 400 (true and shuffled image alike) nor ITM by step 650; without, it had and ITM had too.
+    # sees each image once, and dropout delays its use of the pixels (docs/demo.md).
     "tiny": dict(backbone="resnet18", backbone_weights=None, backbone_stages=2, freeze_backbone_bn=False,
                  num_sampled_pixels=12, image_short_side=64, image_long_side=64,
                  vocab_size=64, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
@@ -189,17 +188,10 @@ TRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
 # paper's only where a tiny model trained from scratch for minutes needs it (higher lr, short
 # warm-up, few epochs); the paper's presets are the paper's recipe unchanged.
 PRETRAIN_RECIPES: Dict[str, Tuple[str, str, Dict[str, Any]]] = {
-    # The demo's CNN starts from scratch and its captions have 4-10 words. Documented departures
-    # (README, "What the demo shows", has the measurements): the first 400 steps are MLM alone with
-    # 60% of the words masked (enough colour/shape words to predict from the pixels), then the
-    # paper's MLM (15%) + ITM, with both lrs x0.3 and ITM weighted 10. Why: at the switch MLM goes
-    # from 60% of the words of every caption to 15% of the matched half, about 8x fewer predicted
-    # words, so its gradient is ~3x larger and noisier than the one Adam's second moment was
-    # calibrated on (measured |g|/sqrt(v) 2.7-3.4 per layer); for hundreds of steps (beta2 = 0.999)
-    # every update is ~3x the lr, mostly noise, and it undid the grounding (MLM accuracy 0.80 ->
-    # 0.45, attention-in-box 1.76 -> 0.98), so ITM never left chance. x0.3 absorbs that. ITM's own
-    # gradient, through a classifier that starts at std 0.02, was 0.1 of sqrt(v): weighted 1 it is
-    # lost in MLM's, weighted 10 it leaves chance within ~250 steps.
+    # The demo's CNN starts from scratch and its captions have 4-10 words: MLM alone at 60% masking
+    # first, so the model learns to read the pixels before ITM can use them; then the paper's MLM +
+    # ITM, at a lower lr (the sparser MLM gradient would undo the grounding) and with ITM weighted up
+    # (its first signal is weak). docs/demo.md has the measurements.
     "demo": ("tiny", "pretrain", dict(epochs=1, decay_epochs=(), batch_size=32, lr=1e-3, warmup_steps=60,
                                       mlm_probability_before_itm=0.6, itm_start_step=400, itm_weight=10.0,
                                       itm_lr_factor=0.3, num_workers=1, log_every=50, ckpt_every=250,

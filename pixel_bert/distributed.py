@@ -58,8 +58,7 @@ def cleanup_distributed():
 
 def share_cpu_threads(info: "DistInfo") -> None:
     """On CPU, split the cores between the processes of this node, unless OMP_NUM_THREADS says how
-    many threads each should use. (Oversubscribed cores are far slower than idle ones: two threads
-    per process on a busy 2-core machine measured about 15x slower than one.)"""
+    many threads each should use: oversubscribed cores are far slower than idle ones."""
     if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
@@ -81,8 +80,8 @@ def distributed(device: str = "auto"):
 def exit_after_distributed_run():
     """End a torchrun worker once its work is done and its files are written. torch's gloo backend
     can abort at interpreter shutdown after a clean run ("terminate called without an active
-    exception", seen in about a third of 2-process CPU runs with torch 2.14), so a worker of a
-    multi-process run leaves without the C++ destructors. A single process exits normally."""
+    exception"; docs/failures.md), so a worker of a multi-process run leaves without the C++
+    destructors. A single process exits normally."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.stdout.flush()
         sys.stderr.flush()

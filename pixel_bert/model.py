@@ -82,8 +82,7 @@ class PixelBertConfig:
     visual_proj_kernel: int = 1           # conv from backbone channels to hidden size: 1x1 [choice]
     visual_proj_init_std: Optional[float] = None  # its initial weights' std; None = 1/sqrt(fan-in), so visual
                                           # tokens start at the text embeddings' scale whatever the trunk's
-                                          # width (0.022 for ResNet-50's 2048 channels, near BERT's 0.02;
-                                          # 0.088 for the tiny trunk's 128) [choice]
+                                          # width [choice]
     num_sampled_pixels: int = 100         # feature pixels per image kept by random pixel sampling in
                                           # pre-training (Sec. 3.3) [paper]
     visual_pool: int = 2                  # 2x2 max-pool after the conv -> stride 64 [paper]; ceil mode, so
@@ -179,7 +178,7 @@ class FrozenBatchNorm2d(nn.Module):
         # In x's dtype: under autocast the convolutions give bf16/fp16, and fp32 statistics would
         # otherwise promote every activation of the CNN back to fp32 (twice the memory traffic).
         scale, shift = scale.to(x.dtype), shift.to(x.dtype)
-        # one fused pass (x * scale + shift) instead of two: about 1.3x faster on CPU, measured
+        # one fused pass (x * scale + shift) instead of two
         return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
 
 
@@ -457,11 +456,8 @@ class PixelBert(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, VisualEmbedding):
-            # The projection conv: std 1/sqrt(fan-in) keeps a trunk's output (rms about 1) at unit scale,
-            # like the LayerNorm'd text embeddings. BERT's 0.02 would be the same for 2048 channels, but
-            # a narrow trunk trained from scratch (the demo's 128 channels) would start with visual
-            # tokens 4x weaker than the words, and the transformer learns to use them late and
-            # unreliably (README, "What the demo shows"). s_v starts at zero.
+            # The projection conv at std 1/sqrt(fan-in): visual tokens start at the LayerNorm'd words'
+            # unit scale whatever the trunk's width (docs/demo.md). s_v starts at zero.
             fan_in = module.proj.in_channels * module.proj.kernel_size[0] * module.proj.kernel_size[1]
             std = self.config.visual_proj_init_std or fan_in ** -0.5
             nn.init.normal_(module.proj.weight, std=std)
