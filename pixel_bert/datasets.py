@@ -403,7 +403,7 @@ def judge(split: SplitCheck, bad: Dict[str, Tuple[str, str]], max_bad_fraction: 
     absent_dirs = [d for d in _distinct(os.path.dirname(p) for p in split.missing) if not os.path.isdir(d)]
     if absent_dirs:
         split.notes.append(f"folder(s) not found: {', '.join(absent_dirs[:3])}{' ...' if len(absent_dirs) > 3 else ''}"
-                           "; is the image folder flag right? (layouts: --help, README)")
+                           "; is the image folder flag right? (layouts: --help, docs/data.md)")
     differences = [f"{got:,} {what} (official {official:,})" for what, got, official in (
         ("records", split.records, split.official[0]), ("images", n_images, split.official[1]))
         if official is not None and got != official]

@@ -426,7 +426,7 @@ def test_retrieval_head_starts_as_the_itm_classifier(pre_ckpt, ret_ckpt, tokeniz
 
 
 def _real_layout(task, root):
-    """Synthetic task files moved into the folder layouts of the real downloads (README "Real
+    """Synthetic task files moved into the folder layouts of the real downloads (docs/downstream.md "Real
     data"); returns the data flags a user would pass for them."""
     import shutil
     made = synthetic_tasks.write_task(task, str(root / "gen"), 12, 4, 4, image_size=IMAGE_SIZE)

@@ -3,7 +3,7 @@ a full or unwritable folder, a broken image or annotation file, a wrong flag) on
 the run either recovers exactly or stops with an error naming the file or flag. Nothing may end in a
 run that looks fine and is not.
 
-The README's "Failures and recovery" table lists every case with the test that shows it.
+docs/failures.md lists every case with the test that shows it.
 """
 import contextlib
 import errno

@@ -3,8 +3,8 @@
 The API's plumbing is tested on the demo model before any training step (seconds). One model is
 pre-trained once per session for the one test that needs grounding: the demo recipe of train.py
 (tiny model, synthetic data) stopped at step 1,000. Its colour words already look at their shapes,
-which `test_colour_words_look_at_their_shapes` asserts on a fixed held-out seed (the README's
-"Does a word look at its object?" has the measurements). The oracle and untrained-model tests show
+which `test_colour_words_look_at_their_shapes` asserts on a fixed held-out seed (docs/inference.md,
+"Does a word look at its object?", has the measurements). The oracle and untrained-model tests show
 that the measure detects localisation and is not biased.
 """
 import os
