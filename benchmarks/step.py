@@ -72,7 +72,10 @@ class Setup:
     """A model, its optimisers and a collated batch (already on the device) for one setting."""
 
     def __init__(self, preset, size, pixels, checkpointing, args, device, dtype, folder):
-        overrides = dict(backbone_weights=None, bert_weights=None, backbone_checkpointing=checkpointing)
+        # checkpointing on/off: recomputation of the CNN blocks and the transformer layers alike (the
+        # paper's presets turn both on); the frozen stages stay as the preset has them
+        overrides = dict(backbone_weights=None, bert_weights=None, backbone_checkpointing=checkpointing,
+                         gradient_checkpointing=checkpointing)
         if preset != "tiny":
             overrides.update(image_short_side=size[0], image_long_side=size[1])
         if args.layers:

@@ -129,6 +129,9 @@ class TrainConfig:
     sample_pixels: bool = True            # random pixel sampling in pre-training [paper]
     # ---- data, logging, checkpoints --------------------------------------------------------------
     num_workers: int = 4                  # DataLoader worker processes per training process
+    decode_images_on_device: bool = False  # workers only read each JPEG's bytes; the step decodes the batch on the
+                                          # GPU (pixel_bert.device_decode): for hosts with too few cores per GPU
+                                          # to decode (8 x H100, docs/costs.md); other images decode as before
     group_by_aspect_ratio: bool = True    # batches of similar aspect ratio to cut padding
     fatal_bad_samples: bool = False       # a bad sample is skipped and counted, unless this is set
     max_bad_sample_fraction: float = 0.05  # stop the run when more than this share of an epoch's samples
@@ -160,13 +163,18 @@ class TrainConfig:
 
 # ---- presets: overrides of the defaults above ------------------------------------------------------
 
+# The memory settings of the paper's presets (the comments on r50 and x152 below say why).
+PAPER_MEMORY_SETTINGS = dict(backbone_frozen_stages=2, backbone_checkpointing=True, gradient_checkpointing=True)
+
 MODEL_PRESETS: Dict[str, Dict[str, Any]] = {
-    # The paper's ablation model: ResNet-50, BERT-base, 800/1333, 100 sampled pixels.
-    "r50": dict(backbone="resnet50", bert_weights="bert-base-uncased"),
+    # The paper's ablation model: ResNet-50, BERT-base, 800/1333, 100 sampled pixels. 64 per 32 GB V100
+    # needs the memory settings (docs/costs.md) [choice, from SOHO, the same authors' later model, whose
+    # configs freeze the stem and res2 and checkpoint both parts]
+    "r50": dict(backbone="resnet50", bert_weights="bert-base-uncased", **PAPER_MEMORY_SETTINGS),
     # The paper's best model: ResNeXt-152 32x8d, 600/1000. Its ImageNet weights are Detectron's file
     # (torchvision has none), read from the working directory unless --backbone_weights says where.
     "x152": dict(backbone="resnext152_32x8d", backbone_weights="X-152-32x8d-IN5k.pkl", image_short_side=600,
-                 image_long_side=1000, bert_weights="bert-base-uncased"),
+                 image_long_side=1000, bert_weights="bert-base-uncased", **PAPER_MEMORY_SETTINGS),
     # Tests and the CPU demo: a ResNet-18 trunk to stage 2 (stride 8, then pool -> 16) on 64x64
     # images gives a 4x4 grid; a 4-layer, 128-wide transformer over the synthetic vocabulary. The CNN
     # starts from scratch (no download), so its BatchNorm learns its statistics. No dropout: the demo
@@ -197,7 +205,9 @@ PRETRAIN_RECIPES: Dict[str, Tuple[str, str, Dict[str, Any]]] = {
                                       itm_lr_factor=0.3, num_workers=1, log_every=50, ckpt_every=250,
                                       group_by_aspect_ratio=False)),
     "pretrain-r50": ("r50", "pretrain", {}),
-    "pretrain-x152": ("x152", "pretrain", {}),
+    # x152 at 600x1000 does not fit 64 on a 32 GB V100 even with the memory settings (docs/costs.md): two
+    # micro-batches of 32 per optimizer step keep the paper's 64 per GPU and 4096 per step
+    "pretrain-x152": ("x152", "pretrain", dict(batch_size=32, grad_accum_steps=2)),
 }
 
 

@@ -5,6 +5,8 @@
     p = PixelBertPredictor.from_pretrained("runs/demo/model")             # the same, from the model folder
     p.match("img.png", "a red circle above a blue square")             # ITM probability, eq. (8)
     p.fill_mask("img.png", "the red shape is a [MASK]")                 # MLM top-k words, eq. (7)
+    p.rank("a red circle", ["a.png", "b.png", "c.png"], top_k=2)       # [(index, score)], best first
+    p.rank("a.png", ["a red circle", "a green cross"])                 # captions for one image
     p.answer("img.png", "what colour is the circle ?")                  # VQA (a "vqa" checkpoint)
     maps = p.attention_maps("img.png", "a red circle", layer=0)         # Sec. 4.4 of the paper
     maps.map_for("red")                                                 # (gh, gw) attention over pixels
@@ -44,6 +46,7 @@ import torch
 from PIL import Image
 
 from .images import ImageTransform, load_image, pad_images
+from .retrieval_scoring import encode_images, score_rows
 from .saved_model import load_saved_model
 from .tokenizer import WordPieceTokenizer
 
@@ -132,6 +135,35 @@ def _pair_up(images: list, texts: list) -> Tuple[list, list]:
     if len(texts) == 1:
         return images, texts * len(images)
     raise ValueError(f"{len(images)} images and {len(texts)} texts: give equal numbers, or one of either")
+
+
+def _is_image(item) -> bool:
+    """A PIL image, a path object, or a string naming an existing file."""
+    return isinstance(item, (Image.Image, os.PathLike)) or (isinstance(item, str) and os.path.isfile(item))
+
+
+class _AsMatchReadsThem:
+    """The ``transform.load`` that `pixel_bert.retrieval_scoring.encode_images` calls, for what the predictor
+    accepts: a PIL image as it is, a path through `load_image`, then the predictor's transform (the
+    pixels `match` sees)."""
+
+    def __init__(self, transform: ImageTransform):
+        self.transform = transform
+
+    def load(self, item: ImageLike) -> torch.Tensor:
+        return self.transform(item if isinstance(item, Image.Image) else load_image(item))
+
+
+class _ITMScore(torch.nn.Module):
+    """A pre-training model as `pixel_bert.retrieval_scoring.score_rows` calls a retrieval model:
+    (input_ids, attention_mask, visual) -> one score per pair, here the ITM logit of eq. (8)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, visual):
+        return self.model.itm(self.model.bert(input_ids, attention_mask, visual=visual).cls)
 
 
 class PixelBertPredictor:
@@ -226,6 +258,55 @@ class PixelBertPredictor:
             out = self.model.bert(ids, mask, pixels, pixel_mask)
         probs = torch.sigmoid(itm(out.cls).float()).cpu()
         return probs.item() if single_image and single_text else probs
+
+    @torch.no_grad()
+    def rank(self, query, candidates, top_k: Optional[int] = None, image_batch_size: int = 16,
+             pairs_per_batch: int = 256) -> List[Tuple[int, float]]:
+        """Rank ``candidates`` for ``query``: ``rank(text, images)`` orders images (PIL images or
+        paths) for a caption, ``rank(image, texts)`` orders captions for an image. Returns
+        ``[(index into candidates, score), ...]``, best first (ties in candidate order), the
+        ``top_k`` best or all.
+
+        The score is `match`'s ITM probability for a pre-training checkpoint and the retrieval head's
+        score (a logit) for a retrieval checkpoint. As in the retrieval evaluation, every image goes
+        through the CNN once (`pixel_bert.retrieval_scoring.encode_images`, ``image_batch_size`` images at a
+        time) and the pairs are scored in batches of about ``pairs_per_batch`` from those visual
+        tokens (`pixel_bert.retrieval_scoring.score_rows`), under the evaluation's autocast: on CPU the scores
+        are `match`'s to float rounding, on a GPU they are bf16/fp16 figures (``match`` runs fp32).
+        A query string is an image when it names an existing file, else a caption."""
+        if self.task == "pretrain":
+            scorer, to_score = _ITMScore(self.model), torch.sigmoid
+        elif self.task == "retrieval":
+            scorer, to_score = self.model, (lambda logits: logits)
+        else:
+            raise ValueError(f"{self.source}: rank() scores pairs with an ITM head (task 'pretrain') or a "
+                             f"retrieval head (task 'retrieval'); this is a {self.task!r} checkpoint")
+        if isinstance(query, (list, tuple)):
+            raise TypeError("rank() takes one query (a text or an image) and a list of candidates")
+        candidates, _ = _as_list(candidates, (Image.Image, str, os.PathLike))
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1 (or None for all), got {top_k}")
+        if _is_image(query):
+            images, texts = [query], candidates
+        elif not isinstance(query, str):
+            raise TypeError(f"the query must be a text or an image (PIL image or path), got {type(query).__name__}")
+        elif all(isinstance(c, str) and not os.path.isfile(c) for c in candidates):
+            raise ValueError(f"rank(): {query!r} is not an image file and none of the {len(candidates)} "
+                             "candidates is one either: rank(text, images) needs PIL images or paths of "
+                             "existing files, rank(image, texts) an image that exists")
+        else:
+            images, texts = candidates, [query]
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("rank(image, texts): every candidate must be a text when the query is an image")
+        visual = encode_images(self.model, images, range(len(images)), _AsMatchReadsThem(self.transform),
+                               self.device, image_batch_size, log=lambda *_: None)
+        ids, mask = self._texts(texts)
+        # score_rows tiles images x captions at about sqrt(pairs) each; with one image, all its
+        # tile's pairs are captions, so ask for pairs_per_batch captions per tile
+        tile = pairs_per_batch ** 2 if len(images) == 1 else pairs_per_batch
+        scores = to_score(score_rows(scorer, visual, ids, mask, self.device, tile)).flatten()
+        order = scores.argsort(descending=True, stable=True)[:top_k]
+        return [(int(i), float(scores[i])) for i in order]
 
     @torch.no_grad()
     def fill_mask(self, image, text, top_k: int = 5):

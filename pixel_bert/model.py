@@ -92,6 +92,9 @@ class PixelBertConfig:
     backbone_checkpointing: bool = False  # recompute the CNN's stem and residual blocks in backward to save
                                           # memory (x152 at 600x1000, r50 at 64/GPU on a 32 GB card); needs
                                           # freeze_backbone_bn
+    backbone_frozen_stages: int = 0       # the CNN's first stages run without gradients: 1 = the stem, 2 = the
+                                          # stem and res2 (Detectron's FREEZE_AT=2), ...; they keep no
+                                          # activations for backward and get no update; needs freeze_backbone_bn
     # ---- language embedding, eq. (4), and cross-modality transformer, eq. (6) --------------------
     vocab_size: int = 30522               # bert-base-uncased WordPiece vocabulary [choice]
     hidden_size: int = 768                # BERT-base sizes [paper: 12 layers; the rest BERT's, choice]
@@ -115,7 +118,7 @@ class PixelBertConfig:
                                           # Linear(k*h, out) with k this [choice: UNITER's and ViLT's 2]
 
     ALLOWED: ClassVar[Dict[str, Any]] = {  # see allowed_values
-        "backbone": BACKBONES, "backbone_stages": (1, 4), "visual_proj_kernel": (1, None),
+        "backbone": BACKBONES, "backbone_stages": (1, 4), "backbone_frozen_stages": (0, 5), "visual_proj_kernel": (1, None),
         "visual_proj_init_std": (0, None), "num_sampled_pixels": (0, None), "visual_pool": (1, None),
         "vocab_size": (1, None), "hidden_size": (1, None), "num_layers": (1, None), "num_heads": (1, None),
         "intermediate_size": (1, None), "hidden_act": tuple(ACTIVATIONS), "hidden_dropout": (0, 1),
@@ -132,6 +135,9 @@ class PixelBertConfig:
         check_fields(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.backbone_frozen_stages > self.backbone_stages + 1:
+            raise ValueError(f"backbone_frozen_stages must be 0..{self.backbone_stages + 1} (the stem, then each of "
+                             f"the {self.backbone_stages} residual stages), got {self.backbone_frozen_stages}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -198,21 +204,41 @@ class BackboneTrunk(nn.Module):
     ``checkpointing``: in training with gradients, the stem and each residual block keep only their
     input and recompute their insides in backward (activation checkpointing): the CNN's activation
     memory drops to the block inputs, for about one more forward pass of the CNN.
+
+    ``frozen_stages``: the stem (1) and then the first residual stages (2 = stem + res2, ...) have
+    no gradients and run under ``torch.no_grad()``: nothing of theirs is kept for backward (at
+    800x1333 the stem and res2 hold the largest feature maps) and backward stops at their output.
     """
 
-    def __init__(self, resnet: ResNet, stages: int = 4, checkpointing: bool = False):
+    def __init__(self, resnet: ResNet, stages: int = 4, checkpointing: bool = False, frozen_stages: int = 0):
         super().__init__()
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.stages = nn.Sequential(*[getattr(resnet, f"layer{i}") for i in range(1, stages + 1)])
         last_block = self.stages[-1][-1]
         self.out_channels = (last_block.bn3 if hasattr(last_block, "bn3") else last_block.bn2).num_features
         self.checkpointing = checkpointing
+        self.frozen_stages = frozen_stages
+
+    def freeze_first_stages(self) -> None:
+        """No gradients for the ``frozen_stages`` first parts (call after the BatchNorm swap, whose
+        FrozenBatchNorm2d affine parameters are new)."""
+        for part in ([self.stem] + list(self.stages[:self.frozen_stages - 1])) if self.frozen_stages else []:
+            part.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not (self.checkpointing and torch.is_grad_enabled()):
-            return self.stages(self.stem(images))  # (B, C, H/stride, W/stride)
-        x = torch.utils.checkpoint.checkpoint(self.stem, images, use_reentrant=False)
-        for stage in self.stages:
+        x, trainable = images, self.stages
+        if self.frozen_stages:
+            with torch.no_grad():  # frozen: no weight gradients, so no activations kept for backward
+                x = self.stem(images)
+                for stage in self.stages[:self.frozen_stages - 1]:
+                    x = stage(x)
+            trainable = self.stages[self.frozen_stages - 1:]
+        recompute = self.checkpointing and torch.is_grad_enabled()
+        if not self.frozen_stages:
+            x = torch.utils.checkpoint.checkpoint(self.stem, x, use_reentrant=False) if recompute else self.stem(x)
+        if not recompute:
+            return trainable(x)  # (B, C, H/stride, W/stride)
+        for stage in trainable:
             for block in stage:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
         return x
@@ -256,10 +282,14 @@ class VisualEmbedding(nn.Module):
         if config.backbone_checkpointing and not config.freeze_backbone_bn:
             raise ValueError("backbone_checkpointing needs freeze_backbone_bn=True: the recomputation in "
                              "backward would update trainable BatchNorm running statistics a second time")
+        if config.backbone_frozen_stages and not config.freeze_backbone_bn:
+            raise ValueError("backbone_frozen_stages needs freeze_backbone_bn=True: a frozen stage's trainable "
+                             "BatchNorm would still change its running statistics with every batch")
         self.backbone = BackboneTrunk(build_resnet(config.backbone), config.backbone_stages,
-                                      config.backbone_checkpointing)
+                                      config.backbone_checkpointing, config.backbone_frozen_stages)
         if config.freeze_backbone_bn:
             freeze_batchnorm(self.backbone)
+        self.backbone.freeze_first_stages()
         k = config.visual_proj_kernel
         self.proj = nn.Conv2d(self.backbone.out_channels, config.hidden_size, k, padding=k // 2)
         # ceil mode: an odd backbone grid keeps its last row/column (800x1333 -> 25x42 -> 13x21, not 12x21)

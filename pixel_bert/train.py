@@ -28,8 +28,8 @@ from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_gro
 from pixel_bert.cli import add_config_arguments, apply_overrides, flag_without_companion
 from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, config_to_dict, make_model_config,
                                make_train_config)
-from pixel_bert.distributed import (all_reduce_mean, distributed, exit_after_distributed_run,
-                                    unwrap)
+from pixel_bert.device_decode import EncodedCaptionCollator, EncodedCaptionDataset, decode_batch
+from pixel_bert.distributed import all_reduce_mean, distributed, exit_after_distributed_run, unwrap
 from pixel_bert.factory import create_model, model_from_state
 from pixel_bert.images import ImageTransform
 from pixel_bert.losses import IGNORE_INDEX, make_itm_pairs, mask_tokens, pretrain_losses
@@ -158,7 +158,9 @@ def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
     transform = ImageTransform.from_config(model_cfg)
     records = read_caption_records(args)
     if records:
-        dataset = CaptionDataset(records, transform, fatal_bad_samples=train_cfg.fatal_bad_samples)
+        # with decode_images_on_device the samples carry the JPEGs' bytes, decoded in pretrain_step
+        dataset_class = EncodedCaptionDataset if train_cfg.decode_images_on_device else CaptionDataset
+        dataset = dataset_class(records, transform, fatal_bad_samples=train_cfg.fatal_bad_samples)
         groups = aspect_ratio_group_ids(records) if train_cfg.group_by_aspect_ratio else None
         return dataset, groups, None, False
     size = model_cfg.image_short_side
@@ -199,6 +201,8 @@ def pretrain_step(model, batch: dict, tokenizer, train_cfg: TrainConfig, device,
     ``step`` (optimizer steps so far) switches ITM on at ``train_cfg.itm_start_step``; before that
     the returned dict has no ``itm_loss`` / ``itm_acc`` (they would mean nothing)."""
     bert_config = unwrap(model).config
+    if "encoded_images" in batch:  # TrainConfig.decode_images_on_device: the JPEGs are decoded here, on the GPU
+        decode_batch(batch, ImageTransform.from_config(bert_config), bert_config.feature_stride, device)
     itm = step >= train_cfg.itm_start_step
     ids, mask, mlm_labels, itm_labels, mask_rate = prepare_pretrain_batch(batch, tokenizer, train_cfg,
                                                                           bert_config.vocab_size, itm)
@@ -302,7 +306,9 @@ def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig):
         model = create_model(model_cfg, "pretrain", verbose=info.is_main)
 
     collate = CaptionCollator(tokenizer, model_cfg.max_text_len, model_cfg.feature_stride)
-    data = TrainingData(dataset, collate,
+    train_collate = (EncodedCaptionCollator(tokenizer, model_cfg.max_text_len, model_cfg.feature_stride)
+                     if train_cfg.decode_images_on_device else collate)
+    data = TrainingData(dataset, train_collate,
                         lambda m, batch, step: pretrain_step(m, batch, tokenizer, train_cfg, info.device, step), groups, {})
 
     def announce_itm(trainer):
