@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
+from .errors import UserError
+
 class CaptionRecord(NamedTuple):
     """One (image, caption) pair: an immutable tuple, which keeps millions of them (VG has 5M) small.
 
@@ -29,7 +31,7 @@ class CaptionRecord(NamedTuple):
     size: Optional[Tuple[int, int]] = None
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError):
     """An annotation file is not in the expected format; the message names the file and the entry."""
 
 

@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, NamedTuple, Sequence, Set, Tuple
 
+from .errors import UserError
 from .images import ImageLoadError
 
 
@@ -28,7 +29,7 @@ class BadSampleWarning(UserWarning):
     """A sample was skipped (missing/corrupt image, empty caption). Filter it with `warnings`."""
 
 
-class BadSampleError(ValueError):
+class BadSampleError(UserError):
     """A bad sample with ``fatal_bad_samples=True`` (image errors raise `ImageLoadError` instead)."""
 
 
@@ -104,7 +105,7 @@ def describe_bad_samples(bad_samples: Sequence[BadSample]) -> str:
     return text
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError):
     pass
 
 

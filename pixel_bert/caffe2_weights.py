@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from .config import DETECTRON_INPUT
+from .errors import UserError
 from .tensor_files import LoadReport, assign_tensors
 
 DETECTRON_X152_URL = ("https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/25093814/"
@@ -113,17 +114,17 @@ def read_caffe2_blobs(path: str) -> Dict[str, np.ndarray]:
         with open(path, "rb") as f:
             obj = Caffe2Unpickler(f, encoding="latin1").load()
     except ForbiddenGlobal as e:
-        raise ValueError(f"{path}: refused to load: {e}. Nothing from the file was run.") from e
+        raise UserError(f"{path}: refused to load: {e}. Nothing from the file was run.") from e
     except Exception as e:  # truncated or not a pickle at all
-        raise ValueError(f"{path}: not a readable Caffe2 weights pickle ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: not a readable Caffe2 weights pickle ({type(e).__name__}: {e})") from e
     if isinstance(obj, dict) and isinstance(obj.get("blobs"), dict):
         obj = obj["blobs"]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of blobs (optionally under 'blobs'), got {type(obj).__name__}")
+        raise UserError(f"{path}: expected a dict of blobs (optionally under 'blobs'), got {type(obj).__name__}")
     blobs = {str(k): v for k, v in obj.items()
              if isinstance(v, np.ndarray) and v.dtype.kind in "fiu"}
     if not blobs:
-        raise ValueError(f"{path}: holds no numeric arrays; is this a Detectron weights file?")
+        raise UserError(f"{path}: holds no numeric arrays; is this a Detectron weights file?")
     return blobs
 
 
@@ -168,7 +169,7 @@ def trunk_tensors_from_blobs(trunk: nn.Module, blobs: Dict[str, np.ndarray], sou
             continue
         array = blobs[blob]
         if tuple(array.shape) != tuple(target.shape):
-            raise ValueError(f"{source}: shape mismatch: blob {blob!r} has {tuple(array.shape)}, the model's "
+            raise UserError(f"{source}: shape mismatch: blob {blob!r} has {tuple(array.shape)}, the model's "
                              f"{name!r} expects {tuple(target.shape)}; is this the backbone the config builds?")
         tensors[name] = torch.from_numpy(np.asarray(array, dtype=np.float32))
         used.append(blob)
@@ -184,16 +185,16 @@ def load_caffe2_backbone(trunk: nn.Module, path: str, config) -> LoadReport:
     convention to the file's (`use_detectron_input`). Reports loaded trunk tensors, trunk tensors
     left as initialised and blobs not used (the ImageNet classifier ``pred_*``, momenta)."""
     if any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules()):
-        raise ValueError(f"{path}: Caffe2 weights fold BatchNorm into a fixed per-channel affine, so the "
+        raise UserError(f"{path}: Caffe2 weights fold BatchNorm into a fixed per-channel affine, so the "
                          "trunk's BatchNorm must stay frozen: set freeze_backbone_bn=True")
     blobs = read_caffe2_blobs(path)
     statistics = sorted(b for b in blobs if b.endswith(("_bn_rm", "_bn_riv")))
     if statistics:
-        raise ValueError(f"{path}: holds BatchNorm running statistics ({', '.join(statistics[:2])} ...); this "
+        raise UserError(f"{path}: holds BatchNorm running statistics ({', '.join(statistics[:2])} ...); this "
                          "loader reads Detectron's folded AffineChannel blobs (*_bn_s, *_bn_b) only")
     tensors, used = trunk_tensors_from_blobs(trunk, blobs, path)
     if not tensors:
-        raise ValueError(f"{path}: no blob has a Detectron ResNet name (conv1_w, res_conv1_bn_s, "
+        raise UserError(f"{path}: no blob has a Detectron ResNet name (conv1_w, res_conv1_bn_s, "
                          f"res2_0_branch2a_w, ...); found e.g. {sorted(blobs)[:5]}")
     report = LoadReport(path, assign_tensors(trunk, tensors, path))
     report.missing = sorted(set(trunk.state_dict()) - set(tensors))

@@ -1,5 +1,6 @@
 """Training checkpoints and the run folder: finding the newest readable checkpoint, clearing
-interrupted writes, setting an earlier run aside, and every random stream of a process (exact resume).
+interrupted writes, setting an earlier run aside, every random stream of a process (exact resume),
+and the lock that gives a run folder to one run at a time (`RunLock`).
 
 A checkpoint (`pixel_bert.trainer.Trainer.state_dict`) holds plain data only, so it loads with
 ``torch.load(..., weights_only=True)``.
@@ -8,16 +9,21 @@ from __future__ import annotations
 
 import datetime
 import glob
+import json
 import os
 import random
 import re
+import socket
 import sys
-from typing import Dict, List, Optional, Tuple
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .config import TrainConfig
+from .errors import RunFolderError, UserError
 from .tensor_files import load_weights_only
 
 CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
@@ -39,7 +45,7 @@ def read_training_checkpoint(path: str) -> dict:
     ckpt = load_weights_only(path, "checkpoint")
     missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f"{path}: not a training checkpoint (no {', '.join(missing)}). --resume takes a "
+        raise UserError(f"{path}: not a training checkpoint (no {', '.join(missing)}). --resume takes a "
                          f"ckpt_*.pt of a run folder; to start from a model.pt's weights use --init")
     return ckpt
 
@@ -115,3 +121,136 @@ def _tuples(x):
 def batch_layout(cfg: TrainConfig, world_size: int) -> Dict[str, int]:
     """What fixes the epoch length and the schedule: a run resumes only with the same layout."""
     return {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps, "world_size": world_size}
+
+
+PLAIN_TYPES = (str, int, float, bool, type(None))
+
+
+def check_plain_data(value: Any, where: str = "run_config") -> Any:
+    """``value`` itself, when it is plain data (dicts with str keys, lists, tuples, str, numbers, bool,
+    None): what a checkpoint may hold besides tensors, so that it loads with ``weights_only=True``.
+    Anything else raises TypeError naming where it sits, before the first checkpoint is written."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}, not a string")
+            check_plain_data(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_plain_data(item, f"{where}[{i}]")
+    elif not isinstance(value, PLAIN_TYPES):
+        raise TypeError(f"{where} is a {type(value).__name__} ({value!r:.60}): a checkpoint holds plain data only")
+    return value
+
+
+# -------------------------------------------------------------------------------------------------
+#                                 One run per run folder
+# -------------------------------------------------------------------------------------------------
+
+LOCK_FILE = "run.lock"
+LOCK_HEARTBEAT_SECONDS = 10.0   # how often the holder touches its lock file
+LOCK_STALE_SECONDS = 60.0       # a lock untouched this long belongs to a run that is gone
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """A run holds its folder for its lifetime: a second run in the same folder is refused, naming the
+    host, process id and start time of the first. The lock is a file created exclusively
+    (``O_CREAT | O_EXCL``, which network file systems honour where ``flock`` may not) and touched by
+    the holder every ``heartbeat`` seconds, so that it also works across the nodes of a cluster: a
+    lock left by a process that died on this host is taken over at once, one whose heartbeat stopped
+    (a dead node) after ``stale_after`` seconds, each with a message."""
+
+    def __init__(self, folder: str, heartbeat: float = LOCK_HEARTBEAT_SECONDS,
+                 stale_after: float = LOCK_STALE_SECONDS):
+        self.path = os.path.join(folder, LOCK_FILE)
+        self.heartbeat, self.stale_after = heartbeat, stale_after
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def holder(self) -> Tuple[Optional[dict], float]:
+        """(the lock file's contents or None when unreadable, seconds since its last heartbeat)."""
+        age = time.time() - os.stat(self.path).st_mtime
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f), age
+        except (OSError, ValueError):
+            return None, age
+
+    def why_stale(self, holder: Optional[dict], age: float) -> Optional[str]:
+        """Why the lock's holder is gone (None while it may be running)."""
+        if holder and holder.get("host") == self.me["host"] and not _process_alive(int(holder.get("pid", -1))):
+            return f"its process {holder.get('pid')} on this host is gone"
+        if age > self.stale_after:
+            return f"its last heartbeat was {age:.0f} s ago (more than {self.stale_after:.0f} s)"
+        return None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; returns a message when a stale lock was taken over, raises RunFolderError when
+        another run holds it."""
+        note = None
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder, age = self.holder()
+                except FileNotFoundError:  # released meanwhile
+                    continue
+                if holder is None and age < self.heartbeat:  # being written this very moment
+                    time.sleep(0.2)
+                    continue
+                stale = self.why_stale(holder, age)
+                if stale is None:
+                    raise RunFolderError(
+                        f"{os.path.dirname(self.path)} is in use by another run: host {holder.get('host')}, process "
+                        f"{holder.get('pid')}, started {holder.get('started')} ({holder.get('command', '')}). Wait for "
+                        f"it to end or give this run another --output-dir. A run that died leaves its lock stale "
+                        f"{self.stale_after:.0f} s after its last heartbeat; {self.path} can also be deleted by hand")
+                aside = f"{self.path}.stale-{os.getpid()}"
+                try:
+                    os.replace(self.path, aside)  # only one of several runs taking it over wins the rename
+                except FileNotFoundError:
+                    continue
+                os.remove(aside)
+                note = (f"took over the lock of the run started {(holder or {}).get('started', '?')} on host "
+                        f"{(holder or {}).get('host', '?')} (process {(holder or {}).get('pid', '?')}): {stale}")
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+            self._thread.start()
+            return note
+        raise RunFolderError(f"{self.path}: could not take the run folder's lock (other runs keep taking it)")
+
+    def _beat(self):
+        while not self._stop.wait(self.heartbeat):
+            try:
+                os.utime(self.path)
+            except OSError:  # deleted by hand, or the folder is gone: nothing left to keep alive
+                return
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock, if it is still this run's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            holder, _ = self.holder()
+        except FileNotFoundError:
+            return
+        if holder and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
+            os.remove(self.path)

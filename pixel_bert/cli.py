@@ -3,17 +3,21 @@
 `add_config_arguments` gives each field of `ModelConfig`, `TrainConfig` or a task's config a
 ``--field-name`` flag (``--field_name`` too) whose help is the field's comment in its source and
 whose value is parsed by the field's type and checked against the class's ``ALLOWED`` table;
-`apply_overrides` puts the flags the user gave on top of a preset.
+`apply_overrides` puts the flags the user gave on top of a preset. `run_cli` runs a script's main:
+an error the user caused ends with ``error: <message>`` instead of a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import inspect
+import os
 import re
+import sys
 from dataclasses import fields
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
+from .errors import RunInterrupted, UserError
 from .model import field_problem
 
 
@@ -116,6 +120,22 @@ def apply_overrides(cfg, args) -> list:
     return changed
 
 
+def int_at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (a count, a size, a seed), so that a negative count
+    is refused by name instead of acting as a Python slice or failing deep inside torch."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text!r}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
 def flag_name(dest: str) -> str:
     """The command-line spelling of an argparse dest: ``coco_images`` -> ``--coco-images``."""
     return f"--{dest.replace('_', '-')}"
@@ -129,3 +149,44 @@ def flag_without_companion(args, needs: Dict[str, str]) -> Optional[str]:
         if getattr(args, dest) and not getattr(args, needed):
             return f"{flag_name(dest)} is given without {flag_name(needed)}, which names the annotations to read"
     return None
+
+
+# -------------------------------------------------------------------------------------------------
+#                                   Errors the user caused
+# -------------------------------------------------------------------------------------------------
+
+DEBUG_ENV = "PIXEL_BERT_DEBUG"  # =1: tracebacks for user errors too, as --debug
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error about a file, "
+                        f"folder, flag or checkpoint too (also {DEBUG_ENV}=1); without it such an error is one "
+                        "line, 'error: <message>'")
+
+
+def run_cli(main: Callable[[], Any], argv=None) -> Any:
+    """Run a script's ``main()``. An error the user caused (`pixel_bert.errors.UserError`: a bad file,
+    folder, flag or checkpoint; or a file not found) ends the process with ``error: <message>`` on
+    stderr and exit status 1, and a Ctrl-C with what was saved and status 130, both without a Python
+    traceback, which would bury the message; ``--debug`` (or PIXEL_BERT_DEBUG=1) shows it. Any other
+    exception is a bug and keeps its traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    try:
+        return main()
+    except RunInterrupted as e:
+        if debug:
+            raise
+        print(f"{e}{rank}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"interrupted{rank}", file=sys.stderr)
+        sys.exit(130)
+    except (UserError, FileNotFoundError) as e:
+        if debug:
+            raise
+        print(f"error{rank}: {e}", file=sys.stderr)
+        sys.exit(1)

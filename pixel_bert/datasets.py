@@ -58,11 +58,12 @@ from torchvision.datasets.utils import calculate_md5, extract_archive
 
 from . import nlvr2 as nlvr2_data, retrieval, vqa
 from .annotations import karpathy_coco_ids, read_coco_captions, read_karpathy, read_visual_genome
+from .cli import add_debug_argument, int_at_least, run_cli
 from .distributed import DistInfo
 from .files import write_json
-from .tasks import TASKS
 from .images import ImageLoadError, load_image
 from .progress import Progress, RateClock
+from .tasks import TASKS
 from .train import add_pretrain_data_arguments
 
 # ------------------------------------------------------------------------------------------------
@@ -824,12 +825,13 @@ def run_download(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    add_debug_argument(p)
     add_pretrain_data_arguments(p, "pre-training data (train.py's flags)")
     data = p.add_argument_group("fine-tuning data (finetune.py's and evaluate.py's flags)")
     for task in TASKS.values():
         task.add_data_arguments(data)
     check = p.add_argument_group("checking")
-    check.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    check.add_argument("--workers", type=int_at_least(1), default=os.cpu_count() or 1,
                        help="processes opening images in parallel (default: all CPU cores)")
     check.add_argument("--max-bad-fraction", type=float, default=0.01,
                        help="a split is unusable when more than this share of its images is missing or unreadable "
@@ -837,13 +839,14 @@ def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
     check.add_argument("--no-decode", action="store_true",
                        help="only check that every image file exists (seconds instead of minutes; corrupt files "
                             "go unnoticed)")
-    check.add_argument("--show", type=int, default=5, help="bad paths listed per split and kind (default 5)")
+    check.add_argument("--show", type=int_at_least(0), default=5, help="bad paths listed per split and kind (default 5)")
     check.add_argument("--report", help="write everything found, every bad path included, to this JSON file")
     check.add_argument("--progress-every", type=float, default=10.0,
                        help="seconds between progress lines while opening images (default 10)")
 
 
 def _add_download_arguments(p: argparse.ArgumentParser) -> None:
+    add_debug_argument(p)
     about = "; ".join(f"{name}: {source['about']}" for name, source in SOURCES.items())
     p.add_argument("names", nargs="+", choices=sorted(SOURCES) + sorted(MANUAL_SOURCES) + ["all"], metavar="NAME",
                    help=f"what to fetch ({about}; all: every one of these). flickr30k, nlvr2: print how to obtain "
@@ -852,7 +855,7 @@ def _add_download_arguments(p: argparse.ArgumentParser) -> None:
                    "ROOT/vqa; archives are kept in ROOT/downloads while in transit (default: data)")
     p.add_argument("--base-url", default=None, help=f"fetch every file by its name from this address instead (a "
                    f"mirror, or a local server in tests); also ${MIRROR_ENV}")
-    p.add_argument("--retries", type=int, default=3, help="times an interrupted download resumes before giving up "
+    p.add_argument("--retries", type=int_at_least(0), default=3, help="times an interrupted download resumes before giving up "
                    "(it resumes on the next run too; default 3)")
     p.add_argument("--keep-archives", action="store_true", help="keep the archives in ROOT/downloads after unpacking")
     p.add_argument("--dry-run", action="store_true", help="list what would be fetched, from where, into where, and "
@@ -888,4 +891,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

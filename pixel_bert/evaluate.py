@@ -38,6 +38,7 @@ import torch
 
 from pixel_bert import metrics, nlvr2, retrieval
 from pixel_bert.annotations import read_json
+from pixel_bert.cli import add_debug_argument, int_at_least, run_cli
 from pixel_bert.distributed import distributed, exit_after_distributed_run, share_cpu_threads
 from pixel_bert.downstream import EvalSettings, evaluate_split
 from pixel_bert.files import write_json
@@ -87,17 +88,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    + ", ".join(f"{name} {task.default_split}" for name, task in TASKS.items()))
     p.add_argument("--output-dir", help="where predictions, scores and metrics go (default: the checkpoint's folder)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=64, help="images / questions / examples per batch (per process)")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per process")
-    p.add_argument("--max-examples", "--max-images", dest="max_examples", type=int, default=None,
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images / questions / examples per batch (per process)")
+    p.add_argument("--num-workers", type=int_at_least(0), default=2, help="DataLoader worker processes per process")
+    p.add_argument("--max-examples", "--max-images", dest="max_examples", type=int_at_least(1), default=None,
                    help="evaluate only the first N questions (VQA), examples (NLVR2) or images (retrieval)")
-    p.add_argument("--max-captions", type=int, default=None, help="retrieval: at most N captions per image")
-    p.add_argument("--pairs-per-batch", type=int, default=1024, help="retrieval: image-caption pairs per forward pass")
+    p.add_argument("--max-captions", type=int_at_least(1), default=None, help="retrieval: at most N captions per image")
+    p.add_argument("--pairs-per-batch", type=int_at_least(1), default=1024, help="retrieval: image-caption pairs per forward pass")
     p.add_argument("--feature-cache", help="retrieval: folder where each rank saves its images' visual tokens "
                    "and reuses them on the next run of the same checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward pass "
                    "(worth it for a long evaluation: the first batches pay for the compilation)")
-    p.add_argument("--fold-size", type=int, default=1000, help="retrieval: COCO 1K protocol fold size (the 1K "
+    p.add_argument("--fold-size", type=int_at_least(1), default=1000, help="retrieval: COCO 1K protocol fold size (the 1K "
                    "figures are reported when the split has exactly 5 folds of images)")
     data = p.add_argument_group("data (the official layouts, docs/paper.md#data-formats)")
     for task in TASKS.values():
@@ -109,6 +110,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     free.add_argument("--questions", help="VQA (optional): the questions file, to check image ids")
     free.add_argument("--labels", help="NLVR2: the official JSON-lines file of the split (e.g. dev.json)")
     free.add_argument("--scores", help="retrieval: a score matrix .npz (pixel_bert.metrics.save_score_matrix)")
+    add_debug_argument(p)
     return p
 
 
@@ -146,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 def cli():
     """The command-line entry point (pixel-bert-evaluate, python -m pixel_bert.evaluate, evaluate.py)."""
-    main()
+    run_cli(main)
     exit_after_distributed_run()
 
 

@@ -26,6 +26,7 @@ import argparse
 import os
 from typing import Dict, List, Optional
 
+from .cli import add_debug_argument, run_cli
 from .saved_model import (FOLDER_ANSWERS, FOLDER_CONFIG, FOLDER_VOCAB, FOLDER_WEIGHTS, read_checkpoint,
                           read_folder_config, write_model_folder)
 
@@ -41,6 +42,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("out", help="the model folder to write; it must not exist or be empty, unless --force")
     p.add_argument("--force", action="store_true", help="replace OUT when it holds an earlier export (only "
                    f"{', '.join(FOLDER_FILES)}); a folder holding any other file is never replaced")
+    add_debug_argument(p)
     return p
 
 
@@ -104,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, int]:
 
 def cli():
     """The command-line entry point (pixel-bert-export, python -m pixel_bert.export)."""
-    main()
+    run_cli(main)
 
 
 if __name__ == "__main__":

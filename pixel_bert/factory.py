@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .errors import UserError
 from .heads import TASK_MODELS
 from .pretrained import load_backbone_weights, load_bert_weights, resolve_bert
 from .tensor_files import LoadReport, assign_tensors
@@ -21,7 +22,7 @@ def create_model(config: ModelConfig, task: str = "pretrain", verbose: bool = Tr
     """A task model with the initialisation its config asks for: ImageNet weights for the CNN
     (``backbone_weights``) and a BERT checkpoint for the transformer (``bert_weights``)."""
     if task not in TASK_MODELS:
-        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_MODELS)}")
+        raise UserError(f"unknown task {task!r}; choose from {sorted(TASK_MODELS)}")
     model = TASK_MODELS[task](config)
     if config.backbone_weights not in (None, "", "none"):
         load_backbone_weights(model, config.backbone_weights, verbose)
@@ -42,7 +43,7 @@ def load_checkpoint_weights(model: nn.Module, state: Dict[str, torch.Tensor], so
     report.unused = sorted(set(state) - set(own))
     missing_bert = [k for k in report.missing if k.startswith("bert.")]
     if strict_bert and missing_bert:
-        raise ValueError(f"{source}: the checkpoint lacks {len(missing_bert)} tensors of the shared network, "
+        raise UserError(f"{source}: the checkpoint lacks {len(missing_bert)} tensors of the shared network, "
                          f"e.g. {missing_bert[:3]}; it does not match this model's configuration")
     if verbose:
         print(report.summary())

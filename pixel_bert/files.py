@@ -22,6 +22,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from .errors import UserError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: put it straight back
@@ -32,12 +34,18 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-class DiskFullError(OSError):
+class DiskFullError(OSError, UserError):
     """The disk filled up while writing; the message names the file and its folder."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
-class UnwritableError(PermissionError):
+
+class UnwritableError(PermissionError, UserError):
     """The folder (or the file) may not be written; the message names the file and its folder."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 @contextlib.contextmanager

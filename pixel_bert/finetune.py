@@ -35,14 +35,15 @@ import torch
 import torch.distributed as dist
 
 from pixel_bert import synthetic_tasks
-from pixel_bert.cli import NOT_GIVEN, add_config_arguments, apply_overrides, flag_name, flag_without_companion
+from pixel_bert.cli import (NOT_GIVEN, add_config_arguments, add_debug_argument, apply_overrides, flag_name,
+                            flag_without_companion, int_at_least, run_cli)
 from pixel_bert.config import ModelConfig, TrainConfig, config_to_dict, make_model_config
 from pixel_bert.distributed import distributed, exit_after_distributed_run, unwrap
 from pixel_bert.downstream import (DEMO_COMMON, DownstreamConfig, DownstreamTask, EvalSettings, check_splits,
                                    evaluate_split)
 from pixel_bert.factory import create_model, model_from_state
 from pixel_bert.files import write_text
-from pixel_bert.runs import fit_run, start_run, tokenizer_for_run
+from pixel_bert.runs import fit_run, run_folder, tokenizer_for_run
 from pixel_bert.saved_model import load_saved_model
 from pixel_bert.tasks import TASKS
 
@@ -58,7 +59,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto", help="'auto': newest valid checkpoint of the run folder if any; "
                    "a path; or 'none'")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (quick checks)")
+    p.add_argument("--max-steps", type=int_at_least(0), default=None, help="stop after this many optimizer steps (quick checks)")
     presets = ", ".join(name for task in TASKS.values() for name in task.presets)
     p.add_argument("--preset", default="auto", help=f"train preset: {presets} (each task module's presets); auto = "
                    "the task's (retrieval: coco when the Karpathy json is COCO's), plus the demo overrides on "
@@ -70,15 +71,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         task.add_data_arguments(data)
     sizes = {name: task.synthetic_sizes for name, task in TASKS.items()}
     s = p.add_argument_group("synthetic data (used when no data path above is given)")
-    s.add_argument("--synthetic-train", type=int, default=None, help="synthetic training size: images (vqa, "
+    s.add_argument("--synthetic-train", type=int_at_least(1), default=None, help="synthetic training size: images (vqa, "
                    "retrieval) or sentences x 4 pairs (nlvr2); defaults " + str({k: v[0] for k, v in sizes.items()}))
-    s.add_argument("--synthetic-val", type=int, default=None, help="synthetic val/dev size, same units; defaults "
+    s.add_argument("--synthetic-val", type=int_at_least(1), default=None, help="synthetic val/dev size, same units; defaults "
                    + str({k: v[1] for k, v in sizes.items()}))
-    s.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic task data")
+    s.add_argument("--synthetic-seed", type=int_at_least(0), default=0, help="seed of the synthetic task data")
     e = p.add_argument_group("final evaluation")
     e.add_argument("--eval-split", default=None, help="val/dev split for the final evaluation (default "
                    + " / ".join(task.val_split for task in TASKS.values()) + "); test splits are refused")
-    e.add_argument("--max-eval", type=int, default=None, help="evaluate only the first N questions / examples / "
+    e.add_argument("--max-eval", type=int_at_least(1), default=None, help="evaluate only the first N questions / examples / "
                    "images (quick runs)")
     e.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     add_config_arguments(p, ModelConfig)
@@ -87,6 +88,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     for task in TASKS.values():
         if task.config_class is not None:
             add_config_arguments(p, task.config_class, f" (--task {task.name})")
+    add_debug_argument(p)
     return p
 
 
@@ -105,7 +107,8 @@ def unused_flags(args) -> Optional[str]:
     for name, task in TASKS.items():
         given = [n for n in task_flags(task) if getattr(args, n) not in (None, NOT_GIVEN)]
         if name != args.task and given:
-            return f"{flag_name(given[0])} is a flag of --task {name}, but this is --task {args.task}"
+            kind = "data flag" if given[0] in task.data_flags else "flag"
+            return f"{flag_name(given[0])} is a {kind} of --task {name}, but this is --task {args.task}"
     annotations, images = TASKS[args.task].data_flags
     return flag_without_companion(args, {images: annotations})
 
@@ -147,9 +150,10 @@ def main(argv: Optional[List[str]] = None):
     args = parser.parse_args(argv)
     if unused_flags(args):
         parser.error(unused_flags(args))
-    with distributed(args.device) as info:
+    with distributed(args.device) as info, \
+            run_folder(args.output_dir or os.path.join("runs", f"finetune-{args.task}"), info) as out_dir:
         try:
-            return run(args, info)
+            return run(args, info, out_dir)
         except ConfigError as e:  # cross-field checks of the flags, reported as argparse does
             parser.error(str(e))
 
@@ -192,10 +196,9 @@ def build_task_model(args, task: DownstreamTask, init, model_cfg: ModelConfig, t
     return model
 
 
-def run(args, info):
+def run(args, info, out_dir: str):
     task = TASKS[args.task]
     log = print if info.is_main else (lambda *_: None)
-    out_dir = start_run(args.output_dir or os.path.join("runs", f"finetune-{task.name}"), info)
     synthetic_data = not has_real_data(args, task)
     eval_split = args.eval_split or task.val_split
     check_splits(eval_split)  # before any work: a test split is never used here
@@ -241,7 +244,7 @@ def final_evaluation(args, task: DownstreamTask, trainer, tokenizer, eval_split,
 
 def cli():
     """The command-line entry point (pixel-bert-finetune, python -m pixel_bert.finetune, finetune.py)."""
-    main()
+    run_cli(main)
     exit_after_distributed_run()
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .config import IMAGE_FORMATS
+from .errors import UserError
 
 # Largest image (width x height) we agree to decode: Pillow's own default, about 89.5M pixels
 # (a 1 GB RGBA buffer / 4 / 3). The biggest COCO / VG images are around 1M pixels, so anything
@@ -36,7 +37,7 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # Image loading
 # ------------------------------------------------------------------------------------------------
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError):
     """An image file could not be turned into an RGB image. ``path`` names the file and ``reason``
     is one of ``"missing_file"``, ``"corrupt_image"``, ``"too_large"``."""
 
@@ -91,6 +92,8 @@ def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS,
       a JPEG is decoded at reduced scale when that is exact for the resize (`jpeg_draft_scale`).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ImageLoadError(f"{path}: is a folder, not an image file", path, "missing_file")
     if not os.path.isfile(path):
         raise ImageLoadError(f"{path}: image file not found", path, "missing_file")
     try:
@@ -241,6 +244,8 @@ class ImageTransform:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if not isinstance(img, Image.Image):
             raise TypeError(f"ImageTransform expects a PIL.Image (from load_image), got {type(img).__name__}")
+        if img.width == 0 or img.height == 0:
+            raise ImageLoadError(f"the image is {img.width}x{img.height}: it has no pixels to resize")
         if img.mode != "RGB":  # a PIL image handed in directly gets what a file gets (alpha on white)
             img = _to_rgb(img)
         size = self.output_size(*img.size)

@@ -45,6 +45,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from PIL import Image
 
+from .errors import UserError
 from .images import ImageTransform, load_image, pad_images
 from .retrieval_scoring import encode_images, score_rows
 from .saved_model import load_saved_model
@@ -227,6 +228,8 @@ class PixelBertPredictor:
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"texts must be strings, got {type(text).__name__}")
+            if not text.strip():
+                raise UserError("an empty text: give the words to match, fill or answer")
             n = len(self.tokenizer.encode(text, max_length=10 ** 9))
             if n > limit:
                 warnings.warn(f"text of {n} tokens truncated to the model's max_text_len {limit}: "
@@ -315,6 +318,8 @@ class PixelBertPredictor:
         Probabilities are the softmax over the whole vocabulary (so each list sums to at most 1).
         Lists of images/texts give one such result per pair."""
         mlm = self._head("mlm")
+        if top_k < 1:
+            raise UserError(f"top_k must be at least 1, got {top_k}")
         image_list, single_image = _as_list(image, (Image.Image, str, os.PathLike))
         text_list, single_text = _as_list(text, (str,))
         image_list, text_list = _pair_up(image_list, text_list)

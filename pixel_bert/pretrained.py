@@ -18,6 +18,7 @@ import torchvision.models as tvm
 
 from .caffe2_weights import DETECTRON_X152_URL, load_caffe2_backbone
 from .config import IMAGENET_MEAN, IMAGENET_STD
+from .errors import UserError
 from .model import _TORCHVISION_RESNETS
 from .tensor_files import LoadReport, assign_tensors, read_state_dict
 
@@ -120,12 +121,12 @@ def load_bert_weights(model: nn.Module, path: str, verbose: bool = True) -> Load
             if not bert.config.tie_mlm_decoder:
                 mapped["mlm.decoder_weight"] = state[decoder]
     if not any(k.endswith("text_embedding.word.weight") for k in mapped):
-        raise ValueError(f"{weights_file}: no BERT embedding weights found (expected "
+        raise UserError(f"{weights_file}: no BERT embedding weights found (expected "
                          "'embeddings.word_embeddings.weight', optionally under 'bert.'); is this a BERT checkpoint?")
     # A checkpoint with fewer layers than the model would leave transformer layers at random init.
     for i in range(bert.config.num_layers):
         if f"{prefix}layers.{i}.attention.qkv.weight" not in mapped:
-            raise ValueError(f"{weights_file}: has no weights for transformer layer {i}, but the model has "
+            raise UserError(f"{weights_file}: has no weights for transformer layer {i}, but the model has "
                              f"{bert.config.num_layers} layers; build the config with "
                              "pixel_bert.config.model_config_from_bert(config.json)")
     report = LoadReport(weights_file, assign_tensors(model, mapped, weights_file))
@@ -198,11 +199,11 @@ def load_backbone_weights(model: nn.Module, spec: str, verbose: bool = True) -> 
         return report
     if spec == "imagenet":
         if name == "resnext152_32x8d":
-            raise ValueError(f"torchvision ships no ImageNet weights for {name!r}: they are Detectron's "
+            raise UserError(f"torchvision ships no ImageNet weights for {name!r}: they are Detectron's "
                              f"X-152-32x8d-IN5k.pkl, published at {DETECTRON_X152_URL}; download it and pass "
                              "--backbone_weights /path/to/X-152-32x8d-IN5k.pkl")
         if name not in _TORCHVISION_RESNETS:
-            raise ValueError(f"torchvision ships no ImageNet weights for {name!r}; pass a state-dict file in "
+            raise UserError(f"torchvision ships no ImageNet weights for {name!r}; pass a state-dict file in "
                              "torchvision's ResNet names as backbone_weights=/path/to/weights.pth")
         weights = getattr(tvm, _TORCHVISION_RESNETS[name][1]).IMAGENET1K_V1
         source = f"torchvision {weights}"
@@ -225,7 +226,7 @@ def load_backbone_weights(model: nn.Module, spec: str, verbose: bool = True) -> 
         else:
             mapped[ours] = v
     if not mapped:
-        raise ValueError(f"{source}: no tensor matches a torchvision ResNet name (conv1.*, layer1.*, ...)")
+        raise UserError(f"{source}: no tensor matches a torchvision ResNet name (conv1.*, layer1.*, ...)")
     report = LoadReport(source, assign_tensors(trunk, mapped, source))
     report.missing = sorted(trunk_names - set(mapped))
     report.unused = sorted(k for k in unused if not k.endswith("num_batches_tracked"))

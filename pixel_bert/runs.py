@@ -1,19 +1,22 @@
 """The run sequence train.py and finetune.py share: the run folder, the vocabulary, then set-up,
 resume, fit, save and evaluate around the `pixel_bert.trainer.Trainer`.
 
-    start_run          the run folder and this process's CPU threads
+    run_folder         the run folder, held by this run alone (`checkpoints.RunLock`), and the CPU threads
     tokenizer_for_run  the run's vocabulary (the --init checkpoint's, a file's, the synthetic world's, BERT's)
     fit_run            Trainer -> resume -> config.json -> fit (model.pt, model/) -> evaluate -> result.json
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 from . import synthetic
 from .batches import epoch_batch_sampler
-from .distributed import DistInfo, share_cpu_threads
+from .checkpoints import RunLock
+from .distributed import DistInfo, broadcast_from_main, share_cpu_threads
+from .errors import RunFolderError, UserError
 from .files import make_output_folder, write_json
 from .pretrained import resolve_bert
 from .tokenizer import WordPieceTokenizer
@@ -36,9 +39,9 @@ def tokenizer_for_run(config, out_dir: str, synthetic_data: bool, vocab: Optiona
     elif config.bert_weights:
         tokenizer = WordPieceTokenizer(os.path.join(resolve_bert(config.bert_weights), "vocab.txt"))
     else:
-        raise ValueError("no vocabulary: the --init checkpoint has none; give --vocab_file or --bert_weights")
+        raise UserError("no vocabulary: the --init checkpoint has none; give --vocab_file or --bert_weights")
     if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(f"the vocabulary ({tokenizer.vocab_size} entries) does not match vocab_size "
+        raise UserError(f"the vocabulary ({tokenizer.vocab_size} entries) does not match vocab_size "
                          f"{config.vocab_size}; pass --vocab_size to match it")
     return tokenizer
 
@@ -55,11 +58,29 @@ class TrainingData(NamedTuple):
 
 
 
-def start_run(out_dir: str, info: DistInfo) -> str:
-    """Create (or reuse) the run folder and share this node's CPU cores between its processes."""
+@contextlib.contextmanager
+def run_folder(out_dir: str, info: DistInfo, log: Callable[[str], None] = print) -> Iterator[str]:
+    """``with run_folder(out_dir, info) as out_dir:`` creates (or reuses) the run folder, holds it for
+    this run alone while the block runs (one lock per run, taken by rank 0; a second run in the folder
+    is refused on every rank) and shares this node's CPU cores between its processes."""
     make_output_folder(out_dir)
     share_cpu_threads(info)
-    return out_dir
+    lock, refusal, note = RunLock(out_dir) if info.is_main else None, None, None
+    if lock is not None:
+        try:
+            note = lock.acquire()
+        except RunFolderError as e:
+            refusal = str(e)
+    refusal = broadcast_from_main(refusal, info)
+    if refusal:
+        raise RunFolderError(refusal)
+    if note:
+        log(f"run folder {out_dir}: {note}")
+    try:
+        yield out_dir
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def config_json(run_config: Dict[str, Any]) -> Dict[str, Any]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -19,11 +20,12 @@ import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
 from .config import ModelConfig, config_from_dict, config_to_dict
+from .errors import UserError
 from .factory import load_checkpoint_weights
 from .files import atomic_folder, save_torch, write_bytes, write_json
 from .heads import TASK_MODELS
 from .tensor_files import load_weights_only, read_safetensors
-from .tokenizer import WordPieceTokenizer, write_vocab_file
+from .tokenizer import WordPieceTokenizer, check_vocab, write_vocab_file
 
 
 # -------------------------------------------------------------------------------------------------
@@ -49,8 +51,26 @@ def read_checkpoint(path: str) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
     ckpt = load_weights_only(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path}: not a pixel-bert checkpoint (expected keys 'model' and 'model_config')")
+        raise UserError(f"{path}: not a pixel-bert checkpoint (expected keys 'model' and 'model_config')")
+    if "run_config" in ckpt and "task" not in ckpt:  # a training checkpoint (ckpt_*.pt) of a run folder
+        run_config = ckpt["run_config"]
+        ckpt = {"model": ckpt["model"], "model_config": ckpt["model_config"],
+                "task": run_config.get("task", "pretrain"), **run_config.get("model_extra", {})}
     return ckpt
+
+
+def check_weights(state: Dict[str, torch.Tensor], task: str, config: ModelConfig, source: str) -> None:
+    """Every tensor has the kind of dtype the model's own has (floating weights stay floating: an
+    integer table would give nonsense that looks fine) and no NaN or infinity."""
+    with torch.device("meta"):
+        expected = {name: t.dtype for name, t in TASK_MODELS[task](config).state_dict().items()}
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is not None and want.is_floating_point and not tensor.dtype.is_floating_point:
+            raise UserError(f"{source}: tensor {name!r} is {tensor.dtype}, but the model's is floating point ({want})")
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{source}: tensor {name!r} holds {bad} NaN or infinite values")
 
 
 @dataclass
@@ -73,7 +93,7 @@ class SavedModel:
                 return WordPieceTokenizer.from_tokens(self.vocab, os.path.join(folder, "vocab.txt"))
         if self.config.vocab_file:
             return WordPieceTokenizer(self.config.vocab_file)
-        raise ValueError(f"{self.source}: the checkpoint stores no 'vocab' list and its config names no "
+        raise UserError(f"{self.source}: the checkpoint stores no 'vocab' list and its config names no "
                          "vocab_file, so its text cannot be tokenised")
 
     def config_for_init(self) -> ModelConfig:
@@ -91,29 +111,38 @@ def load_saved_model(path: str, task: Optional[str] = None, build: bool = True) 
     tensors loaded from the file (a head left at random init would give confident nonsense)."""
     ckpt = read_checkpoint(path)
     saved_task = ckpt.get("task", "pretrain")
+    missing = sorted({f.name for f in fields(ModelConfig)} - set(ckpt["model_config"]))
+    if missing:
+        defaults = ModelConfig()
+        warnings.warn(f"{path}: its model config has no {', '.join(missing)} (written by an older pixel-bert); "
+                      "taking the defaults " + ", ".join(f"{name}={getattr(defaults, name)!r}" for name in missing),
+                      stacklevel=2)
     if task is not None and saved_task != task:
-        raise ValueError(f"{path} is a {saved_task!r} model, not {task!r}")
+        raise UserError(f"{path} is a {saved_task!r} model, not {task!r}")
     if saved_task not in TASK_MODELS:
-        raise ValueError(f"{path}: unknown task {saved_task!r}; choose from {sorted(TASK_MODELS)}")
+        raise UserError(f"{path}: unknown task {saved_task!r}; choose from {sorted(TASK_MODELS)}")
     try:
         config = config_from_dict(ModelConfig, dict(ckpt["model_config"]))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: 'model_config' is not a valid ModelConfig ({e})") from e
+        raise UserError(f"{path}: 'model_config' is not a valid ModelConfig ({e})") from e
     config.backbone_weights = None  # the checkpoint holds the CNN
     vocab, answers = ckpt.get("vocab"), ckpt.get("answers")
+    if vocab is not None:
+        check_vocab(vocab, f"{path} (its vocabulary)")
+    check_weights(ckpt["model"], saved_task, config, path)
     if vocab is not None and len(vocab) != config.vocab_size:
-        raise ValueError(f"{path}: vocabulary of {len(vocab)} tokens for a model with vocab_size {config.vocab_size}")
+        raise UserError(f"{path}: vocabulary of {len(vocab)} tokens for a model with vocab_size {config.vocab_size}")
     if saved_task == "vqa" and not answers:
-        raise ValueError(f"{path}: a 'vqa' checkpoint without its 'answers' list cannot name answers")
+        raise UserError(f"{path}: a 'vqa' checkpoint without its 'answers' list cannot name answers")
     if saved_task == "vqa" and len(answers) != config.num_answers:
-        raise ValueError(f"{path} lists {len(answers)} answers but its VQA head scores {config.num_answers}: "
+        raise UserError(f"{path} lists {len(answers)} answers but its VQA head scores {config.num_answers}: "
                          "the answer list belongs to another model")
     saved = SavedModel(path, saved_task, config, ckpt["model"], vocab, answers)
     if build:
         saved.model = TASK_MODELS[saved_task](config)
         absent = sorted(set(saved.model.state_dict()) - set(saved.state))
         if absent:
-            raise ValueError(f"{path}: checkpoint of task {saved_task!r} lacks {len(absent)} tensors of its own "
+            raise UserError(f"{path}: checkpoint of task {saved_task!r} lacks {len(absent)} tensors of its own "
                              f"model, e.g. {absent[:3]}")
         load_checkpoint_weights(saved.model, saved.state, path, verbose=False)
     return saved
@@ -153,7 +182,7 @@ def load_answers(path: str) -> List[str]:
     with open(path, encoding="utf-8") as f:
         answers = json.load(f)
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{path}: expected a JSON list of answer strings (as finetune.py writes answers.json)")
+        raise UserError(f"{path}: expected a JSON list of answer strings (as finetune.py writes answers.json)")
     return answers
 
 
@@ -161,7 +190,7 @@ def tensor_layout(task: str, config: ModelConfig) -> Tuple[Dict[str, Tuple[int, 
     """(name -> shape of every tensor in the ``task`` model's state dict, tied name -> the name whose
     Parameter it shares), read off a model built on the meta device: no memory, no initialisation."""
     if task not in TASK_MODELS:
-        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_MODELS)}")
+        raise UserError(f"unknown task {task!r}; choose from {sorted(TASK_MODELS)}")
     with torch.device("meta"):
         model = TASK_MODELS[task](config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -180,12 +209,12 @@ def check_tensors(tensors: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int,
     expected = {name: shape for name, shape in shapes.items() if name not in tied}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{weights_file} does not hold the tensors of the {task!r} model that {config_file} "
+        raise UserError(f"{weights_file} does not hold the tensors of the {task!r} model that {config_file} "
                          f"describes: {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
                          f"{unexpected[:3]}. The two files belong to different models; export the folder again")
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{weights_file}: tensor {name!r} has shape {tuple(tensors[name].shape)}, but the "
+            raise UserError(f"{weights_file}: tensor {name!r} has shape {tuple(tensors[name].shape)}, but the "
                              f"model {config_file} describes needs {shape}. The two files belong to different "
                              "models; export the folder again")
 
@@ -194,14 +223,14 @@ def check_vocab_and_answers(task: str, config: ModelConfig, vocab, answers, voca
                             answers_source: str):
     """The vocabulary fits the embedding table; a VQA model has one answer string per output."""
     if not vocab:
-        raise ValueError(f"{vocab_source}: no vocabulary; a model folder carries its vocab.txt (finetune.py and "
+        raise UserError(f"{vocab_source}: no vocabulary; a model folder carries its vocab.txt (finetune.py and "
                          "train.py store it in model.pt as 'vocab')")
     if len(vocab) != config.vocab_size:
-        raise ValueError(f"{vocab_source}: {len(vocab)} tokens for a model with vocab_size {config.vocab_size}")
+        raise UserError(f"{vocab_source}: {len(vocab)} tokens for a model with vocab_size {config.vocab_size}")
     if task == "vqa" and not answers:
-        raise ValueError(f"{answers_source}: a 'vqa' model needs its answer list to name its answers")
+        raise UserError(f"{answers_source}: a 'vqa' model needs its answer list to name its answers")
     if task == "vqa" and len(answers) != config.num_answers:
-        raise ValueError(f"{answers_source}: {len(answers)} answers for a VQA head of {config.num_answers}")
+        raise UserError(f"{answers_source}: {len(answers)} answers for a VQA head of {config.num_answers}")
 
 
 def folder_config(task: str, config: ModelConfig, tied: Dict[str, str], files: List[str]) -> dict:
@@ -231,7 +260,7 @@ def write_model_folder(ckpt: dict, folder: str) -> Dict[str, int]:
     state = ckpt["model"]
     for name, owner in tied.items():
         if name in state and owner in state and not torch.equal(state[name], state[owner]):
-            raise ValueError(f"the checkpoint's {name!r} differs from {owner!r}, which the model ties it to")
+            raise UserError(f"the checkpoint's {name!r} differs from {owner!r}, which the model ties it to")
     tensors = {name: t.detach().cpu().contiguous() for name, t in state.items() if name not in tied}
     check_tensors(tensors, shapes, tied, "the checkpoint", "its model_config", task)
     files = [FOLDER_WEIGHTS, FOLDER_VOCAB] + ([FOLDER_ANSWERS] if answers is not None else [])
@@ -271,21 +300,21 @@ def read_folder_config(folder: str) -> dict:
         with open(config_file, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{config_file}: not readable JSON ({e})") from e
+        raise UserError(f"{config_file}: not readable JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FOLDER_FORMAT:
-        raise ValueError(f"{config_file}: not a pixel-bert model config (no \"format\": \"{FOLDER_FORMAT}\"). "
+        raise UserError(f"{config_file}: not a pixel-bert model config (no \"format\": \"{FOLDER_FORMAT}\"). "
                          "A Hugging Face BERT folder initialises a new model with --bert_weights instead")
     if meta.get("format_version") != FOLDER_FORMAT_VERSION:
-        raise ValueError(f"{config_file}: format_version {meta.get('format_version')!r}; this pixel-bert reads "
+        raise UserError(f"{config_file}: format_version {meta.get('format_version')!r}; this pixel-bert reads "
                          f"version {FOLDER_FORMAT_VERSION} (update pixel-bert for a newer folder)")
     for key, kind in (("task", str), ("model_config", dict), ("preprocessing", dict), ("tied_weights", dict),
                       ("files", list)):
         if not isinstance(meta.get(key), kind):
-            raise ValueError(f"{config_file}: {key!r} missing or not a {kind.__name__}")
+            raise UserError(f"{config_file}: {key!r} missing or not a {kind.__name__}")
     required = {FOLDER_WEIGHTS, FOLDER_VOCAB} | ({FOLDER_ANSWERS} if meta["task"] == "vqa" else set())
     for name in sorted(required | set(meta["files"])):
         if name not in meta["files"]:
-            raise ValueError(f"{config_file}: 'files' does not list {name}, which a {meta['task']!r} model needs")
+            raise UserError(f"{config_file}: 'files' does not list {name}, which a {meta['task']!r} model needs")
         if not os.path.isfile(os.path.join(folder, name)):
             raise _folder_error(folder, f"{name} is missing (config.json lists it)")
     return meta
@@ -302,15 +331,16 @@ def read_model_folder(folder: str) -> dict:
     try:
         config = config_from_dict(ModelConfig, dict(meta["model_config"]))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{config_file}: 'model_config' is not a valid ModelConfig ({e})") from e
+        raise UserError(f"{config_file}: 'model_config' is not a valid ModelConfig ({e})") from e
     implied = folder_config(task, config, {}, [])["preprocessing"]
     for name in PREPROCESSING_FIELDS + ("pad_to_multiple_of",):
         own, stored = json.loads(json.dumps(implied[name])), meta["preprocessing"].get(name)
         if stored != own:
-            raise ValueError(f"{config_file}: preprocessing {name} = {stored!r} disagrees with the model config, "
+            raise UserError(f"{config_file}: preprocessing {name} = {stored!r} disagrees with the model config, "
                              f"which gives {own!r}; edit both or neither")
     with open(os.path.join(folder, FOLDER_VOCAB), encoding="utf-8") as f:
         vocab = [line.rstrip("\n") for line in f]
+    check_vocab(vocab, os.path.join(folder, FOLDER_VOCAB))
     answers = None
     if FOLDER_ANSWERS in meta["files"]:
         answers = load_answers(os.path.join(folder, FOLDER_ANSWERS))
@@ -320,7 +350,7 @@ def read_model_folder(folder: str) -> dict:
     tensors = read_safetensors(weights_file)
     shapes, tied = tensor_layout(task, config)
     if meta["tied_weights"] != tied:
-        raise ValueError(f"{config_file}: tied_weights {meta['tied_weights']} disagree with the model config's "
+        raise UserError(f"{config_file}: tied_weights {meta['tied_weights']} disagree with the model config's "
                          f"ties {tied} (tie_mlm_decoder)")
     check_tensors(tensors, shapes, tied, weights_file, config_file, task)
     state = {name: tensors[tied.get(name, name)] for name in shapes}  # the model's order, ties shared

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from .cli import add_debug_argument, int_at_least, run_cli
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .files import write_json
 from .images import ImageTransform
@@ -436,10 +437,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         description="Write the synthetic shapes world as a COCO captions dataset (images/*.png, "
                     "captions_train2014.json) plus the BERT-style vocab.txt that reads its captions.")
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
-    parser.add_argument("--num-images", type=int, default=1000, help="number of images (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="world seed; same seed, same data (default 0)")
-    parser.add_argument("--image-size", type=int, default=96, help="image side in pixels (default 96)")
-    parser.add_argument("--captions-per-image", type=int, default=1,
+    parser.add_argument("--num-images", type=int_at_least(1), default=1000, help="number of images (default 1000)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="world seed; same seed, same data (default 0)")
+    parser.add_argument("--image-size", type=int_at_least(8), default=96, help="image side in pixels (default 96)")
+    add_debug_argument(parser)
+    parser.add_argument("--captions-per-image", type=int_at_least(1), default=1,
                         help="captions written per image (default 1)")
     args = parser.parse_args(argv)
     json_path = write_coco_format(args.out, args.num_images, args.seed, args.image_size,
@@ -449,4 +451,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -39,6 +39,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import synthetic
+from .cli import add_debug_argument, int_at_least, run_cli
 from .files import write_json, write_text
 from .synthetic import (COLOURS, KINDS, RELATIONS, Scene, make_caption, make_scene, relations, render,
                         rng_stream)
@@ -289,19 +290,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; the task's files go to OUT/<task>/")
     p.add_argument("--task", required=True, choices=["vqa", "nlvr2", "retrieval", "all"],
                    help="which task's data to write (all: the three)")
-    p.add_argument("--train", type=int, default=None, help="training size: images (vqa, retrieval) or "
+    p.add_argument("--train", type=int_at_least(1), default=None, help="training size: images (vqa, retrieval) or "
                    "sentences (nlvr2); default vqa 2000, nlvr2 600, retrieval 1500")
-    p.add_argument("--val", type=int, default=None, help="val/dev size, same units; default 300 / 100 / 100")
-    p.add_argument("--test", type=int, default=None, help="test size (VQA test-dev, NLVR2 test1, Karpathy test), "
+    p.add_argument("--val", type=int_at_least(1), default=None, help="val/dev size, same units; default 300 / 100 / 100")
+    p.add_argument("--test", type=int_at_least(1), default=None, help="test size (VQA test-dev, NLVR2 test1, Karpathy test), "
                    "same units; default 100 / 50 / 100")
-    p.add_argument("--seed", type=int, default=0, help="world seed: same seed, same files (default 0)")
-    p.add_argument("--image-size", type=int, default=96, help="image side in pixels (default 96)")
-    p.add_argument("--questions-per-image", type=int, default=3, help="VQA questions per image (default 3)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="world seed: same seed, same files (default 0)")
+    p.add_argument("--image-size", type=int_at_least(16), default=96, help="image side in pixels (default 96)")
+    p.add_argument("--questions-per-image", type=int_at_least(1), default=3, help="VQA questions per image (default 3)")
     p.add_argument("--answer-noise", type=float, default=0.1, help="VQA: probability that an annotator's answer "
                    "is replaced by a wrong one (default 0.1)")
-    p.add_argument("--pairs-per-sentence", type=int, default=4, help="NLVR2 image pairs per sentence, half "
+    p.add_argument("--pairs-per-sentence", type=int_at_least(2), default=4, help="NLVR2 image pairs per sentence, half "
                    "true (default 4)")
-    p.add_argument("--captions-per-image", type=int, default=5, help="retrieval captions per image (default 5)")
+    p.add_argument("--captions-per-image", type=int_at_least(1), default=5, help="retrieval captions per image (default 5)")
+    add_debug_argument(p)
     return p
 
 
@@ -316,4 +318,4 @@ def main(argv: Optional[Sequence[str]] = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

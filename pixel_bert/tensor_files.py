@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from .errors import UserError
+
 
 @dataclass
 class LoadReport:
@@ -53,12 +55,12 @@ def load_weights_only(path: str, what: str) -> Any:
     except pickle.UnpicklingError as e:
         detail = str(e.__context__ or e).strip()
         if "GLOBAL" in str(e):  # the weights-only unpickler met a class or function it does not allow
-            raise ValueError(f"{path}: refused to load: it holds Python objects other than tensors and plain "
+            raise UserError(f"{path}: refused to load: it holds Python objects other than tensors and plain "
                              f"values, which could run code when unpickled; nothing from it was run. Re-save it "
                              f"as a plain state dict (or .safetensors). ({detail})") from e
-        raise ValueError(f"{path}: not a readable {what}: the file is truncated or damaged ({detail})") from e
+        raise UserError(f"{path}: not a readable {what}: the file is truncated or damaged ({detail})") from e
     except Exception as e:  # zero bytes (EOFError), a cut zip archive (RuntimeError), ...
-        raise ValueError(f"{path}: not a readable {what}: the file is truncated or damaged "
+        raise UserError(f"{path}: not a readable {what}: the file is truncated or damaged "
                          f"({type(e).__name__}: {e})") from e
 
 
@@ -71,14 +73,14 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from e
     obj = load_weights_only(path, "PyTorch weights file")
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # a pixel-bert or training checkpoint
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
+        raise UserError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
     return obj
 
 
@@ -91,12 +93,12 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
     if len(head) < 9 or head[8:9] != b"{":
         kind = ("a zip file (torch.save)" if head.startswith(b"PK") else
                 "a pickle" if head.startswith(b"\x80") else f"it starts with {head[:9]!r}")
-        raise ValueError(f"{path}: not a safetensors file ({kind}); refused, since only safetensors are read "
+        raise UserError(f"{path}: not a safetensors file ({kind}); refused, since only safetensors are read "
                          "from a model folder. Re-export the folder with python -m pixel_bert.export")
     try:
         return load_file(path)
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def assign_tensors(module: nn.Module, tensors: Dict[str, torch.Tensor], source: str) -> List[str]:
@@ -107,7 +109,7 @@ def assign_tensors(module: nn.Module, tensors: Dict[str, torch.Tensor], source: 
         if name not in targets:
             raise KeyError(f"{source}: no parameter {name!r} in {type(module).__name__}")
         if tuple(targets[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: shape mismatch for {name!r}: checkpoint has "
+            raise UserError(f"{source}: shape mismatch for {name!r}: checkpoint has "
                              f"{tuple(tensor.shape)}, the model expects {tuple(targets[name].shape)}")
     with torch.no_grad():
         for name, tensor in tensors.items():

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from tokenizers import BertWordPieceTokenizer
 
+from .errors import UserError
 from .files import write_text
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -24,6 +25,19 @@ def write_vocab_file(tokens: Sequence[str], path: str) -> str:
     rank of a torchrun job writes the same vocabulary into the run folder, and a rank must never read
     another's half-written file (a short vocabulary = a wrong model)."""
     return write_text(path, "\n".join(tokens) + "\n")
+
+
+def check_vocab(vocab: Sequence[str], source: str) -> None:
+    """A vocabulary must list each token once (a repeated line would map one word to two ids, and the
+    tokenizer keeps one of them) and start with no byte-order mark; the error names ``source``."""
+    if vocab and vocab[0].startswith("\ufeff"):
+        raise UserError(f"{source}: the vocabulary starts with a byte-order mark; save it as UTF-8 without BOM")
+    first: Dict[str, int] = {}
+    for line, token in enumerate(vocab, 1):
+        if token in first:
+            raise UserError(f"{source}: token {token!r} is listed twice (lines {first[token]} and {line}); each "
+                            "token must appear once, its line number being its id")
+        first[token] = line
 
 
 @dataclass
@@ -49,9 +63,10 @@ class WordPieceTokenizer:
         self.vocab_file = vocab_file
         with open(vocab_file, encoding="utf-8") as f:
             self.vocab = [line.rstrip("\n") for line in f]
+        check_vocab(self.vocab, vocab_file)
         missing = [t for t in SPECIAL_TOKENS if t not in self.vocab]
         if missing:
-            raise ValueError(f"vocab file {vocab_file!r} lacks the special tokens {missing}; "
+            raise UserError(f"vocab file {vocab_file!r} lacks the special tokens {missing}; "
                              f"a BERT vocabulary must contain all of {list(SPECIAL_TOKENS)}")
         self._tok = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
         self.pad_id = self._tok.token_to_id("[PAD]")

@@ -25,7 +25,8 @@ from pixel_bert import synthetic
 from pixel_bert.annotations import (KARPATHY_SPLITS, AnnotationError, CaptionRecord, karpathy_coco_ids,
                                     karpathy_images, read_coco_captions, read_karpathy, read_visual_genome)
 from pixel_bert.batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids
-from pixel_bert.cli import add_config_arguments, apply_overrides, flag_without_companion
+from pixel_bert.cli import (add_config_arguments, add_debug_argument, apply_overrides,
+                            flag_without_companion, int_at_least, run_cli)
 from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, config_to_dict, make_model_config,
                                make_train_config)
 from pixel_bert.device_decode import EncodedCaptionCollator, EncodedCaptionDataset, decode_batch
@@ -33,7 +34,7 @@ from pixel_bert.distributed import all_reduce_mean, distributed, exit_after_dist
 from pixel_bert.factory import create_model, model_from_state
 from pixel_bert.images import ImageTransform
 from pixel_bert.losses import IGNORE_INDEX, make_itm_pairs, mask_tokens, pretrain_losses
-from pixel_bert.runs import TrainingData, fit_run, start_run, tokenizer_for_run
+from pixel_bert.runs import TrainingData, fit_run, run_folder, tokenizer_for_run
 from pixel_bert.saved_model import SavedModel, load_saved_model
 
 
@@ -67,22 +68,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--resume", default="auto", help="'auto': continue from the newest valid checkpoint "
                         "in the run folder if any; a path: that checkpoint; 'none': start afresh")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
+    parser.add_argument("--max-steps", type=int_at_least(0), default=None, help="stop after this many optimizer steps "
                         "(for quick checks; the schedule still spans all epochs)")
     add_pretrain_data_arguments(parser, "data (default, when none is given: the synthetic shapes world)")
     data = parser.add_argument_group("the synthetic shapes world")
-    data.add_argument("--synthetic-images", type=int, default=32000, help="synthetic training images (default "
+    data.add_argument("--synthetic-images", type=int_at_least(1), default=32000, help="synthetic training images (default "
                       "32000: the demo recipe's one epoch of 1,000 steps of 32)")
-    data.add_argument("--synthetic-eval-images", type=int, default=1000, help="held-out synthetic images "
+    data.add_argument("--synthetic-eval-images", type=int_at_least(0), default=1000, help="held-out synthetic images "
                       "for the final ITM / MLM evaluation (0 = none)")
-    data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic world "
+    data.add_argument("--synthetic-seed", type=int_at_least(0), default=0, help="seed of the synthetic world "
                       "(held-out images use seed+1)")
-    data.add_argument("--synthetic-max-shapes", type=int, default=1, help="shapes per synthetic image, 1 to 3 "
+    data.add_argument("--synthetic-max-shapes", type=int_at_least(1, 3), default=1, help="shapes per synthetic image, 1 to 3 "
                       "(default 1: one-shape scenes are what the tiny CPU demo learns from scratch in minutes; "
                       "from scratch on 1-3 shapes it had not started after 2,100 steps. The demo's second "
                       "stage, --init from the one-shape model, learns 1-3 shapes)")
     add_config_arguments(parser, ModelConfig)
     add_config_arguments(parser, TrainConfig)
+    add_debug_argument(parser)
     return parser
 
 
@@ -282,12 +284,12 @@ def main(argv: Optional[List[str]] = None):
         configs = build_configs(args, init)
     except ValueError as e:
         parser.error(str(e))
-    with distributed(args.device) as info:
-        return run(args, info, init, *configs)
+    with distributed(args.device) as info, \
+            run_folder(args.output_dir or os.path.join("runs", args.config), info) as out_dir:
+        return run(args, info, init, *configs, out_dir)
 
 
-def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig):
-    out_dir = start_run(args.output_dir or os.path.join("runs", args.config), info)
+def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str):
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     log = print if info.is_main else (lambda *_: None)
 
@@ -343,7 +345,7 @@ def evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info) ->
 
 def cli():
     """The command-line entry point (pixel-bert-train, python -m pixel_bert.train, train.py)."""
-    main()
+    run_cli(main)
     exit_after_distributed_run()
 
 

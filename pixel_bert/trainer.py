@@ -20,6 +20,7 @@ run, and the first few named when too many are bad).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections import defaultdict
@@ -31,16 +32,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .bad_samples import BadDataError, BadSampleReporter, BadSampleTally
-from .checkpoints import (batch_layout, list_checkpoints, newest_valid_checkpoint, read_training_checkpoint,
-                          remove_interrupted_checkpoint_writes, rng_state, set_aside_previous_run,
-                          set_rng_state)
+from .checkpoints import (batch_layout, check_plain_data, list_checkpoints, newest_valid_checkpoint,
+                          read_training_checkpoint, remove_interrupted_checkpoint_writes, rng_state,
+                          set_aside_previous_run, set_rng_state)
 from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo, all_reduce_mean, unwrap
+from .errors import RunFolderError, RunInterrupted, UserError
 from .files import save_torch
 from .optim import build_optimizers, lr_factor
 from .precision import amp_settings
 from .progress import MetricsWriter, RateClock, SmoothedValue
 from .saved_model import save_model, save_model_folder
+
+
+# Model config fields a run may change when it resumes: how the same network is computed or was
+# first initialised, not what it is.
+RESUMABLE_MODEL_FIELDS = ("backbone_weights", "bert_weights", "vocab_file", "gradient_checkpointing",
+                          "backbone_checkpointing", "channels_last", "attention_impl", "image_jpeg_draft")
 
 
 class EpochBatches:
@@ -103,7 +111,8 @@ class Trainer:
                  make_batch_sampler: Callable[[int], Iterable], step_fn: Callable, info: DistInfo,
                  run_config: dict, log: Callable[[str], None] = print, on_epoch_end: Optional[Callable] = None):
         self.cfg, self.out_dir, self.info = cfg, out_dir, info
-        self.step_fn, self.run_config, self.on_epoch_end = step_fn, run_config, on_epoch_end
+        self.step_fn, self.on_epoch_end = step_fn, on_epoch_end
+        self.run_config = check_plain_data(run_config)  # checkpoints hold it: plain data, so weights_only loads it
         self.log = log if info.is_main else (lambda *_: None)
         os.makedirs(out_dir, exist_ok=True)
         model.to(info.device)
@@ -117,7 +126,7 @@ class Trainer:
         self.batches = EpochBatches(make_batch_sampler)
         self.steps_per_epoch = len(self.batches) // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset gives fewer than {cfg.grad_accum_steps} batches of {cfg.batch_size} "
+            raise UserError(f"the dataset gives fewer than {cfg.grad_accum_steps} batches of {cfg.batch_size} "
                              f"per process: lower --batch-size or --grad-accum-steps, or add data")
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.batches, collate_fn=collate_fn, num_workers=cfg.num_workers,
@@ -160,6 +169,7 @@ class Trainer:
 
     def load_checkpoint(self, path: str, ckpt: Optional[dict] = None):
         ckpt = ckpt if ckpt is not None else read_training_checkpoint(path)
+        self.check_same_run(path, ckpt)
         self.check_layout(path, ckpt)
         unwrap(self.model).load_state_dict(ckpt["model"])
         for o, s in zip(self.optimizers, ckpt["optimizers"]):
@@ -185,11 +195,33 @@ class Trainer:
         now = batch_layout(self.cfg, self.info.world_size)
         if saved != now:
             differs = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in now if saved.get(k) != now[k])
-            raise ValueError(
+            raise RunFolderError(
                 f"{path} was written by a run with {saved}; this run has {differs}. Resuming would change the "
                 f"epoch length and the lr schedule. Resume with the same --batch-size, --grad-accum-steps and "
                 f"number of processes, or start a new run from its weights: --init {path} with another "
                 f"--output-dir (or --resume none).")
+
+    def check_same_run(self, path: str, ckpt: dict):
+        """Refuse a checkpoint of another run: another task, or another model configuration (whose
+        tensors would not fit, or would mean another network); warn when the data flags changed."""
+        ways_out = (f"Give this run another --output-dir, start afresh here with --resume none (the earlier run "
+                    f"is moved aside), or start from that run's weights with --init {path}")
+        saved_config = ckpt.get("run_config", {})
+        saved_task, task = saved_config.get("task", "pretrain"), self.run_config.get("task", "pretrain")
+        if saved_task != task:
+            raise RunFolderError(f"{path} is a checkpoint of a {saved_task!r} run; this is a {task!r} run. {ways_out}.")
+        saved_model, model = ckpt.get("model_config", {}), config_to_dict(unwrap(self.model).config)
+        differs = [f"{name} {saved_model[name]!r} -> {value!r}" for name, value in model.items()
+                   if name in saved_model and name not in RESUMABLE_MODEL_FIELDS
+                   and json.dumps(saved_model[name]) != json.dumps(value)]
+        if differs:
+            raise RunFolderError(f"{path} was written with another model configuration: {', '.join(differs)}. "
+                                 f"{ways_out}.")
+        saved_data, data = saved_config.get("data", {}), self.run_config.get("data", {})
+        for name in sorted(set(saved_data) | set(data)):
+            if saved_data.get(name) != data.get(name):
+                self.log(f"warning: resuming {path} with another --{name.replace('_', '-')}: "
+                         f"{saved_data.get(name)!r} -> {data.get(name)!r} (the run continues on the new data)")
 
     def resume(self, spec: Optional[str]):
         """``spec`` "auto" takes the newest valid checkpoint in the run folder (none there: start
@@ -203,7 +235,7 @@ class Trainer:
             return
         found = newest_valid_checkpoint(self.out_dir) if spec == "auto" else (spec, None)
         if found is None and list_checkpoints(self.out_dir):
-            raise ValueError(f"no readable checkpoint in {self.out_dir}: every ckpt_*.pt there is damaged or "
+            raise RunFolderError(f"no readable checkpoint in {self.out_dir}: every ckpt_*.pt there is damaged or "
                              f"foreign (see the warnings above). Resume from another copy with --resume PATH, or "
                              f"start afresh with --resume none (which moves them into a previous-<time> folder)")
         if found is None:
@@ -229,8 +261,15 @@ class Trainer:
                  f"processes = {cfg.batch_size * cfg.grad_accum_steps * info.world_size} samples per step; "
                  f"precision {self.amp.reason}")
         self.clock = RateClock(total_steps, self.step)
-        while self.epoch < cfg.epochs and self.step < total_steps:
-            self.train_one_epoch(total_steps)
+        try:
+            while self.epoch < cfg.epochs and self.step < total_steps:
+                self.train_one_epoch(total_steps)
+        except KeyboardInterrupt:
+            newest = list_checkpoints(self.out_dir)
+            raise RunInterrupted(
+                f"interrupted at step {self.step}: " + (f"the newest checkpoint is {newest[-1]}; run the same command "
+                                                        "again to resume from it" if newest else
+                                                        "no checkpoint was written yet")) from None
         # Stop the persistent DataLoader workers now, while nothing else refers to them: they hold memory
         # through the final evaluation otherwise, and stopping them from the garbage collector (the
         # Trainer is in reference cycles) waits out a 5 s timeout per worker.

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .cli import add_debug_argument, int_at_least, run_cli
+from .files import atomic_write, make_output_folder
 from .images import load_image
 from .inference import AttentionMaps, PixelBertPredictor
 
@@ -181,17 +183,6 @@ def attention_figure(image: Image.Image, maps: AttentionMaps, tokens: Optional[S
     return fig
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (a size or a count of panels)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pixel_bert.visualize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,20 +193,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", nargs="+", default=None, metavar="TOKEN",
                    help="tokens to draw, as WordPieces of the text (e.g. red circle); "
                         "default: every token but [CLS]/[SEP]")
-    p.add_argument("--layer", type=int, default=0,
+    p.add_argument("--layer", type=int_at_least(0), default=0,
                    help="transformer layer, 0 = first (the paper's figure), -1 = last (default 0)")
-    p.add_argument("--head", type=int, default=None,
+    p.add_argument("--head", type=int_at_least(0), default=None,
                    help="one attention head; default: the mean of all heads")
-    p.add_argument("--panel-size", type=positive_int, default=160,
+    p.add_argument("--panel-size", type=int_at_least(1), default=160,
                    help="longer side of each panel in pixels, at least 1 (default 160)")
-    p.add_argument("--columns", type=positive_int, default=6, help="panels per row, at least 1 (default 6)")
+    p.add_argument("--columns", type=int_at_least(1), default=6, help="panels per row, at least 1 (default 6)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", default="attention.png", help="output PNG (default attention.png)")
+    add_debug_argument(p)
     return p
 
 
+# What --out may end in: the picture formats Pillow writes without loss of the heat map's colours.
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    suffix = os.path.splitext(args.out)[1].lower()
+    if os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a folder; give a file name such as {os.path.join(args.out, 'attention.png')}")
+    if suffix not in IMAGE_SUFFIXES:
+        parser.error(f"--out {args.out}: give a file name ending in {', '.join(IMAGE_SUFFIXES)}")
     predictor = PixelBertPredictor.from_checkpoint(args.checkpoint, device=args.device)
     image = load_image(args.image)
     # Renormalised or raw makes no difference to the picture (each panel is scaled to its max, and
@@ -225,8 +227,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         fig = attention_figure(image, maps, args.tokens, args.panel_size, args.columns, title=args.text)
     except KeyError as e:
         raise SystemExit(f"error: {e.args[0]}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.save(args.out, optimize=True)
+    make_output_folder(os.path.dirname(os.path.abspath(args.out)), "--out")
+    with atomic_write(args.out) as f:
+        fig.save(f, format=IMAGE_SUFFIXES[suffix], optimize=True)
     print(f"wrote {args.out} ({fig.size[0]}x{fig.size[1]}): layer {maps.layer}, "
           f"{'mean of heads' if maps.head is None else f'head {maps.head}'}, tokens "
           f"{[maps.tokens[i] for i in choose_tokens(maps, args.tokens)]}", file=sys.stderr)
@@ -234,4 +237,4 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
