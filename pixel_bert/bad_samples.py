@@ -43,8 +43,9 @@ BAD_SAMPLE_ADVICE = {
 
 class BadSample(NamedTuple):
     """What a dataset returns instead of a sample it cannot use: the file at fault, why
-    (``"missing_file"``, ``"corrupt_image"``, ``"too_large"``, ``"empty_caption"``) and a message
-    naming the file and the fix. A small picklable tuple, so it crosses from DataLoader workers."""
+    (``"missing_file"``, ``"corrupt_image"``, ``"too_large"``, ``"empty_caption"``, ``"empty_text"``: an
+    empty VQA question or NLVR2 sentence) and a message naming the file and the fix. A small picklable
+    tuple, so it crosses from DataLoader workers."""
     path: str
     reason: str
     message: str

@@ -287,7 +287,7 @@ def check_nlvr2(paths: Dict[str, Optional[str]]) -> DatasetCheck:
 
 def check_retrieval(paths: Dict[str, Optional[str]]) -> DatasetCheck:
     """finetune.py --task retrieval: the training split(s) as finetune.py picks them (train + restval
-    when the file name says coco, else train; `data.read_karpathy`) and val / test as the evaluation
+    when the file's "dataset" field says coco, else train; `data.read_karpathy`) and val / test as the evaluation
     reads them (`retrieval.read_karpathy_eval`), which allows no unreadable image."""
     json_path, images = paths["karpathy_json"], paths["retrieval_images"]
     check = DatasetCheck("retrieval", f"Retrieval (Karpathy): {json_path}",
@@ -300,7 +300,7 @@ def check_retrieval(paths: Dict[str, Optional[str]]) -> DatasetCheck:
         return len(result.captions), result.image_paths
     eval_rows = [_read_split(split, "", lambda split=split: read_eval(split), _hint("karpathy")) for split in
                  ("val", "test")]
-    train_splits = ("train", "restval") if retrieval.is_coco(json_path) else ("train",)
+    train_splits = ("train", "restval") if names and retrieval.is_coco(json_path) else ("train",)
 
     def read_train():
         records = read_karpathy(json_path, images, splits=train_splits)

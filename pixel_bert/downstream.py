@@ -47,6 +47,8 @@ class EvalSettings:
     feature_cache: Optional[str] = None
     checkpoint: Optional[str] = None
     fold_size: int = 1000
+    max_bad_fraction: float = 0.0  # share of the items that may be unreadable (answered blind, counted);
+                                   # 0: none, the rule of retrieval evaluation: a score is of every item
 
 
 # The synthetic CPU demo's overrides common to every task (each task adds its own ``demo_overrides``).
@@ -87,6 +89,19 @@ class DownstreamTask(ABC):
     def skip_evaluation(self, split: str, task_cfg) -> Optional[str]:
         """Why finetune.py must not evaluate on ``split`` after training (e.g. it trained on it), or None."""
         return None
+
+    def check_files(self, args, task_cfg, split: Optional[str]) -> None:
+        """finetune.py, before the first step: read and check whole the files its own evaluation of
+        ``split`` will read (None: no evaluation), so that a missing, broken or unlabelled evaluation
+        file stops the run now, naming the file and the entry, and not after training with no result.
+        (The training files are read and checked by `training_data`, also before the first step.)"""
+        if split is not None and not self.skip_evaluation(split, task_cfg):
+            self.check_evaluation_files(args, split)
+
+    @abstractmethod
+    def check_evaluation_files(self, args, split: str) -> None:
+        """Read ``split`` as `evaluate` does and refuse it unless every example has its labels:
+        finetune.py's evaluation scores (evaluate.py predicts unlabelled files)."""
 
     @abstractmethod
     def training_data(self, args, task_cfg, model_cfg, train_cfg, tokenizer, device, out_dir, log) -> TrainingData:
@@ -132,13 +147,15 @@ def check_splits(split: str, forbidden: Sequence[str] = ("test",), what: str = "
 
 @torch.no_grad()
 def predict_sharded(model, dataset, collate_fn, info: DistInfo, predict_batch: Callable, batch_size: int = 64,
-                    num_workers: int = 0, unit: str = "examples", label: str = "") -> Optional[Dict[Any, Any]]:
+                    num_workers: int = 0, unit: str = "examples", label: str = "",
+                    max_bad_fraction: float = 0.0) -> Optional[Dict[Any, Any]]:
     """Predictions for every item of ``dataset``: each rank runs its contiguous shard in eval mode under
     autocast, with a progress line, and rank 0 gets the merged ``{id: prediction}`` (None elsewhere).
     ``predict_batch(model, batch, device) -> {id: prediction}`` for a batch's good samples; the ids of
     bad samples (unreadable images) are missing, and the task fills them in. Each bad file is warned
-    about once; a shard whose every item is bad stops with `BadDataError` (a wrong image folder must
-    not produce a metrics file)."""
+    about once; when more than ``max_bad_fraction`` of all the items (every rank's, counted with one
+    `BadSampleTally`) are bad, every rank stops with `BadDataError` naming the count and the first
+    files: a score of questions answered without their image is no score of the model."""
     model.eval()  # the wrapper itself, so that a torch.compile'd model runs compiled
     loader = sharded_loader(dataset, info, batch_size, collate_fn, num_workers)
     progress = Progress(len(loader.dataset), unit, info, label=label)
@@ -152,7 +169,25 @@ def predict_sharded(model, dataset, collate_fn, info: DistInfo, predict_batch: C
         tally.add(batch)
         progress.update(batch["num_samples"] + batch["num_bad"])
     progress.update(0, force=True)
-    if tally.bad and not tally.good:
-        raise BadDataError(f"every one of the {len(loader.dataset)} {unit} of this shard was bad: {tally.describe()}")
-    gathered = gather_to_main(preds, info)
-    return None if gathered is None else {k: v for part in gathered for k, v in part.items()}
+    gathered = gather_to_main((preds, tally), info)
+    refusal = None
+    if gathered is not None:
+        total = BadSampleTally()
+        for _, part in gathered:
+            total.add({"num_samples": part.good, "num_bad": part.bad, "bad_samples": part.first})
+        refusal = bad_evaluation_message(total, unit, max_bad_fraction)
+    refusal = broadcast_from_main(refusal, info)  # every rank stops, not only rank 0
+    if refusal:
+        raise BadDataError(refusal)
+    return None if gathered is None else {k: v for part, _ in gathered for k, v in part.items()}
+
+
+def bad_evaluation_message(tally: BadSampleTally, unit: str, max_bad_fraction: float) -> Optional[str]:
+    """Why an evaluation with these bad items gives no score, or None when it may be scored."""
+    if not tally.too_many(max_bad_fraction) and not (tally.bad and not tally.good):
+        return None
+    share = (f"every one of the {tally.seen} {unit} was bad" if not tally.good else
+             f"{tally.bad} of the {tally.seen} {unit} were bad, more than the {max_bad_fraction:g} allowed "
+             "(EvalSettings.max_bad_fraction)")
+    return (f"no score: {share} (unreadable images), and an answer given without its image is no answer of "
+            f"the model; {tally.describe()}")

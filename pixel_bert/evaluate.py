@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from pixel_bert import metrics, nlvr2, retrieval
-from pixel_bert.annotations import read_json
+from pixel_bert.annotations import AnnotationError, read_json
 from pixel_bert.cli import add_debug_argument, int_at_least, run_cli
 from pixel_bert.distributed import distributed, exit_after_distributed_run, share_cpu_threads
 from pixel_bert.downstream import EvalSettings, evaluate_split
@@ -62,14 +62,20 @@ def score_files(args) -> Dict[str, Any]:
         preds = read_json(args.predictions, 'a VQA results file: [{"question_id": int, "answer": str}, ...]')
         anns = read_json(args.annotations, "the official v2_mscoco_<split>_annotations.json")
         questions = read_json(args.questions, "the official questions file") if args.questions else None
-        result = metrics.vqa_accuracy(preds, anns, questions)
+        try:
+            result = metrics.vqa_accuracy(preds, anns, questions)
+        except (ValueError, TypeError) as e:  # metrics speaks of entries; say which files they are in
+            raise AnnotationError(f"{args.predictions} scored on {args.annotations}: {e}") from None
         return {k: v for k, v in result.items() if k != "per_question"}
     if args.task == "nlvr2":
         if not args.labels:
             raise SystemExit("error: --predictions for nlvr2 needs --labels <split>.json (the official JSON lines)")
         preds = nlvr2.read_predictions(args.predictions)
-        examples = nlvr2.read_nlvr2(args.labels, image_root="")
-        return nlvr2.score_nlvr2(preds, examples)
+        examples = nlvr2.read_nlvr2(args.labels, image_root="", require_labels="--labels must be a labelled file")
+        try:
+            return nlvr2.score_nlvr2(preds, examples)
+        except ValueError as e:
+            raise AnnotationError(f"{args.predictions} scored on {args.labels}: {e}") from None
     raise SystemExit("error: --predictions is for --task vqa or nlvr2; retrieval takes --scores")
 
 

@@ -206,6 +206,7 @@ def run(args, info, out_dir: str):
     if synthetic_data:
         prepare_synthetic(args, task, out_dir, model_cfg.image_short_side, info)
     preset, train_cfg, eval_cfg, task_cfg, demo = build_train_config(args, task, synthetic_data)
+    task.check_files(args, task_cfg, None if args.no_eval else eval_split)  # before any step, not after training
     torch.manual_seed(train_cfg.seed)
 
     tokenizer = tokenizer_for_run(model_cfg, out_dir, synthetic_data, init.vocab if init else None)

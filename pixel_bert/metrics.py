@@ -23,7 +23,7 @@ import math
 import os
 import re
 import zipfile
-from typing import (Any, Dict, Iterable, List, Mapping, NamedTuple, Sequence, Tuple,
+from typing import (Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
                     Union)
 
 import numpy as np
@@ -320,6 +320,8 @@ def _predictions_dict(predictions: Any) -> Dict[Any, str]:
     for qid, ans in items:
         if isinstance(qid, np.integer):
             qid = int(qid)
+        if isinstance(qid, bool):  # JSON true is no id: as a dict key it would be question 1
+            raise TypeError(f"predictions: question_id {json.dumps(qid)} is a bool, expected an int")
         if not isinstance(ans, str):
             raise TypeError(f"prediction for question {qid!r} must be a str, got {ans!r}")
         if qid in out:
@@ -340,10 +342,15 @@ def _id_mismatch_message(what: str, ids: Iterable, other: Iterable) -> str:
     return msg
 
 
+# VQA 2.0 has 10 human answers per question; the leave-one-out accuracy is defined over them.
+VQA_ANSWERS_PER_QUESTION = 10
+
+
 def vqa_accuracy(predictions: Union[Mapping[int, str], Sequence[Mapping[str, Any]]],
                  annotations: Union[Sequence[Mapping[str, Any]], Mapping[str, Any]],
                  questions: Union[Sequence[Mapping[str, Any]], Mapping[str, Any], None] = None,
-                 decimals: int = 2) -> Dict[str, Any]:
+                 decimals: int = 2,
+                 answers_per_question: Optional[int] = VQA_ANSWERS_PER_QUESTION) -> Dict[str, Any]:
     """The official VQA accuracy (GT-Vision-Lab/VQA vqaEval.py), docs/paper.md#evaluation-protocols.
 
     Args:
@@ -359,6 +366,11 @@ def vqa_accuracy(predictions: Union[Mapping[int, str], Sequence[Mapping[str, Any
             must appear there with the same ``image_id`` (a guard against mixing splits). The
             official open-ended evaluation reads it but does not use it for the score.
         decimals: the official ``n`` (digits kept by the rounding), 2 as in vqaEvalDemo.py.
+        answers_per_question: the number of answers every annotation must hold (10, VQA 2.0's);
+            another count raises ``ValueError`` naming the first questions, since the formula then
+            means nothing (1 answer: a perfect prediction scores 0; 3 identical answers: 66.67).
+            None scores whatever count each annotation has by the same leave-one-out formula (for
+            other datasets: the figure is then vqaEval's arithmetic, not a VQA 2.0 accuracy).
 
     Returns a dict, in percent, rounded like vqaEval (``round(100 * sum(acc) / len(acc), n)`` per
     group, with the questions summed in annotation order, and Python 2's round-half-away-from-zero
@@ -377,6 +389,8 @@ def vqa_accuracy(predictions: Union[Mapping[int, str], Sequence[Mapping[str, Any
         raise ValueError("vqa_accuracy: annotations is empty")
     preds = _predictions_dict(predictions)
     _check_predictions_match(preds, _annotated_ids(anns))
+    if answers_per_question is not None:
+        _check_answer_counts(anns, answers_per_question)
     if questions is not None:
         _check_questions_match(anns, _unwrap_list(questions, "questions", "vqa_accuracy questions"))
 
@@ -419,11 +433,26 @@ def _annotated_ids(anns: Sequence[Mapping[str, Any]]) -> List[Any]:
                 raise ValueError(f"annotations[{i}] (question_id={ann.get('question_id')!r}) has "
                                  f"no {key!r}")
         qid = ann["question_id"]
+        if isinstance(qid, bool):  # JSON true would pass as question 1
+            raise TypeError(f"annotations[{i}] has question_id {json.dumps(qid)}, a bool, expected an int")
         if qid in seen:
             raise ValueError(f"annotations: question_id {qid!r} appears more than once")
         seen.add(qid)
         ann_ids.append(qid)
     return ann_ids
+
+
+def _check_answer_counts(anns: Sequence[Mapping[str, Any]], expected: int) -> None:
+    """Every annotation holds ``expected`` answers (see `vqa_accuracy`'s answers_per_question)."""
+    wrong = [(a["question_id"], len(a["answers"]) if isinstance(a["answers"], (list, tuple)) else a["answers"])
+             for a in anns if not isinstance(a["answers"], (list, tuple)) or len(a["answers"]) != expected]
+    if wrong:
+        first = ", ".join(f"question_id {q!r}: {n!r}" for q, n in wrong[:5])
+        raise ValueError(f"vqa_accuracy: {len(wrong)} of the {len(anns)} annotations do not hold {expected} "
+                         f"answers ({first}{', ...' if len(wrong) > 5 else ''}); the official accuracy is "
+                         f"defined over {expected} annotators and means nothing with another count (1 answer: "
+                         "a perfect prediction scores 0). answers_per_question=None scores any count by the "
+                         "same formula")
 
 
 def _check_predictions_match(preds: Mapping[Any, str], ann_ids: List[Any]) -> None:
@@ -560,11 +589,11 @@ def nlvr2_metrics(predictions: Mapping[str, Union[bool, str]],
     :func:`nlvr2_sentence_key`: identifier with the pair id removed) whose examples are *all*
     predicted correctly. Both are fractions in [0, 1], as the official script prints them.
 
-    A missing prediction counts as wrong (and makes its sentence inconsistent); the official
-    script instead refuses to score an incomplete file, so ``n_missing`` is returned to make
-    that visible. A prediction for an identifier that has no label is an error.
+    Like the official script, only a complete predictions file is scored: a labelled example
+    without a prediction, or a prediction for an identifier that has no label, is an error
+    naming how many and the first identifiers.
 
-    Returns ``{"accuracy", "consistency", "n", "n_sentences", "n_missing"}``.
+    Returns ``{"accuracy", "consistency", "n", "n_sentences"}``.
     """
     if not labels:
         raise ValueError("nlvr2_metrics: labels is empty")
@@ -572,17 +601,17 @@ def nlvr2_metrics(predictions: Mapping[str, Union[bool, str]],
     if extra:
         raise ValueError(f"nlvr2_metrics: {len(extra)} predictions for identifiers without a "
                          f"label, e.g. {extra[:5]!r}")
+    missing = [k for k in labels if k not in predictions]
+    if missing:
+        raise ValueError(f"nlvr2_metrics: {len(missing)} of the {len(labels)} labelled examples have no "
+                         f"prediction, e.g. {missing[:5]!r}; the official evaluation scores a complete "
+                         "predictions file only")
     correct = 0
-    missing = 0
     consistent: Dict[str, bool] = {}
     for ident, label in labels.items():
         key = nlvr2_sentence_key(ident)
         truth = parse_nlvr2_label(label, f"label of {ident!r}")
-        if ident in predictions:
-            ok = parse_nlvr2_label(predictions[ident], f"prediction for {ident!r}") == truth
-        else:
-            ok = False
-            missing += 1
+        ok = parse_nlvr2_label(predictions[ident], f"prediction for {ident!r}") == truth
         correct += ok
         consistent[key] = consistent.get(key, True) and ok
     return {
@@ -590,7 +619,6 @@ def nlvr2_metrics(predictions: Mapping[str, Union[bool, str]],
         "consistency": sum(consistent.values()) / len(consistent),
         "n": len(labels),
         "n_sentences": len(consistent),
-        "n_missing": missing,
     }
 
 

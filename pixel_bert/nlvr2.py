@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from . import metrics
 from .annotations import AnnotationError
-from .bad_samples import BadSample, drop_bad_samples
+from .bad_samples import BadSample, BadSampleError, drop_bad_samples
 from .distributed import DistInfo
 from .downstream import DownstreamTask, EvalSettings, predict_sharded, require_flags
 from .files import write_text
@@ -61,13 +61,16 @@ def nlvr2_image_paths(image_root: str, identifier: str, directory: Optional[Any]
     return os.path.join(folder, f"{stem}-img0.png"), os.path.join(folder, f"{stem}-img1.png")
 
 
-def read_nlvr2(jsonl_path: str, image_root: str, max_examples: Optional[int] = None) -> List[NLVR2Example]:
-    """Examples of an NLVR2 JSON-lines file (module docstring), in file order."""
+def read_nlvr2(jsonl_path: str, image_root: str, max_examples: Optional[int] = None,
+               require_labels: Optional[str] = None) -> List[NLVR2Example]:
+    """Examples of an NLVR2 JSON-lines file (module docstring), in file order. A file is labelled on
+    every line or on none (a hidden test set): some lines without a label are refused, naming the
+    first. ``require_labels`` (why every line needs one, said in the error) refuses a file with none."""
     if not os.path.isfile(jsonl_path):
         raise FileNotFoundError(
             f"{jsonl_path}: NLVR2 file not found. --nlvr2-root must hold the official train.json / dev.json / "
             "test1.json (JSON lines) or use `python -m pixel_bert.synthetic_tasks --task nlvr2 --out DIR`")
-    examples, first_line = [], {}
+    examples, first_line, unlabelled = [], {}, []
     for line_no, line in _numbered_lines(jsonl_path):
         where = f"{jsonl_path}: line {line_no}"
         try:
@@ -82,6 +85,8 @@ def read_nlvr2(jsonl_path: str, image_root: str, max_examples: Optional[int] = N
             raise AnnotationError(f"{where}: identifier {identifier!r} is on line {first_line[identifier]} too")
         first_line[identifier] = line_no
         label = _label(obj["label"], where) if "label" in obj else None
+        if label is None:
+            unlabelled.append(line_no)
         try:
             left, right = nlvr2_image_paths(image_root, identifier, obj.get("directory"))
         except AnnotationError as e:
@@ -91,6 +96,10 @@ def read_nlvr2(jsonl_path: str, image_root: str, max_examples: Optional[int] = N
             break
     if not examples:
         raise AnnotationError(f"{jsonl_path}: no examples")
+    if unlabelled and (require_labels or len(unlabelled) < len(examples)):
+        why = require_labels or "a file is labelled on every line or, a hidden test set, on none"
+        raise AnnotationError(f"{jsonl_path}: line {unlabelled[0]} has no 'label' ({len(unlabelled)} of the "
+                              f"{len(examples)} lines read have none); {why}")
     return examples
 
 
@@ -108,7 +117,8 @@ def _numbered_lines(path: str):
 
 class NLVR2Dataset(torch.utils.data.Dataset):
     """Items ``dict(left, right, sentence, label, identifier)``; a `pixel_bert.bad_samples.BadSample` naming
-    the first bad image of the pair when one is missing or unreadable (unless ``fatal_bad_samples``)."""
+    the first bad image of the pair when one is missing or unreadable, or the example when its sentence
+    is empty, as pre-training's empty captions (unless ``fatal_bad_samples``)."""
 
     def __init__(self, examples: Sequence[NLVR2Example], transform, fatal_bad_samples: bool = False):
         self.examples, self.transform, self.fatal_bad_samples = list(examples), transform, fatal_bad_samples
@@ -118,6 +128,11 @@ class NLVR2Dataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         ex = self.examples[index]
+        if not ex.sentence.strip():
+            message = f"example {ex.identifier} (image {ex.left_path}) has an empty sentence; fix or drop it"
+            if self.fatal_bad_samples:
+                raise BadSampleError(message + " (fatal_bad_samples=True; set it False to skip bad samples)")
+            return BadSample(ex.left_path, "empty_text", message)
         try:
             left, right = self.transform.load(ex.left_path), self.transform.load(ex.right_path)
         except ImageLoadError as err:
@@ -164,19 +179,21 @@ def nlvr2_step(model, batch: dict, device) -> Dict[str, torch.Tensor]:
 
 
 def predict_nlvr2(model, dataset: NLVR2Dataset, collate: NLVR2Collator, info: DistInfo,
-                  batch_size: int = 64, num_workers: int = 0) -> Dict[str, bool]:
-    """{identifier: prediction} for every example on rank 0 (`predict_sharded`; empty dict elsewhere).
-    An example whose images fail to load is predicted False (and so counted, not dropped)."""
+                  batch_size: int = 64, num_workers: int = 0,
+                  max_bad_fraction: float = 0.0) -> Tuple[Dict[str, bool], int]:
+    """({identifier: prediction} for every example, how many were bad samples) on rank 0
+    (`predict_sharded`; ``({}, 0)`` elsewhere). More than ``max_bad_fraction`` examples whose images
+    fail to load stop the evaluation; those allowed are predicted False (so scored, not dropped)."""
     def predict_batch(model, batch, device):
         return dict(zip(batch["identifiers"], (_forward(model, batch, device).float().argmax(1) == 1).tolist()))
 
     merged = predict_sharded(model, dataset, collate, info, predict_batch, batch_size, num_workers,
-                             "examples", "nlvr2 eval: ")
+                             "examples", "nlvr2 eval: ", max_bad_fraction)
     if merged is None:
-        return {}
-    for ex in dataset.examples:
-        merged.setdefault(ex.identifier, False)
-    return merged
+        return {}, 0
+    blind = [ex.identifier for ex in dataset.examples if ex.identifier not in merged]  # images that failed
+    merged.update((ident, False) for ident in blind)
+    return merged, len(blind)
 
 
 def score_nlvr2(predictions: Dict[str, bool], examples: Sequence[NLVR2Example]) -> Dict[str, Any]:
@@ -197,22 +214,24 @@ def read_predictions(path: str) -> Dict[str, bool]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: NLVR2 predictions file not found")
     out: Dict[str, bool] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("{"):
+    for line_no, line in _numbered_lines(path):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
                 obj = json.loads(line)
-                ident, value = obj.get("identifier"), obj.get("prediction", obj.get("label"))
-            else:
-                ident, _, value = line.partition(",")
-            if not ident or value is None or str(value).strip().lower() not in ("true", "false"):
-                raise ValueError(f"{path}: line {line_no} is {line!r:.80}; expected 'identifier,True' or "
-                                 "'identifier,False' (the lil-lab NLVR2 predictions format)")
-            if ident in out:
-                raise ValueError(f"{path}: identifier {ident!r} predicted twice (line {line_no})")
-            out[ident] = str(value).strip().lower() == "true"
+            except json.JSONDecodeError as e:
+                raise AnnotationError(f"{path}: line {line_no} is not valid JSON ({e}); expected "
+                                      '{"identifier": ..., "prediction": true|false} or identifier,True') from None
+            ident, value = obj.get("identifier"), obj.get("prediction", obj.get("label"))
+        else:
+            ident, _, value = line.partition(",")
+        if not isinstance(ident, str) or not ident or value is None \
+                or str(value).strip().lower() not in ("true", "false"):
+            raise AnnotationError(f"{path}: line {line_no} is {line!r:.80}; expected 'identifier,True' or "
+                                  "'identifier,False' (the lil-lab NLVR2 predictions format)")
+        if ident in out:
+            raise AnnotationError(f"{path}: identifier {ident!r} predicted twice (line {line_no})")
+        out[ident] = str(value).strip().lower() == "true"
     return out
 
 
@@ -248,32 +267,56 @@ class NLVR2(DownstreamTask):
         return args.nlvr2_images or default_image_root(args.nlvr2_root)
 
     def training_data(self, args, task_cfg, model_cfg, train_cfg, tokenizer, device, out_dir, log) -> TrainingData:
-        examples = read_nlvr2(os.path.join(args.nlvr2_root, "train.json"), self.image_root(args))
+        examples = read_nlvr2(os.path.join(args.nlvr2_root, "train.json"), self.image_root(args),
+                              require_labels="training needs the label of every example: train on train.json, "
+                              "not on an unlabelled test file")
         dataset = NLVR2Dataset(examples, ImageTransform.from_config(model_cfg), train_cfg.fatal_bad_samples)
         log(f"nlvr2: {len(dataset)} training examples")
         collate = NLVR2Collator(tokenizer, model_cfg.max_text_len, model_cfg.feature_stride)
         # two images per example: no aspect-ratio grouping
         return TrainingData(dataset, collate, lambda model, batch, _: nlvr2_step(model, batch, device), None, {})
 
+    def read_evaluation_split(self, args, split: str, max_examples: Optional[int] = None,
+                              require_labels: Optional[str] = None) -> List[NLVR2Example]:
+        """``split`` as the evaluation reads it: `read_nlvr2`, and no empty sentence. An evaluation
+        predicts every example, so an empty one is refused here, while training skips and counts it."""
+        require_flags(args, "--nlvr2-root")
+        path = os.path.join(args.nlvr2_root, f"{split}.json")
+        examples = read_nlvr2(path, self.image_root(args), max_examples, require_labels)
+        empty = [ex.identifier for ex in examples if not ex.sentence.strip()]
+        if empty:
+            raise AnnotationError(f"{path}: example {empty[0]} has an empty sentence ({len(empty)} of "
+                                  f"{len(examples)} have): an evaluation predicts every example, so it takes no "
+                                  "empty one")
+        return examples
+
+    def check_evaluation_files(self, args, split: str) -> None:
+        self.read_evaluation_split(args, split, require_labels=(
+            f"finetune.py scores its evaluation of {split}, so every line needs its label. Train with --no-eval "
+            f"to skip it; evaluate.py --task nlvr2 --split {split} predicts an unlabelled file"))
+
     def evaluate(self, model, tokenizer, args, split, info, out_dir, answers, settings: EvalSettings,
                  log) -> Dict[str, Any]:
-        require_flags(args, "--nlvr2-root")
         cfg = model.config
-        examples = read_nlvr2(os.path.join(args.nlvr2_root, f"{split}.json"), self.image_root(args),
-                              settings.max_examples)
+        examples = self.read_evaluation_split(args, split, settings.max_examples)
         dataset = NLVR2Dataset(examples, ImageTransform.from_config(cfg))
         collate = NLVR2Collator(tokenizer, cfg.max_text_len, cfg.feature_stride)
-        preds = predict_nlvr2(model, dataset, collate, info, settings.batch_size, settings.num_workers)
+        preds, n_blind = predict_nlvr2(model, dataset, collate, info, settings.batch_size, settings.num_workers,
+                                       settings.max_bad_fraction)
         if not info.is_main:
             return {}
         result: Dict[str, Any] = {"predictions_file": write_predictions(
-            os.path.join(out_dir, f"nlvr2_{split}_predictions.csv"), preds)}
-        if all(ex.label is not None for ex in examples):
+            os.path.join(out_dir, f"nlvr2_{split}_predictions.csv"), preds), "n": len(preds),
+            "n_bad_samples": n_blind}
+        blind = f", {n_blind} of them predicted False without their images (unreadable)" if n_blind else ""
+        if examples[0].label is not None:  # read_nlvr2: labelled on every line or on none
             result.update(score_nlvr2(preds, examples))
             majority = sum(ex.label for ex in examples) >= len(examples) / 2
             result["majority_baseline"] = score_nlvr2({e.identifier: majority for e in examples},
                                                       examples)["accuracy"]
-            log(f"nlvr2 {split}: accuracy {result['accuracy']:.4f} consistency {result['consistency']:.4f} "
-                f"(majority-class baseline {result['majority_baseline']:.4f})")
+            log(f"nlvr2 {split}: accuracy {result['accuracy']:.4f} consistency {result['consistency']:.4f} on "
+                f"{result['n']} examples{blind} (majority-class baseline {result['majority_baseline']:.4f})")
+        else:
+            log(f"nlvr2 {split}: the file has no labels, so no accuracy: {len(preds)} examples predicted{blind}")
         log(f"nlvr2 {split}: wrote {result['predictions_file']}")
         return result

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .annotations import AnnotationError, json_field, json_list, karpathy_images, read_karpathy
+from .annotations import AnnotationError, json_field, json_list, karpathy_images, read_json, read_karpathy
 from .batches import CaptionCollator, CaptionDataset, aspect_ratio_group_ids
 from .config import check_fields
 from .distributed import unwrap
@@ -61,7 +61,9 @@ def read_karpathy_eval(dataset_json: str, image_root: str, split: str = "test",
     """The ``split`` ("val" or "test") of Karpathy's dataset_coco.json / dataset_flickr30k.json, in
     file order: COCO test = 5,000 images (the 5K set; its consecutive thousands are the 1K folds),
     Flickr30K test = 1,000 images. ``max_images`` keeps the first N images, ``max_captions`` at
-    most that many captions per image (quick runs). Image paths as data.read_karpathy."""
+    most that many captions per image (quick runs). Image paths as data.read_karpathy. An evaluation
+    ranks every caption, so an image without one, or an empty caption, is refused (training skips and
+    counts an empty caption, as pre-training)."""
     path, dataset, selected = karpathy_images(dataset_json, (split,))
     if max_images is not None:
         selected = selected[:max_images]
@@ -81,6 +83,9 @@ def read_karpathy_eval(dataset_json: str, image_root: str, split: str = "test",
         for j, s in enumerate(sentences):
             w = f"{where}['sentences'][{j}]"
             captions.append(json_field(s, "raw", str, w, path).strip())
+            if not captions[-1]:
+                raise AnnotationError(f"{path}: {w} is an empty caption; an evaluation ranks every caption, "
+                                      "so it takes no empty one")
             caption_ids.append(json_field(s, "sentid", int, w, path) if "sentid" in s else len(caption_ids))
             caption_image.append(row)
     if len({type(x) for x in image_ids}) > 1:  # a mix of int and str ids: store all as str
@@ -232,9 +237,17 @@ class RetrievalConfig:
                              f"retrieval_negatives ({self.retrieval_negatives})")
 
 
+def karpathy_dataset(karpathy_json: str) -> Optional[str]:
+    """The ``"dataset"`` field of a Karpathy file ("coco", "flickr30k", "flickr8k"), None without one."""
+    data = read_json(karpathy_json, "a Karpathy dataset_*.json with 'images'")
+    dataset = data.get("dataset") if isinstance(data, dict) else None
+    return dataset if isinstance(dataset, str) else None
+
+
 def is_coco(karpathy_json: str) -> bool:
-    """Whether a Karpathy file is COCO's (dataset_coco.json), which trains on train + restval."""
-    return "coco" in os.path.basename(karpathy_json)
+    """Whether a Karpathy file is COCO's, which trains on train + restval: its own ``"dataset"`` field
+    says so, whatever the file is named."""
+    return karpathy_dataset(karpathy_json) == "coco"
 
 
 class Retrieval(DownstreamTask):
@@ -263,9 +276,20 @@ class Retrieval(DownstreamTask):
     def init_state(self, state, task_cfg: RetrievalConfig, log):
         return itm_as_retrieval_head(state, log) if task_cfg.retrieval_head_from_itm else state
 
+    def check_evaluation_files(self, args, split: str) -> None:
+        require_flags(args, "--karpathy-json")
+        read_karpathy_eval(args.karpathy_json, self.image_root(args), split)
+
     def training_data(self, args, task_cfg: RetrievalConfig, model_cfg, train_cfg, tokenizer, device, out_dir,
                       log) -> TrainingData:
-        splits = ("train", "restval") if is_coco(args.karpathy_json) else ("train",)
+        dataset_name = karpathy_dataset(args.karpathy_json)
+        coco = dataset_name == "coco"
+        splits = ("train", "restval") if coco else ("train",)
+        log(f"retrieval: {args.karpathy_json} says "
+            + (f'"dataset": "{dataset_name}"' if dataset_name else 'no "dataset"')
+            + (", so the COCO recipe (--preset auto: retrieval-coco), trained on train + restval" if coco else
+               ", so the Flickr30K recipe (--preset auto: retrieval-f30k), trained on train")
+            + " (the file's name plays no part)")
         records = read_karpathy(args.karpathy_json, self.image_root(args), splits=splits)
         if not records:
             raise AnnotationError(f"--karpathy-json {args.karpathy_json}: no caption in the {'/'.join(splits)} "

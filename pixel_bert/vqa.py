@@ -33,7 +33,7 @@ import torch
 
 from . import metrics
 from .annotations import AnnotationError, CaptionRecord, json_field, json_list, read_json
-from .bad_samples import BadSample, drop_bad_samples
+from .bad_samples import BadSample, BadSampleError, drop_bad_samples
 from .batches import aspect_ratio_group_ids
 from .config import check_fields
 from .distributed import DistInfo
@@ -51,13 +51,18 @@ SPLIT_IMAGE_DIRS = {"train2014": "train2014", "val2014": "val2014", "test2015": 
 def vqa_files(root: str, split: str) -> Tuple[str, Optional[str]]:
     """(questions json, annotations json or None when the split has none) of a split under ``root``."""
     questions = os.path.join(root, f"v2_OpenEnded_mscoco_{split}_questions.json")
-    annotations = os.path.join(root, f"v2_mscoco_{split}_annotations.json")
+    annotations = annotations_file(root, split)
     if not os.path.isfile(questions):
         raise FileNotFoundError(
             f"{questions}: VQA questions file not found. --vqa-root must be the folder holding the official "
             f"v2_OpenEnded_mscoco_<split>_questions.json files (splits: {sorted(SPLIT_IMAGE_DIRS)}), or use "
             "`python -m pixel_bert.synthetic_tasks --task vqa --out DIR` for a synthetic copy")
     return questions, (annotations if os.path.isfile(annotations) else None)
+
+
+def annotations_file(root: str, split: str) -> str:
+    """Where the official annotations of ``split`` are under ``root`` (whether or not they exist)."""
+    return os.path.join(root, f"v2_mscoco_{split}_annotations.json")
 
 
 def vqa_image_path(image_root: str, split: str, image_id: int) -> str:
@@ -91,8 +96,9 @@ def read_vqa(root: str, split: str, image_root: Optional[str] = None,
              max_questions: Optional[int] = None) -> VQASplit:
     """Read the official files of ``split`` (see the module docstring). ``image_root`` defaults to
     ``root``. Every question of an annotated split must have its annotation (and vice versa), with
-    the same image; a malformed entry raises AnnotationError naming the file and the entry.
-    ``max_questions`` keeps the first N questions (quick runs)."""
+    the same image and the 10 answers of VQA 2.0 (the soft scores and the official accuracy are
+    defined over 10 annotators); a malformed entry raises AnnotationError naming the file and the
+    entry. ``max_questions`` keeps the first N questions (quick runs)."""
     q_path, a_path = vqa_files(root, split)
     image_root = root if image_root is None else image_root
     q_data = read_json(q_path, "a VQA questions file with 'questions'")
@@ -111,6 +117,7 @@ def read_vqa(root: str, split: str, image_root: Optional[str] = None,
             by_qid[qid] = ann
     questions = []
     seen = set()
+    other_counts = []  # (question_id, number of answers) of annotations without 10 answers
     for i, q in enumerate(raw_questions):
         where = f"questions[{i}]"
         qid = json_field(q, "question_id", int, where, q_path)
@@ -130,12 +137,21 @@ def read_vqa(root: str, split: str, image_root: Optional[str] = None,
                 raise AnnotationError(f"{a_path}: {where_a} has image_id {ann.get('image_id')}, the question "
                                       f"file says {image_id}")
             raw = json_list(ann, "answers", where_a, a_path)
+            if len(raw) != metrics.VQA_ANSWERS_PER_QUESTION:
+                other_counts.append((qid, len(raw)))
             answers = tuple(json_field(a, "answer", str, f"{where_a}['answers'][{j}]", a_path)
                             for j, a in enumerate(raw))
             answer_type = json_field(ann, "answer_type", str, where_a, a_path)
             question_type = json_field(ann, "question_type", str, where_a, a_path)
         questions.append(VQAQuestion(qid, image_id, text, vqa_image_path(image_root, split, image_id),
                                      answers, answer_type, question_type))
+    if other_counts:
+        first = ", ".join(f"question_id {q}: {n}" for q, n in other_counts[:5])
+        raise AnnotationError(
+            f"{a_path}: {len(other_counts)} annotations do not hold {metrics.VQA_ANSWERS_PER_QUESTION} answers "
+            f"({first}{', ...' if len(other_counts) > 5 else ''}); VQA 2.0 has 10 per question, and the soft-score "
+            "targets and the official accuracy are defined over 10 annotators (with 1 answer a perfect prediction "
+            "scores 0)")
     if annotations is not None:
         orphans = sorted(set(by_qid) - seen)
         if orphans and max_questions is None:
@@ -167,8 +183,9 @@ def answer_vocabulary(annotation_lists: Sequence[Sequence[dict]], min_count: int
 class VQADataset(torch.utils.data.Dataset):
     """Items ``dict(image, question, question_id, labels, scores, index)``: the resized, normalised
     image, the question text, and the soft-score target as (answer indices, scores) from
-    metrics.vqa_targets. A missing or corrupt image gives a `pixel_bert.bad_samples.BadSample` (dropped and
-    carried in the batch by the collator) unless ``fatal_bad_samples``."""
+    metrics.vqa_targets. A missing or corrupt image, or an empty question, gives a
+    `pixel_bert.bad_samples.BadSample` (dropped and carried in the batch by the collator, as pre-training's
+    empty captions) unless ``fatal_bad_samples``."""
 
     def __init__(self, questions: Sequence[VQAQuestion], answers: Sequence[str], transform,
                  drop_unanswerable: bool = False, fatal_bad_samples: bool = False):
@@ -189,6 +206,12 @@ class VQADataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Union[Dict[str, Any], BadSample]:
         q, labels, scores = self.items[index]
+        if not q.question.strip():
+            message = (f"question_id {q.question_id} (image {q.image_path}) has an empty question; fix or drop "
+                       "it in the questions file")
+            if self.fatal_bad_samples:
+                raise BadSampleError(message + " (fatal_bad_samples=True; set it False to skip bad samples)")
+            return BadSample(q.image_path, "empty_text", message)
         try:
             image = self.transform.load(q.image_path)
         except ImageLoadError as err:
@@ -243,22 +266,24 @@ def vqa_step(model, batch: dict, device) -> Dict[str, torch.Tensor]:
 # -------------------------------------------------------------------------------------------------
 
 def predict_vqa(model, dataset: VQADataset, collate: VQACollator, answers: Sequence[str], info: DistInfo,
-                batch_size: int = 64, num_workers: int = 0) -> Dict[int, str]:
-    """{question_id: answer string} for every question of ``dataset`` on rank 0 (`predict_sharded`;
-    other ranks get an empty dict). Unreadable images get the most frequent answer so the result
-    file stays complete (the official evaluation requires one answer per question)."""
+                batch_size: int = 64, num_workers: int = 0,
+                max_bad_fraction: float = 0.0) -> Tuple[Dict[int, str], int]:
+    """({question_id: answer string} for every question of ``dataset``, how many were bad samples) on
+    rank 0 (`predict_sharded`; other ranks get ``({}, 0)``). More than ``max_bad_fraction`` unreadable
+    images stop the evaluation; those allowed get the most frequent answer so the result file stays
+    complete (the official evaluation requires one answer per question), and are counted."""
     def predict_batch(model, batch, device):
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                        batch["images"].to(device, non_blocking=True), batch["pixel_mask"].to(device))
         return {qid: answers[i] for qid, i in zip(batch["question_ids"], logits.float().argmax(1).tolist())}
 
     merged = predict_sharded(model, dataset, collate, info, predict_batch, batch_size, num_workers,
-                             "questions", "vqa eval: ")
+                             "questions", "vqa eval: ", max_bad_fraction)
     if merged is None:
-        return {}
-    for q, _, _ in dataset.items:  # questions whose image failed to load
-        merged.setdefault(q.question_id, answers[0])
-    return merged
+        return {}, 0
+    blind = [q.question_id for q, _, _ in dataset.items if q.question_id not in merged]  # images that failed
+    merged.update((qid, answers[0]) for qid in blind)
+    return merged, len(blind)
 
 
 def score_vqa(predictions: Dict[int, str], split: VQASplit) -> Dict[str, Any]:
@@ -288,6 +313,11 @@ class VQAConfig:
 
     def __post_init__(self):
         self.vqa_train_splits = tuple(self.vqa_train_splits)
+        repeated = sorted({s for s in self.vqa_train_splits if self.vqa_train_splits.count(s) > 1})
+        if repeated:
+            raise ValueError(f"--vqa-train-splits {','.join(self.vqa_train_splits)} lists {', '.join(repeated)} more "
+                             "than once: each of its questions would be trained on that many times an epoch; "
+                             "list each split once")
         check_fields(self)
 
 
@@ -312,6 +342,26 @@ class VQA(DownstreamTask):
 
     def skip_evaluation(self, split: str, task_cfg: VQAConfig) -> Optional[str]:
         return f"{split} is one of the training splits" if split in task_cfg.vqa_train_splits else None
+
+    def read_evaluation_split(self, args, split: str, max_questions: Optional[int] = None) -> VQASplit:
+        """``split`` as the evaluation reads it: `read_vqa`, and no empty question. An evaluation answers
+        every question, so an empty one is refused here, while training skips and counts it."""
+        require_flags(args, "--vqa-root")
+        data = read_vqa(args.vqa_root, split, self.image_root(args), max_questions)
+        empty = [i for i, q in enumerate(data.questions) if not q.question.strip()]
+        if empty:
+            raise AnnotationError(
+                f"{vqa_files(args.vqa_root, split)[0]}: questions[{empty[0]}] (question_id "
+                f"{data.questions[empty[0]].question_id}) is an empty question ({len(empty)} of "
+                f"{len(data.questions)} are): an evaluation answers every question, so it takes no empty one")
+        return data
+
+    def check_evaluation_files(self, args, split: str) -> None:
+        if self.read_evaluation_split(args, split).annotations is None:
+            raise AnnotationError(
+                f"{annotations_file(args.vqa_root, split)}: not found, so finetune.py's evaluation of {split} "
+                "would give no accuracy. Give the annotations file, or --no-eval; evaluate.py --task vqa --split "
+                f"{split} predicts a split without annotations (the submission file of the test splits)")
 
     def training_data(self, args, task_cfg: VQAConfig, model_cfg, train_cfg, tokenizer, device, out_dir,
                       log) -> TrainingData:
@@ -347,22 +397,27 @@ class VQA(DownstreamTask):
 
     def evaluate(self, model, tokenizer, args, split, info, out_dir, answers, settings: EvalSettings,
                  log) -> Dict[str, Any]:
-        require_flags(args, "--vqa-root")
         cfg = model.config
-        data = read_vqa(args.vqa_root, split, self.image_root(args), settings.max_examples)
+        data = self.read_evaluation_split(args, split, settings.max_examples)
         dataset = VQADataset(data.questions, answers, ImageTransform.from_config(cfg))
         collate = VQACollator(tokenizer, cfg.max_text_len, len(answers), cfg.feature_stride)
-        preds = predict_vqa(model, dataset, collate, answers, info, settings.batch_size, settings.num_workers)
+        preds, n_blind = predict_vqa(model, dataset, collate, answers, info, settings.batch_size,
+                                     settings.num_workers, settings.max_bad_fraction)
         if not info.is_main:
             return {}
         name = "submission" if data.annotations is None else "results"
         result: Dict[str, Any] = {"predictions_file": metrics.write_vqa_submission(
-            os.path.join(out_dir, f"vqa_{split}_{name}.json"), preds)}
+            os.path.join(out_dir, f"vqa_{split}_{name}.json"), preds), "n_questions": len(preds),
+            "n_bad_samples": n_blind}
+        blind = f", {n_blind} of them answered without their image (unreadable)" if n_blind else ""
         if data.annotations is not None:
             result.update(score_vqa(preds, data))
             # reference: always answering the most frequent training answer
             result["prior_baseline"] = score_vqa({q: answers[0] for q in preds}, data)["overall"]
-            log(f"vqa {split}: accuracy {result['overall']:.2f} (per type {result['per_answer_type']}; "
-                f"most-frequent-answer baseline {result['prior_baseline']:.2f})")
+            log(f"vqa {split}: accuracy {result['overall']:.2f} on {result['n_questions']} questions{blind} (per "
+                f"type {result['per_answer_type']}; most-frequent-answer baseline {result['prior_baseline']:.2f})")
+        else:
+            log(f"vqa {split}: {annotations_file(args.vqa_root, split)} does not exist, so no accuracy: "
+                f"{len(preds)} questions predicted{blind}")
         log(f"vqa {split}: wrote {result['predictions_file']}")
         return result

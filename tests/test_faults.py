@@ -811,7 +811,7 @@ def test_train_refuses_an_image_folder_without_its_annotations(tmp_path, capsys,
 
 def test_finetune_refuses_task_files_that_yield_nothing_and_foreign_flags(tmp_path, coco_world, capsys):
     common = ["--model-preset", "tiny", "--vocab-file", str(coco_world / "vocab.txt"), "--device", "cpu",
-              "--output-dir", str(tmp_path / "run")]
+              "--output-dir", str(tmp_path / "run"), "--no-eval"]  # the training files alone (no val/dev here)
     vqa_root = tmp_path / "vqa"
     vqa_root.mkdir()
     write(vqa_root / VQA_Q, {"questions": []})

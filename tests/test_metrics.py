@@ -358,16 +358,18 @@ def test_nlvr2_metrics_consistency():
         "dev-1-0-0": True, "dev-1-1-0": False, "dev-1-2-0": True, "dev-1-3-0": "False",
         # sentence dev-1--1: 2 pairs, both right -> consistent
         "dev-1-0-1": "True", "dev-1-1-1": False,
-        # sentence dev-2--0: 2 pairs, one prediction missing -> wrong, inconsistent
+        # sentence dev-2--0: 2 pairs, one predicted wrong -> inconsistent
         "dev-2-0-0": True, "dev-2-1-0": True,
     }
     preds = {"dev-1-0-0": True, "dev-1-1-0": True, "dev-1-2-0": True, "dev-1-3-0": False,
-             "dev-1-0-1": True, "dev-1-1-1": "false", "dev-2-0-0": True}
+             "dev-1-0-1": True, "dev-1-1-1": "false", "dev-2-0-0": True, "dev-2-1-0": False}
     m = nlvr2_metrics(preds, labels)
-    assert m == {"accuracy": 6 / 8, "consistency": 1 / 3, "n": 8, "n_sentences": 3,
-                 "n_missing": 1}
+    assert m == {"accuracy": 6 / 8, "consistency": 1 / 3, "n": 8, "n_sentences": 3}
     with pytest.raises(ValueError, match="without a label.*dev-9-0-0"):
         nlvr2_metrics({**preds, "dev-9-0-0": True}, labels)
+    # like the official script, an incomplete predictions file is not scored
+    with pytest.raises(ValueError, match=r"1 of the 8 labelled examples have no prediction, e.g. \['dev-2-1-0'\]"):
+        nlvr2_metrics({k: v for k, v in preds.items() if k != "dev-2-1-0"}, labels)
     with pytest.raises(ValueError, match="'yes'"):
         nlvr2_metrics({"dev-1-0-0": "yes"}, {"dev-1-0-0": True})
 
