@@ -141,14 +141,15 @@ def _suggestions(scene: synthetic.Scene, task: str) -> List[str]:
     """Sentences this scene makes true, in the words of the model's task."""
     first = scene.shapes[0]
     if task == "vqa":
-        return [f"what colour is the {first.kind} ?", f"how many shapes are there ?",
+        return [f"what colour is the {first.kind} ?", "how many shapes are there ?",
                 f"what is the {first.colour} shape ?"]
     if len(scene.shapes) == 1:
         return [f"a {synthetic.describe(first)}", f"the {first.colour} shape is a [MASK]",
                 f"the {first.kind} is [MASK]"]
     listed = ", ".join(f"a {synthetic.describe(s)}" for s in scene.shapes[:-1])
     second = scene.shapes[1]
-    return [f"{synthetic.NUMBER_WORDS[len(scene.shapes)]} shapes: {listed} and a {synthetic.describe(scene.shapes[-1])}",
+    last = synthetic.describe(scene.shapes[-1])
+    return [f"{synthetic.NUMBER_WORDS[len(scene.shapes)]} shapes: {listed} and a {last}",
             f"a {synthetic.describe(first)} {synthetic.relation(first, second)} a {synthetic.describe(second)}",
             f"the [MASK] shape is a {second.kind}"]
 
@@ -324,7 +325,10 @@ class ExplorerHandler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
-            return self._error(411, "the request has no Content-Length")
+            length = -1
+        if length < 0:  # no length (or chunked): the body could not be bounded before reading it
+            self.close_connection = True
+            return self._error(411, "the request needs a Content-Length")
         if length > limit:
             if length <= DRAIN_LIMIT:  # read and drop it, so the client is not reset before it reads the 413
                 remaining = length
@@ -405,7 +409,8 @@ def render_html(info: Dict[str, object], payload: Dict[str, object]) -> str:
             f'<script type="application/json" id="explorer-data">{_inline_json(dict(info=info, result=payload))}'
             f"</script>\n<script>\n{_static_text('explorer.js')}</script>",
         '<meta charset="utf-8">':
-            f'<meta charset="utf-8">\n<meta http-equiv="Content-Security-Policy" content="{FILE_CONTENT_SECURITY_POLICY}">',
+            '<meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{FILE_CONTENT_SECURITY_POLICY}">',
     }
     for old, new in replacements.items():
         if old not in page:

@@ -208,9 +208,11 @@
     drawCellPanel(layer, heads, headName);
   }
 
-  function barList(list, rows) {
+  // Rows of {index, label, value} as labelled bars: probabilities (absolute) fill the bar at 1,
+  // attention shares (relative) at the list's largest value, so small shares stay readable.
+  function barList(list, rows, absolute) {
     list.replaceChildren();
-    const top = Math.max(...rows.map((row) => row.value)) || 1;
+    const top = absolute ? 1 : Math.max(...rows.map((row) => row.value)) || 1;
     for (const row of rows) {
       const bar = element("span", {className: "bar"}, [element("span")]);
       bar.firstChild.style.width = percent(row.value / top, 1);
@@ -283,12 +285,12 @@
     }
     for (const fill of r.fill_mask || []) {
       const list = element("ol", {className: "bars fill-mask"});
-      barList(list, fill.top.map(([word, p], i) => ({index: i, label: word, value: p})));
+      barList(list, fill.top.map(([word, p], i) => ({index: i, label: word, value: p})), true);
       box.append(element("h2", {textContent: `[MASK] at position ${fill.position}: top fill-ins`}), list);
     }
     if (r.answers) {
       const list = element("ol", {className: "bars answers", id: "answers"});
-      barList(list, r.answers.map(([answer, p], i) => ({index: i, label: answer, value: p})));
+      barList(list, r.answers.map(([answer, p], i) => ({index: i, label: answer, value: p})), true);
       box.append(element("h2", {textContent: "VQA: top answers"}),
         element("p", {className: "subtle", textContent: "independent sigmoid scores (VQA is trained with binary cross-entropy)"}),
         list);
