@@ -241,10 +241,10 @@ class Explorer:
     def _notices(self, inspection: Inspection, text: str) -> List[str]:
         notices = []
         if inspection.cut_tokens:
-            limit = self.predictor.config.max_text_len
+            limit, cut = self.predictor.config.max_text_len, inspection.cut_tokens
+            shown = " ".join(cut[:30]) + (f" ... ({len(cut) - 30} more)" if len(cut) > 30 else "")
             notices.append(f"the sentence is {inspection.full_length} tokens long ([CLS] and [SEP] included) and "
-                           f"this model reads at most {limit}, so its end was cut: "
-                           f"\u201c{' '.join(inspection.cut_tokens)}\u201d")
+                           f"this model reads at most {limit}, so its last {len(cut)} were cut: \u201c{shown}\u201d")
         unknown = [w for w in text.split() if self.predictor.tokenizer.unk_id in
                    [self.predictor.tokenizer.token_to_id(t) for t in self.predictor.tokenizer.tokenize(w)]]
         if unknown:

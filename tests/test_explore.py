@@ -401,18 +401,26 @@ def brightest_cell(pixels: np.ndarray, grid, cell_side: float):
     return tuple(int(i) for i in np.unravel_index(means.argmax(), grid))
 
 
-def overlaps(cell, box, stride: int) -> bool:
-    """Whether feature cell (row, col) and a shape's box (x0, y0, x1, y1, half-open) share pixels."""
-    r, c = cell
-    x0, y0, x1, y1 = box
-    return c * stride < x1 and x0 < (c + 1) * stride and r * stride < y1 and y0 < (r + 1) * stride
+def brightest_point(pixels: np.ndarray, scale: float):
+    """(x, y) in image pixels of the hottest drawn pixels (the centroid of those at the maximum)."""
+    alpha = pixels[..., 3]
+    ys, xs = np.nonzero(alpha == alpha.max())
+    return (xs.mean() + 0.5) / scale, (ys.mean() + 0.5) / scale
+
+
+def inside(point, box) -> bool:
+    """Whether (x, y) lies in a shape's box (x0, y0, x1, y1), half-open as `synthetic.Shape` boxes."""
+    x, y = point
+    return box[0] <= x < box[2] and box[1] <= y < box[3]
 
 
 def chosen_scene(predictor):
     """A held-out one-shape scene, its caption, colour word and box, and the layer to look at: the
     layer where colour words localise best (benchmarks/attention_in_boxes.py's measure), and the
-    first scene where the model's own map peaks on a cell that touches the shape off the grid's
-    diagonal (so a transposed drawing could not pass). Finding one is itself a check of the model."""
+    first scene where the model's own map peaks clearly (20% above the next cell) on a cell whose
+    centre (where the drawn map is brightest) lies in the shape's box, off the grid's diagonal (so a
+    transposed drawing could not pass). Finding one is itself a check of the model: in the demo
+    model of seed 1, 16 of these 40 scenes have their peak cell's centre in the box."""
     result = colour_attention_in_boxes(predictor, num_images=60, seed=BROWSER_SEED)
     layer = max(result.per_layer, key=result.per_layer.get)
     assert result.per_layer[layer] > 1.3, result.per_layer
@@ -425,15 +433,17 @@ def chosen_scene(predictor):
         word_map = maps.map_for(shape.colour)
         peak = tuple(int(i) for i in np.unravel_index(int(word_map.argmax()), maps.grid))
         second = float(word_map.flatten().topk(2).values[1])
-        if peak[0] != peak[1] and overlaps(peak, shape.box, stride) and float(word_map.max()) > 1.2 * second:
+        centre = ((peak[1] + 0.5) * stride, (peak[0] + 0.5) * stride)
+        if peak[0] != peak[1] and inside(centre, shape.box) and float(word_map.max()) > 1.2 * second:
             return scene, caption, shape, layer, peak
-    raise AssertionError(f"in 40 held-out scenes the colour word's map never peaked on its shape (layer {layer})")
+    raise AssertionError(f"in 40 held-out scenes the colour word's map never peaked in its shape (layer {layer})")
 
 
 def test_the_page_in_a_browser(trained_checkpoint, browser, tmp_path):
     """Upload a scene, type its caption, hover the colour word: the drawn map's brightest cell is the
-    model's and touches the shape; the layer slider changes the map; a clicked cell shows both
-    directions; every bad input shows its message; the --html file draws the same map from disk."""
+    model's and its brightest point lies in the shape's box; the layer slider changes the map; a
+    clicked cell shows both directions; every bad input shows its message; the --html file draws
+    the same map from disk."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -445,6 +455,8 @@ def test_the_page_in_a_browser(trained_checkpoint, browser, tmp_path):
     stride = predictor.config.feature_stride
     scene_path = tmp_path / "scene.png"
     synthetic.render(scene).save(scene_path)
+    inspection = predictor.inspect(scene_path, caption)             # what the page must show
+    word_maps = inspection.maps(layer)
     server = serve(Explorer(predictor, max_request_bytes=SMALL_REQUEST_LIMIT))
     driver = browser
     find = driver.find_element
@@ -486,6 +498,8 @@ def test_the_page_in_a_browser(trained_checkpoint, browser, tmp_path):
         assert "scene.png" in find(By.ID, "status").text
         tokens = [c.text for c in driver.find_elements(By.CSS_SELECTOR, ".token .word")]
         assert tokens == ["[CLS]", "a", shape.colour, shape.kind, "[SEP]"]
+        forwards = []   # from here on, words, layers, heads and cells must not ask the model again
+        hook = predictor.model.bert.register_forward_hook(lambda *_: forwards.append(1))
         set_layer(layer)
         chip = hover(shape.colour)
         assert "active" in chip.get_attribute("class")
@@ -494,13 +508,11 @@ def test_the_page_in_a_browser(trained_checkpoint, browser, tmp_path):
         scale = canvas.size["width"] / predictor.config.image_short_side
         drawn = heat_pixels(driver)
         assert drawn.shape[:2] == (canvas.size["height"], canvas.size["width"])
-        cell = brightest_cell(drawn, (4, 4), stride * scale)
-        assert cell == peak and overlaps(cell, shape.box, stride), (cell, peak, shape.box)
-        # the word's share of attention on pixels, as the model computed it
-        mass = float(predictor.attention_maps(scene_path, caption, layer=layer).pixel_mass[2])
-        assert float(chip.get_attribute("data-mass")) == pytest.approx(mass, abs=2e-3)
-        itm = float(find(By.ID, "itm-score").text)
-        assert itm == pytest.approx(predictor.match(scene_path, caption), abs=1e-3)
+        cell, point = brightest_cell(drawn, (4, 4), stride * scale), brightest_point(drawn, scale)
+        assert cell == peak and inside(point, shape.box), (cell, peak, point, shape.box)
+        # the word's share of attention on pixels and the ITM score, as the model computed them
+        assert float(chip.get_attribute("data-mass")) == pytest.approx(float(word_maps.pixel_mass[2]), abs=2e-3)
+        assert float(find(By.ID, "itm-score").text) == pytest.approx(inspection.itm, abs=1e-3)
 
         # another layer, another map; one head instead of the mean, another map again
         set_layer((layer + 1) % predictor.config.num_layers)
@@ -521,9 +533,7 @@ def test_the_page_in_a_browser(trained_checkpoint, browser, tmp_path):
         ActionChains(driver).move_to_element_with_offset(grid_canvas, *map(round, offset)).click().perform()
         assert find(By.ID, "cell-panel").is_displayed()
         assert f"row {row}, column {col}" in find(By.ID, "cell-title").text
-        inspection = predictor.inspect(scene_path, caption)
         k = row * 4 + col
-        word_maps = inspection.maps(layer)
         from_words = {int(li.get_attribute("data-token")): float(li.get_attribute("data-value"))
                       for li in driver.find_elements(By.CSS_SELECTOR, "#cell-from-words li")}
         to_words = {int(li.get_attribute("data-token")): float(li.get_attribute("data-value"))
@@ -535,6 +545,8 @@ def test_the_page_in_a_browser(trained_checkpoint, browser, tmp_path):
         # hovering after the click keeps the panel: words, layers and heads are all in the page
         hover(shape.kind)
         assert find(By.ID, "cell-panel").is_displayed()
+        hook.remove()
+        assert forwards == []
 
         # a [MASK]: the top fill-ins, as fill_mask gives them
         masked = f"the {shape.colour} shape is a [MASK]"
@@ -576,6 +588,7 @@ def test_the_page_in_a_browser(trained_checkpoint, browser, tmp_path):
         hover(shape.colour)
         from_disk = heat_pixels(driver)
         assert brightest_cell(from_disk, (4, 4), stride * scale) == peak
+        assert inside(brightest_point(from_disk, scale), shape.box)
         assert np.abs(from_disk.astype(int) - drawn.astype(int)).max() <= 1
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert not errors, errors
