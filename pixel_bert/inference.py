@@ -427,3 +427,103 @@ class PixelBertPredictor:
         out, ids, mask, sizes = self._forward_attentions(image_list, text_list)
         maps = self._maps_from(out, ids, mask, sizes, layer, head, renormalize)
         return maps[0] if single_image and single_text else maps
+
+    # ---- everything at once, for the attention explorer (Sec. 4.4 of the paper) ---------------------
+
+    @torch.no_grad()
+    def inspect(self, image: ImageLike, text: str, top_k: int = 5) -> "Inspection":
+        """One forward pass over one (image, text) pair that keeps everything a viewer may ask for:
+        every layer's and head's attention between the words and the feature pixels, in both
+        directions, and the outputs of the checkpoint's own heads (ITM score, the top ``top_k``
+        fill-ins of each ``[MASK]``, the top ``top_k`` VQA answers). `pixel_bert.explore` sends it to
+        the browser once, so that moving between words, layers and heads needs no second pass.
+
+        A text longer than ``max_text_len`` is cut as everywhere else (start kept, closed with [SEP]);
+        instead of a warning the cut WordPieces are returned in ``Inspection.cut_tokens``.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        pixels, pixel_mask, sizes = self._images([image])
+        limit = self.config.max_text_len
+        full = self.tokenizer.encode(text, max_length=10 ** 9)
+        cut = self.tokenizer.convert_ids_to_tokens(full[limit - 1: -1]) if len(full) > limit else []
+        batch = self.tokenizer([text], max_length=limit)  # the same cut as _texts, without its warning
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        out = self.model.bert(ids, mask, pixels, pixel_mask, output_attentions=True)
+        T, visual = out.text_len, out.visual
+        gh, gw = visual.grid
+        probs = torch.stack(out.attentions)[:, 0].float()               # (layers, heads, L, L)
+        valid = visual.mask[0]                                          # (K,) visual tokens, True = real
+        cells = visual.positions[0]                                     # grid cell of each visual token
+        num_layers, num_heads = probs.shape[:2]
+        # Back onto the grid (row-major gh x gw), padded cells exactly zero in both directions.
+        text_to_pixels = probs.new_zeros(num_layers, num_heads, T, gh * gw)
+        text_to_pixels[..., cells] = probs[:, :, :T, T:] * valid
+        pixels_to_text = probs.new_zeros(num_layers, num_heads, gh * gw, T)
+        pixels_to_text[:, :, cells] = probs[:, :, T:, :T] * valid[:, None]
+        grid_valid = torch.zeros(gh * gw, dtype=torch.bool, device=valid.device)
+        grid_valid[cells] = valid
+        itm = fills = answers = None
+        if hasattr(self.model, "itm"):
+            itm = float(torch.sigmoid(self.model.itm(out.cls).float())[0])
+        is_mask = ids[0] == self.tokenizer.mask_id
+        if hasattr(self.model, "mlm") and bool(is_mask.any()):
+            top = self.model.mlm(out.hidden[0, :T][is_mask]).float().softmax(-1)
+            p, idx = top.topk(min(top_k, top.shape[-1]), dim=-1)
+            fills = [(pos, [(self.tokenizer.vocab[i], q) for i, q in zip(ri, rp)])
+                     for pos, ri, rp in zip(is_mask.nonzero()[:, 0].tolist(), idx.tolist(), p.tolist())]
+        if hasattr(self.model, "vqa") and self.answers is not None:
+            scores = torch.sigmoid(self.model.vqa(out.cls).float())[0]
+            p, idx = scores.topk(min(top_k, scores.shape[-1]))
+            answers = [(self.answers[i], q) for i, q in zip(idx.tolist(), p.tolist())]
+        return Inspection(self.tokenizer.convert_ids_to_tokens(ids[0].tolist()), text_to_pixels.cpu(),
+                          pixels_to_text.cpu(), grid_valid.cpu(), (gh, gw), sizes[0], self.config.feature_stride,
+                          itm, fills, answers, cut, len(full))
+
+
+@dataclass
+class Inspection:
+    """Everything one forward pass says about one (image, text) pair (`PixelBertPredictor.inspect`).
+
+    tokens: the T WordPieces the model read, [CLS] and [SEP] included;
+    text_to_pixels: (layers, heads, T, gh*gw) raw attention probabilities from each text token to
+        each feature cell (row-major grid; the full joint softmax, so a row sums to the token's share
+        of attention on pixels); pixels_to_text: (layers, heads, gh*gw, T) from each cell to each
+        text token (pixel-to-text attention); both are zero on padded cells;
+    valid: (gh*gw,) True on cells that hold image, False on padding;
+    grid, image_size (width, height after the resize), stride: as in `AttentionMaps`;
+    itm: the ITM probability (pre-training checkpoints), else None;
+    fill_mask: [(position, [(word, p), ...]), ...] per [MASK] in order (MLM head), else None;
+    answers: [(answer, p), ...] (VQA checkpoints), else None;
+    cut_tokens: the WordPieces lost to truncation (empty when the text fit); full_length: the
+        text's length in tokens before the cut ([CLS] and [SEP] included).
+    """
+    tokens: List[str]
+    text_to_pixels: torch.Tensor
+    pixels_to_text: torch.Tensor
+    valid: torch.Tensor
+    grid: Tuple[int, int]
+    image_size: Tuple[int, int]
+    stride: int
+    itm: Optional[float]
+    fill_mask: Optional[List[Tuple[int, List[Tuple[str, float]]]]]
+    answers: Optional[List[Tuple[str, float]]]
+    cut_tokens: List[str]
+    full_length: int
+
+    @property
+    def extent(self) -> Tuple[int, int]:
+        """(width, height) in resized-image pixels that the feature grid covers (>= image_size)."""
+        return self.grid[1] * self.stride, self.grid[0] * self.stride
+
+    def maps(self, layer: int, head: Optional[int] = None, renormalize: bool = True) -> AttentionMaps:
+        """The `AttentionMaps` that ``attention_maps(image, text, layer, head, renormalize)`` gives,
+        cut out of this pass (heads averaged before renormalising, as there)."""
+        probs = self.text_to_pixels[layer]
+        probs = probs.mean(dim=0) if head is None else probs[head]
+        mass = probs.sum(-1)
+        if renormalize:
+            probs = probs / mass.clamp_min(1e-12)[:, None]
+        gh, gw = self.grid
+        return AttentionMaps(self.tokens, probs.view(-1, gh, gw), mass, self.grid, self.image_size, self.stride,
+                             layer % self.text_to_pixels.shape[0], head, renormalize)

@@ -9,14 +9,13 @@ that the measure detects localisation and is not biased.
 """
 import os
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pixel_bert import synthetic, train
+from pixel_bert import synthetic
 from pixel_bert.config import ModelConfig, config_from_dict
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
 from pixel_bert.images import ImageLoadError
@@ -28,34 +27,8 @@ from pixel_bert.visualize import figure_size, get_args_parser, main as visualize
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from attention_in_boxes import attention_in_box_ratio, box_cell_weights, colour_attention_in_boxes  # noqa: E402
 
-# The test model: train.py's demo recipe run to its end, on a seed other than the default (the demo
-# must learn on any seed), with a smaller held-out set than the demo's (enough to tell ITM from chance).
-TRAIN_SEED = 1
-TRAIN_ARGS = ["--seed", str(TRAIN_SEED), "--synthetic-eval-images", "300", "--log_every", "100",
-              "--ckpt_every", "100000"]
 HELD_OUT_SEED = 4242  # the model trains on world seed 0
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """The demo recipe's model before any step: the API's plumbing needs no training (seconds)."""
-    out = tmp_path_factory.mktemp("untrained")
-    train.main(["--output-dir", str(out), "--resume", "none", "--max-steps", "0", "--synthetic-images", "64",
-                "--synthetic-eval-images", "0"])
-    return str(out / "model.pt")
-
-
-@pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory):
-    """The demo recipe trained on seed 1 (minutes): for the tests that need a grounded model.
-    Returns (model.pt path, the run's held-out result: ITM and MLM accuracy)."""
-    out = tmp_path_factory.mktemp("pretrain")
-    threads = torch.get_num_threads()
-    started = time.time()
-    result = train.main(["--output-dir", str(out), "--resume", "none"] + TRAIN_ARGS)
-    torch.set_num_threads(threads)  # train.py claims every core; give the other tests theirs back
-    print(f"test model trained in {time.time() - started:.1f} s: {result}")
-    return str(out / "model.pt"), result
+# The untrained `checkpoint` and the `trained_checkpoint` fixtures are in conftest.py (test_explore.py uses them too).
 
 
 @pytest.fixture(scope="session")
