@@ -13,7 +13,7 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -104,6 +104,17 @@ class SavedModel:
         return config
 
 
+def warn_missing_config_keys(model_config: Dict[str, Any], source: str) -> None:
+    """Warn about each ModelConfig field a saved config lacks (an older pixel-bert wrote it), naming the
+    default that is taken instead: a missing key must not change the model unnoticed."""
+    missing = sorted({f.name for f in fields(ModelConfig)} - set(model_config))
+    if missing:
+        defaults = ModelConfig()
+        warnings.warn(f"{source}: its model config has no {', '.join(missing)} (written by an older pixel-bert); "
+                      "taking the defaults " + ", ".join(f"{name}={getattr(defaults, name)!r}" for name in missing),
+                      stacklevel=3)
+
+
 def load_saved_model(path: str, task: Optional[str] = None, build: bool = True) -> SavedModel:
     """Read a saved model (a ``model.pt`` or a model folder) and check that its parts belong together:
     the vocabulary fits the embedding table, a VQA model names one answer per output, and ``task``
@@ -111,12 +122,7 @@ def load_saved_model(path: str, task: Optional[str] = None, build: bool = True) 
     tensors loaded from the file (a head left at random init would give confident nonsense)."""
     ckpt = read_checkpoint(path)
     saved_task = ckpt.get("task", "pretrain")
-    missing = sorted({f.name for f in fields(ModelConfig)} - set(ckpt["model_config"]))
-    if missing:
-        defaults = ModelConfig()
-        warnings.warn(f"{path}: its model config has no {', '.join(missing)} (written by an older pixel-bert); "
-                      "taking the defaults " + ", ".join(f"{name}={getattr(defaults, name)!r}" for name in missing),
-                      stacklevel=2)
+    warn_missing_config_keys(ckpt["model_config"], path)
     if task is not None and saved_task != task:
         raise UserError(f"{path} is a {saved_task!r} model, not {task!r}")
     if saved_task not in TASK_MODELS:
@@ -328,6 +334,7 @@ def read_model_folder(folder: str) -> dict:
         raise FileNotFoundError(f"model folder not found: {folder!r}")
     meta = read_folder_config(folder)
     config_file, task = os.path.join(folder, FOLDER_CONFIG), meta["task"]
+    warn_missing_config_keys(meta["model_config"], config_file)
     try:
         config = config_from_dict(ModelConfig, dict(meta["model_config"]))
     except (TypeError, ValueError) as e:

@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pixel_bert import evaluate, finetune, nlvr2, synthetic, train, trainer, visualize, vqa
+from pixel_bert import evaluate, export, finetune, nlvr2, synthetic, train, trainer, visualize, vqa
 from pixel_bert.annotations import (AnnotationError, CaptionRecord, read_coco_captions, read_karpathy,
                                     read_visual_genome)
 from pixel_bert.bad_samples import BadDataError, BadSample, BadSampleWarning
@@ -123,7 +123,7 @@ CHILD = """
 import io, os, sys, time
 sys.path.insert(0, {root!r})
 import torch
-from pixel_bert import files, train, trainer
+from pixel_bert import files, finetune, train, trainer
 
 
 def wait_for_the_kill():
@@ -157,7 +157,7 @@ def after_step_then_pause(self, stats, total_steps):
 
 trainer.save_torch = save_torch
 trainer.Trainer.after_step = after_step_then_pause
-train.cli()
+(finetune if os.environ.get("FAULT_SCRIPT") == "finetune" else train).cli()
 """
 
 
@@ -231,6 +231,62 @@ def test_sigkill_of_one_torchrun_rank_then_resume_is_bit_identical(tmp_path):
     assert logged_steps(part) == logged_steps(full) == list(range(1, 9))
     assert_same_weights(full / "model.pt", part / "model.pt")
 
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory):
+    """A tiny pre-training model, what the fine-tuning runs below start from."""
+    out = tmp_path_factory.mktemp("tiny_pretrained") / "run"
+    run_train(TINY + ["--synthetic-images", "16", "--batch-size", "8", "--max-steps", "0", "--output-dir", str(out)])
+    return str(out / "model.pt")
+
+
+def finetune_run(task, init):
+    """A fine-tuning run of 6 optimizer steps with a checkpoint every 2, on tiny synthetic data."""
+    sizes = {"vqa": ["--synthetic-train", "16"], "nlvr2": ["--synthetic-train", "12"], "retrieval": ["--synthetic-train", "16"]}
+    return ["--task", task, "--init", init, "--synthetic-val", "4", "--batch-size", "8", "--max-steps", "6",
+            "--ckpt-every", "2", "--num-workers", "0", "--log-every", "1", "--device", "cpu"] + sizes[task]
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])
+def test_sigkill_mid_finetune_then_the_same_command_resumes_bit_identically(task, tmp_path, tiny_pretrained):
+    """`python finetune.py` SIGKILLed after step 3 (checkpoint at step 2), then the same command: it
+    resumes from step 2 and ends with the weights of an uninterrupted fine-tuning run, bit for bit."""
+    args = finetune_run(task, tiny_pretrained)
+    full, part = tmp_path / "full", tmp_path / "part"
+    with one_thread():
+        finetune.main(args + ["--output-dir", str(full), "--no-eval"])
+
+    def launch(script, env):
+        return subprocess.Popen([sys.executable, script] + args + ["--output-dir", str(part), "--no-eval"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", FAULT_SCRIPT="finetune", **env))
+    proc, pid = start_child(tmp_path, launch, {"FAULT_PAUSE_STEP": "3"})
+    os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert "ckpt_00000002.pt" in os.listdir(part) and "model.pt" not in os.listdir(part)
+    with one_thread():
+        result = finetune.main(args + ["--output-dir", str(part), "--no-eval"])
+    assert result["resumed_from"].endswith("ckpt_00000002.pt") and result["steps"] == 6
+    assert logged_steps(part) == logged_steps(full) == list(range(1, 7))
+    assert_same_weights(full / "model.pt", part / "model.pt")
+
+
+def test_a_finetuning_checkpoint_exports_and_evaluates(tmp_path, tiny_pretrained):
+    """A ckpt_*.pt of a fine-tuning run is a saved model too: export writes its folder, and evaluate.py
+    scores it as it scores the run's own model.pt."""
+    run = tmp_path / "run"
+    with one_thread():
+        finetune.main(["--task", "vqa", "--init", tiny_pretrained, "--synthetic-train", "16", "--synthetic-val", "4",
+                       "--batch-size", "8", "--max-steps", "2", "--ckpt-every", "2", "--num-workers", "0",
+                       "--device", "cpu", "--output-dir", str(run), "--no-eval"])
+    export.main([str(run / "ckpt_00000002.pt"), str(tmp_path / "exported")])
+    data = ["--vqa-root", str(run / "data" / "vqa"), "--split", "val2014", "--num-workers", "0"]
+    from_ckpt = evaluate.main(["--task", "vqa", "--checkpoint", str(tmp_path / "exported"),
+                               "--output-dir", str(tmp_path / "e1")] + data)
+    from_model = evaluate.main(["--task", "vqa", "--checkpoint", str(run / "model.pt"),
+                                "--output-dir", str(tmp_path / "e2")] + data)
+    assert from_ckpt["overall"] == from_model["overall"] and from_ckpt["n_questions"] > 0
 
 # -------------------------------------------------------------------------------------------------
 #                      Damaged, foreign and hostile checkpoint files
