@@ -130,12 +130,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return result
     if not args.checkpoint:
         raise SystemExit("error: give --checkpoint (run a model) or --predictions / --scores (score files)")
-    try:
-        saved = load_saved_model(args.checkpoint, task=args.task)
-        tokenizer = saved.tokenizer()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
-    model = saved.model
+    saved = load_saved_model(args.checkpoint, task=args.task)
+    tokenizer, model = saved.tokenizer(), saved.model
     settings = EvalSettings(args.batch_size, args.pairs_per_batch, args.num_workers, args.max_examples,
                             args.max_captions, args.feature_cache, args.checkpoint, args.fold_size)
     out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))

@@ -1041,7 +1041,7 @@ def test_evaluate_refuses_a_vqa_checkpoint_whose_answers_do_not_fit_its_head(tmp
     path = str(tmp_path / "model.pt")
     vocab = (coco_world / "vocab.txt").read_text().splitlines()
     save_model(model, path, extra={"task": "vqa", "vocab": vocab, "answers": ["red", "blue"]})
-    with pytest.raises(SystemExit, match="lists 2 answers but its VQA head scores 3"):
+    with pytest.raises(ValueError, match="lists 2 answers but its VQA head scores 3"):
         evaluate.main(["--task", "vqa", "--checkpoint", path])
 
 
