@@ -13,6 +13,7 @@ from pixel_bert import train
 from pixel_bert.config import make_model_config, make_train_config
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
 from pixel_bert.pretrain import IGNORE_INDEX, make_itm_pairs, mask_tokens, pretrain_step
+from pixel_bert.engine import DistInfo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden_size", "64", "--num_layers", "2", "--num_heads", "4", "--intermediate_size", "128",
@@ -232,6 +233,8 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # identical replicas alone would also hold if both ranks trained on the same samples: the shares are
+    # checked in test_two_processes_with_half_the_batch_train_the_one_process_model below
     assert "weights identical on all 2 ranks: True" in proc.stdout, proc.stdout[-2000:]
     assert "2 process(es)" in proc.stdout and "16 samples per step" in proc.stdout
     result = json.load(open(out / "result.json"))
@@ -348,3 +351,131 @@ def test_coco_captions_with_val2014_images_warn_of_retrieval_leakage(split, tmp_
     assert len(records) == 1
     leak_warning = "pre-training on them leaks" in capsys.readouterr().err
     assert leak_warning == (split == "val2014")
+
+
+# -------------------------------------------------------------------------------------------------
+#                  Data parallelism: disjoint shards, and N processes x B/N = 1 process x B
+# -------------------------------------------------------------------------------------------------
+
+def test_epoch_batch_sampler_gives_each_rank_a_disjoint_share_of_the_one_process_batches():
+    """Two ranks of batch 4 each: in every step they hold different samples, together exactly the
+    one-process batch of 8 of that step (the same permutation on every rank); each epoch reshuffles,
+    and the shares of an epoch cover the dataset once (drop_last: the same step count on every rank)."""
+    from pixel_bert.data import epoch_batch_sampler
+    data = list(range(50))
+    one = epoch_batch_sampler(data, 8, seed=3)
+    ranks = [epoch_batch_sampler(data, 4, seed=3, world_size=2, rank=r) for r in (0, 1)]
+    for epoch in (0, 1):
+        whole = list(one(epoch))
+        shares = [list(make(epoch)) for make in ranks]
+        assert len(whole) == len(shares[0]) == len(shares[1]) == 6  # 50 // 8: the last 2 samples dropped
+        for step, (a, b) in enumerate(zip(*shares)):
+            assert len(a) == len(b) == 4 and not set(a) & set(b), f"epoch {epoch} step {step}: ranks share samples"
+            assert sorted(a + b) == sorted(whole[step])
+        seen = [i for share in shares for batch in share for i in batch]
+        assert len(seen) == len(set(seen)) == 48
+    assert list(one(0)) != list(one(1))
+    # grouped by aspect ratio, the ranks still split the epoch's samples between them, in equal steps
+    groups = [i % 3 for i in data]
+    grouped = [list(epoch_batch_sampler(data, 4, 3, 2, r, groups)(0)) for r in (0, 1)]
+    first, second = ({i for batch in share for i in batch} for share in grouped)
+    assert len(first) == len(second) == 24 and not first & second
+    assert len(grouped[0]) == len(grouped[1]) == 6
+
+
+LAYOUT_SAMPLES, LAYOUT_GLOBAL_BATCH = 24, 8
+
+
+def train_layout(out_dir, info, batch_size, grad_accum_steps):
+    """Two epochs of a tiny VQA model on fixed random inputs, with `batch_size` per process x
+    `grad_accum_steps` x the processes = 8 samples per step. Deterministic: frozen BatchNorm, no
+    dropout, no pixel sampling, a per-sample mean loss. Returns (initial state dict, trained model,
+    [(step, sample indices) per micro-batch], [(epoch, micro-batch) at each DDP all-reduce])."""
+    from pixel_bert.data import epoch_batch_sampler
+    from pixel_bert.engine import Trainer
+    from pixel_bert.vqa import vqa_loss
+    torch.manual_seed(0)
+    cfg = make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, num_answers=6,
+                            freeze_backbone_bn=True)
+    model = PixelBertForVQA(cfg)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(LAYOUT_SAMPLES, 3, 32, 32, generator=g)
+    ids = torch.randint(5, 64, (LAYOUT_SAMPLES, 6), generator=g)
+    targets = torch.rand(LAYOUT_SAMPLES, 6, generator=g)
+    seen, syncs = [], []
+
+    def step_fn(m, batch, step):
+        idx = torch.tensor(batch["index"])
+        seen.append((step, batch["index"]))
+        logits = m(ids[idx], torch.ones(len(idx), 6, dtype=torch.bool), images[idx])
+        return {"loss": vqa_loss(logits, targets[idx])}
+    train_cfg = make_train_config("vqa", batch_size=batch_size, grad_accum_steps=grad_accum_steps, epochs=2,
+                                  decay_epochs=(), warmup_steps=0, num_workers=0, lr=1e-3, log_every=1,
+                                  ckpt_every=1000, group_by_aspect_ratio=False)
+    data = list(range(LAYOUT_SAMPLES))
+    trainer = Trainer(model, train_cfg, out_dir, data, lambda idx: {"index": idx, "num_samples": len(idx)},
+                      epoch_batch_sampler(data, batch_size, 0, info.world_size, info.rank), step_fn, info, {})
+    if trainer.ddp is not None:  # record which micro-batches all-reduce their gradients
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def counting_allreduce(state, bucket):
+            syncs.append((trainer.epoch, trainer.batch_in_epoch))
+            return default_hooks.allreduce_hook(state, bucket)
+        trainer.ddp.register_comm_hook(None, counting_allreduce)
+    trainer.fit()
+    return initial, model, seen, sorted(set(syncs))
+
+
+LAYOUT_WORKER = """
+import json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+from pixel_bert.engine import distributed, exit_after_distributed_run
+from test_train import train_layout
+with distributed("cpu") as info:
+    for batch, accum in ((4, 1), (2, 2)):  # 2 processes x 4, and 2 processes x 2 x 2 accumulation steps
+        out = f"{out}/b{{batch}}x{{accum}}"
+        _, _, seen, syncs = train_layout(out, info, batch, accum)
+        json.dump({{"seen": seen, "syncs": syncs}}, open(f"{{out}}/rank{{info.rank}}.json", "w"))
+exit_after_distributed_run()
+"""
+
+
+def test_two_processes_with_half_the_batch_train_the_one_process_model(tmp_path):
+    """DDP's promise, checked on the Trainer: 2 processes x batch 4 (and 2 x batch 2 x 2 accumulation
+    steps) end with the weights of 1 process x batch 8, within rounding. In every step the ranks
+    hold disjoint samples that together are the one-process batch of that step, and with accumulation
+    only the micro-batch that ends a step all-reduces its gradients (DDP's no_sync before it)."""
+    initial, ref_model, ref_seen, _ = train_layout(str(tmp_path / "one"), DistInfo(), LAYOUT_GLOBAL_BATCH, 1)
+    reference = {}
+    for step, idx in ref_seen:
+        reference.setdefault(step, []).extend(idx)
+    steps_per_epoch = LAYOUT_SAMPLES // LAYOUT_GLOBAL_BATCH
+    assert sorted(reference) == list(range(2 * steps_per_epoch))
+    script = tmp_path / "layouts.py"
+    script.write_text(LAYOUT_WORKER.format(root=ROOT, tests=os.path.dirname(os.path.abspath(__file__)),
+                                           out=str(tmp_path)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={port}", str(script)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("weights identical on all 2 ranks: True") == 2, proc.stdout[-2000:]
+    reference_weights = ref_model.state_dict()
+    for layout, accum in (("b4x1", 1), ("b2x2", 2)):
+        ranks = [json.load(open(tmp_path / layout / f"rank{r}.json")) for r in (0, 1)]
+        for step, expected in reference.items():
+            shares = [[i for s, idx in rank["seen"] if s == step for i in idx] for rank in ranks]
+            assert not set(shares[0]) & set(shares[1]), f"{layout} step {step}: both ranks trained on {shares}"
+            assert sorted(shares[0] + shares[1]) == sorted(expected), f"{layout} step {step}"
+        expected_syncs = [[epoch, k] for epoch in (0, 1) for k in range(steps_per_epoch * accum) if (k + 1) % accum == 0]
+        for rank in ranks:
+            assert rank["syncs"] == expected_syncs, f"{layout}: all-reduce at (epoch, micro-batch) {rank['syncs']}"
+        weights = torch.load(tmp_path / layout / "model.pt", map_location="cpu", weights_only=True)["model"]
+        assert weights.keys() == reference_weights.keys()
+        for name, value in reference_weights.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{layout}: {name}")
+    # the runs trained: a comparison of untouched models would prove nothing
+    assert max((reference_weights[k].float() - initial[k].float()).abs().max().item() for k in initial) > 1e-3
