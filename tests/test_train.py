@@ -116,6 +116,49 @@ def test_itm_negatives_never_from_the_same_image():
     assert labels.eq(1).all()
 
 
+
+def test_pretrain_losses_are_eq7_over_predicted_tokens_plus_weighted_eq8():
+    """L = L_MLM + itm_weight * L_ITM, written out: MLM cross-entropy averaged over the predicted tokens
+    only (the others carry large logits that would change any other average), ITM binary
+    cross-entropy on the logits; accuracies are argmax hits and logit > 0 hits; the reported figures
+    are detached."""
+    from pixel_bert.pretrain import pretrain_losses
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    logits[:, :, 2] += 30.0  # every token not predicted leans hard on token 2
+    labels = torch.full((3, 5), IGNORE_INDEX)
+    picked = [(0, 1, 4), (0, 3, 7), (2, 0, 10)]
+    for b, t, c in picked:
+        labels[b, t] = c
+        logits[b, t, 2] -= 30.0
+    logits[0, 1, 4] += 10.0  # predicted right
+    logits[2, 0, 10] += 10.0  # predicted right; (0, 3) is wrong
+    logits.requires_grad_(True)
+    itm_logits = torch.tensor([2.0, -1.0, 0.0, 0.5], requires_grad=True)
+    itm_labels = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    out = pretrain_losses(logits, labels, itm_logits, itm_labels, itm_weight=3.0)
+    mlm = sum(-torch.log_softmax(logits[b, t], -1)[c] for b, t, c in picked) / 3
+    p = torch.sigmoid(itm_logits)
+    itm = -(itm_labels * p.log() + (1 - itm_labels) * (1 - p).log()).mean()
+    torch.testing.assert_close(out["mlm_loss"], mlm.detach())
+    torch.testing.assert_close(out["itm_loss"], itm.detach())
+    torch.testing.assert_close(out["loss"].detach(), (mlm + 3.0 * itm).detach())
+    assert out["mlm_acc"].item() == pytest.approx(2 / 3)
+    assert out["itm_acc"].item() == pytest.approx(2 / 4)  # hits: 2.0 -> 1 and 0.0 -> 0 (a logit of 0 says "no")
+    assert out["loss"].requires_grad and not any(out[k].requires_grad for k in out if k != "loss")
+    out["loss"].backward()
+    grad = logits.grad
+    assert not grad[labels == IGNORE_INDEX].any() and grad[labels != IGNORE_INDEX].abs().sum() > 0
+    torch.testing.assert_close(itm_logits.grad, 3.0 * (p - itm_labels).detach() / 4)
+    # no token predicted: no MLM loss nor accuracy, but the logits stay in the graph (DDP needs every
+    # parameter to get a gradient, here an exact zero)
+    empty = torch.randn(2, 3, 11, requires_grad=True)
+    none = pretrain_losses(empty, torch.full((2, 3), IGNORE_INDEX), itm_logits[:2].detach(), itm_labels[:2])
+    assert none["mlm_loss"].item() == 0.0 and none["mlm_acc"].item() == 0.0
+    none["loss"].backward()
+    assert empty.grad is not None and not empty.grad.any()
+    torch.testing.assert_close(none["loss"], none["itm_loss"])
+
 def test_pixel_sampling_only_in_pretraining(monkeypatch):
     cfg = make_model_config("tiny", hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64,
                             num_sampled_pixels=7)
