@@ -25,6 +25,9 @@ setup(
         # the inputs of tests/test_properties.py.
         "test": ["pytest>=7", "transformers>=4.30", "setuptools>=70.1", "hypothesis>=6"],
         "tensorboard": ["tensorboard"],
+        # development tools, not needed by the tests: mutmut runs benchmarks/mutation.py (mutation testing of
+        # the metrics, the masking and loss functions and the feature-mask code against the fast unit tests)
+        "dev": ["mutmut>=3.8"],
     },
     license="MIT",
 )
