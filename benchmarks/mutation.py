@@ -113,8 +113,8 @@ def prepare(folder: str, targets) -> None:
 
 
 def function_of(mutant: str) -> str:
-    """'pixel_bert.metrics.x_vqa_soft_score__mutmut_3' -> 'vqa_soft_score';
-    'pixel_bert.model.xǁVisualEmbeddingǁforward__mutmut_2' -> 'VisualEmbedding.forward'."""
+    """A mutant's function: '<module>.x_vqa_soft_score__mutmut_3' -> 'vqa_soft_score' and
+    '<module>.xǁVisualEmbeddingǁforward__mutmut_2' -> 'VisualEmbedding.forward'."""
     name = mutant.rsplit(".", 1)[1].rsplit("__mutmut_", 1)[0]
     if name.startswith("xǁ"):
         return ".".join(name[2:].split("ǁ"))
