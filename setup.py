@@ -27,6 +27,9 @@ setup(
         # the inputs of tests/test_properties.py; selenium drives headless Chromium in tests/test_explore.py.
         "test": ["pytest>=7", "transformers>=4.30", "setuptools>=70.1", "hypothesis>=6", "selenium>=4.11"],
         "tensorboard": ["tensorboard"],
+        # development tools, not needed by the tests: mutmut runs benchmarks/mutation.py (mutation testing of
+        # the metrics, the masking and loss functions and the feature-mask code against the fast unit tests)
+        "dev": ["mutmut>=3.8"],
     },
     license="MIT",
 )

@@ -84,3 +84,37 @@ def test_scaling_benchmark_reads_the_demo_rate(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["processes"] == 1 and rows[0]["efficiency"] == 1.0
     _positive(rows[0]["samples_s"], "samples/s")
+
+
+def _scaling_module():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import scaling
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    return scaling
+
+
+def test_scaling_rate_is_measured_between_the_first_and_last_progress_lines(tmp_path):
+    """steady_rate: each progress line's samples_per_s is the mean rate since the loop started. Two
+    processes of batch 4: 80 samples by 10 s (step 10), 240 by 20 s (step 30), so the steady rate
+    between them is 160 samples / 10 s = 16 samples/s, whatever the start-up cost before step 10."""
+    scaling = _scaling_module()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"kind": "train", "step": 10, "samples_per_s": 80 / 10}, {"kind": "epoch", "step": 20},
+        {"kind": "train", "step": 30, "samples_per_s": 240 / 20}]) + "\n")
+    assert scaling.steady_rate(str(path), 4, 2) == pytest.approx(16.0)
+
+
+def test_scaling_efficiency_is_the_rate_over_n_times_the_one_process_rate(monkeypatch, tmp_path):
+    """With one process the efficiency is 1 by definition; at N it is rate(N) / (N x rate(1)): 150
+    samples/s on 2 processes against 100 on one is 0.75 (and 0.5 on 4 at 200)."""
+    scaling = _scaling_module()
+    rates = {1: 100.0, 2: 150.0, 4: 200.0}
+    monkeypatch.setattr(scaling, "run_demo", lambda n, args, device, folder: {
+        "processes": n, "samples_s": rates[n], "per_process": rates[n] / n, "wall_s": 1.0})
+    result = scaling.main(["--device", "cpu", "--nprocs", "4,1,2", "--json", str(tmp_path / "s.json")])
+    assert [r["processes"] for r in result["rows"]] == [1, 2, 4]
+    assert [r["efficiency"] for r in result["rows"]] == pytest.approx([1.0, 0.75, 0.5])
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == result["rows"]

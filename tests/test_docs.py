@@ -13,6 +13,7 @@
   numbering ("Sec. 3.2", "eq. (5)") and docs/paper.md.
 """
 import ast
+import functools
 import io
 import os
 import re
@@ -114,6 +115,7 @@ def python_prose(source):
     return parts
 
 
+@functools.lru_cache(maxsize=None)  # parsed once: the file lists below and the checks read the same prose
 def prose(path):
     """(line number, line) of a file where references are looked for: every line of a Markdown
     file, the docstrings and comments of a Python file."""
@@ -187,10 +189,31 @@ MARKDOWN = [f for f in FILES if f.endswith(".md")]
 PYTHON = [f for f in FILES if f.endswith(".py")]
 
 
+def holding(files, finds):
+    """The files whose prose holds at least one reference of a kind (``finds(text)`` yields them):
+    each check below runs on those files only, so every collected case checks something."""
+    return [f for f in files if any(next(iter(finds(text)), None) is not None for _, text in prose(f))]
+
+
+def markdown_links(markdown):
+    return MD_LINK.findall(FENCE.sub("", markdown))
+
+
+LINKED_MARKDOWN = [f for f in MARKDOWN if markdown_links(read(f))]
+PATH_FILES = holding(MARKDOWN + PYTHON, path_candidates)
+DOTTED_FILES = holding(MARKDOWN + PYTHON, DOTTED.findall)
+
+
 def test_the_scan_sees_the_repository():
     # The checks below are only as good as the file list: it must hold the sources and the docs.
     assert "README.md" in FILES and "pixel_bert/model.py" in FILES and "tests/test_docs.py" in FILES
     assert MARKDOWN and len(PYTHON) > 10
+    # and the files each check runs on are the ones that hold its kind of reference
+    assert {"README.md", "docs/paper.md"} <= set(LINKED_MARKDOWN)
+    assert {"README.md", "docs/paper.md", "pixel_bert/model.py", "train.py"} <= set(PATH_FILES)
+    assert {"README.md", "pixel_bert/inference.py", "pixel_bert/downstream.py"} <= set(DOTTED_FILES)
+    assert {"docs/paper.md", "pixel_bert/train.py", "pixel_bert/retrieval.py"} <= set(CONFIG_FILES)
+    assert "pixel_bert/__init__.py" not in PATH_FILES + DOTTED_FILES + CONFIG_FILES  # it holds no reference
 
 
 def test_candidate_rules():
@@ -209,11 +232,10 @@ def test_candidate_rules():
     assert github_anchors(headings) == {"a-b-eq-1", "a-b-eq-1-1"}
 
 
-@pytest.mark.parametrize("md_file", MARKDOWN)
+@pytest.mark.parametrize("md_file", LINKED_MARKDOWN)
 def test_markdown_links_resolve(md_file):
-    text = FENCE.sub("", read(md_file))
     dead = []
-    for target in MD_LINK.findall(text):
+    for target in markdown_links(read(md_file)):
         if URL.match(target) or target.startswith("mailto:"):
             continue
         path, _, anchor = target.partition("#")
@@ -229,7 +251,7 @@ def test_markdown_links_resolve(md_file):
     assert not dead, f"dead links in {md_file}:\n  " + "\n  ".join(dead)
 
 
-@pytest.mark.parametrize("source_file", MARKDOWN + PYTHON)
+@pytest.mark.parametrize("source_file", PATH_FILES)
 def test_path_references_resolve(source_file):
     dead = []
     for line, text in prose(source_file):
@@ -258,7 +280,7 @@ def module_names(module_path):
     return names
 
 
-@pytest.mark.parametrize("source_file", MARKDOWN + PYTHON)
+@pytest.mark.parametrize("source_file", DOTTED_FILES)
 def test_dotted_package_references_resolve(source_file):
     dead = []
     for line, text in prose(source_file):
@@ -287,9 +309,10 @@ def config_fields():
 
 
 CONFIG_REF = re.compile(r"\b(PixelBertConfig|ModelConfig|TrainConfig|DownstreamConfig|VQAConfig|RetrievalConfig)\.(\w+)")
+CONFIG_FILES = holding(MARKDOWN + PYTHON, CONFIG_REF.findall)  # a table row's bare fields need a class named too
 
 
-@pytest.mark.parametrize("source_file", MARKDOWN + PYTHON)
+@pytest.mark.parametrize("source_file", CONFIG_FILES)
 def test_config_fields_named_in_the_docs_exist(source_file):
     # "TrainConfig.freeze_backbone" anywhere; in a Markdown table row that names a config class, also
     # the bare `field` (`default`) entries after it (docs/paper.md's paper-versus-implementation table).

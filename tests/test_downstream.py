@@ -253,6 +253,27 @@ def test_hard_negative_loss_forms_match_hand_computed_gradients(form):
     assert torch.allclose(pos.grad, expected_pos, atol=1e-7)
 
 
+
+def test_hard_negative_loss_takes_given_hard_negatives_and_refuses_unknown_forms():
+    """Training picks the hard negatives in a gradient-free pass and passes them in: those are the ones
+    graded, whatever the scores are now (here the 3 lowest, not the top 3); an unknown form is refused."""
+    torch.manual_seed(1)
+    pos = torch.randn(4, requires_grad=True)
+    neg = torch.randn(4, 10, requires_grad=True)
+    given = neg.detach().topk(3, dim=1, largest=False).indices
+    for form in losses.RETRIEVAL_LOSSES:
+        neg.grad = None
+        loss, hard = losses.hard_negative_loss(pos, neg, 3, form, hard_idx=given)
+        assert hard is given
+        loss.backward()
+        graded = torch.zeros(4, 10, dtype=torch.bool).scatter(1, given, True)
+        assert (neg.grad[graded] > 0).all() and not neg.grad[~graded].any(), form
+        if form == "hard6":
+            scores = torch.cat([pos[:, None], neg.gather(1, given)], 1).detach()
+            assert torch.allclose(loss, F.cross_entropy(scores, torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(ValueError, match="retrieval loss 'hard5'"):
+        losses.hard_negative_loss(pos, neg, 3, "hard5")
+
 def test_negatives_never_share_the_positive_image():
     keys = ["a", "a", "b", "c", "d", "d"]
     img, cap = retrieval.negative_pairs(keys, 20, "both", torch.Generator().manual_seed(0))

@@ -201,3 +201,162 @@ def test_an_optimizer_without_a_fused_kernel_falls_back_to_the_plain_one():
     params = (p for p in [torch.nn.Parameter(torch.ones(3))])  # a generator: read once only
     opt = make_optimizer(NoFusedSGD, params, True, lr=0.1)
     assert calls == [True, None] and len(opt.param_groups[0]["params"]) == 1
+
+
+# -------------------------------------------------------------------------------------------------
+#                The paper's optimisers, clipping and schedule, as the README states them
+# -------------------------------------------------------------------------------------------------
+
+def _optimizer_groups(model, cfg):
+    """{param id: (optimizer class name, its group's settings)} of build_optimizers(model, cfg)."""
+    from pixel_bert.optim import build_optimizers
+    groups = {}
+    for o in build_optimizers(model, cfg):
+        for g in o.param_groups:
+            for p in g["params"]:
+                assert id(p) not in groups, "a parameter in two groups"
+                groups[id(p)] = (type(o).__name__, g)
+    return groups
+
+
+def test_the_papers_optimizers_sgd_on_the_cnn_adamw_elsewhere_no_decay_on_1d():
+    """SGD for the ResNet trunk (lr 1e-2, weight decay 5e-4 on every CNN parameter, momentum 0.9);
+    AdamW for the rest (lr 1e-4, decay 1e-2, betas (0.9, 0.999), eps 1e-6), with no decay on 1-D
+    parameters; the projection and s_v with AdamW unless --visual-embedding-optimizer sgd; the tied
+    MLM decoder once; a frozen CNN gets no optimiser."""
+    model = PixelBertForPreTraining(make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2,
+                                                      intermediate_size=64))
+    named = dict(model.named_parameters())  # named_parameters lists the tied decoder weight once
+    groups = _optimizer_groups(model, make_train_config("pretrain"))
+    assert set(groups) == {id(p) for p in named.values()}  # every parameter, once
+    for name, p in named.items():
+        kind, g = groups[id(p)]
+        if name.startswith("bert.visual_embedding.backbone."):
+            assert kind == "SGD" and (g["lr"], g["weight_decay"], g["momentum"]) == (1e-2, 5e-4, 0.9), name
+        else:
+            assert kind == "AdamW" and (g["lr"], g["betas"], g["eps"]) == (1e-4, (0.9, 0.999), 1e-6), name
+            assert g["weight_decay"] == (0.0 if p.ndim < 2 else 1e-2), name
+    cnn_1d = [n for n, p in named.items() if n.startswith("bert.visual_embedding.backbone.") and p.ndim == 1]
+    assert cnn_1d and all(groups[id(named[n])][1]["weight_decay"] == 5e-4 for n in cnn_1d)  # SGD decays all
+    assert groups[id(named["bert.visual_embedding.semantic"])][1]["weight_decay"] == 0.0  # s_v: 1-D
+    sgd = _optimizer_groups(model, make_train_config("pretrain", visual_embedding_optimizer="sgd"))
+    for name in ("bert.visual_embedding.proj.weight", "bert.visual_embedding.proj.bias",
+                 "bert.visual_embedding.semantic"):
+        assert sgd[id(named[name])][0] == "SGD", name
+    decay_all = _optimizer_groups(model, make_train_config("pretrain", no_decay_1d=False))
+    assert all(g["weight_decay"] == 1e-2 for kind, g in decay_all.values() if kind == "AdamW")
+    model.bert.freeze_backbone()
+    frozen = _optimizer_groups(model, make_train_config("pretrain"))
+    assert {kind for kind, _ in frozen.values()} == {"AdamW"}
+    assert not any(id(p) in frozen for n, p in named.items() if n.startswith("bert.visual_embedding.backbone."))
+
+
+def test_weight_decay_acts_as_configured_in_a_step():
+    """With every gradient zero, one step moves only by weight decay: a decayed AdamW weight shrinks by
+    lr x 1e-2, an AdamW 1-D parameter stays, and every CNN parameter, 1-D too, shrinks by lr x 5e-4
+    (SGD). At lr 1 for both, so that the shrink stands far above float rounding."""
+    from pixel_bert.optim import build_optimizers
+    model = PixelBertForPreTraining(make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2,
+                                                      intermediate_size=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # no zero entries (LayerNorm biases, s_v start at 0)
+    before = snapshot(model)
+    optimizers = build_optimizers(model, make_train_config("pretrain", lr=1.0, cnn_lr=1.0))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for o in optimizers:
+        o.step()
+    for name, p in model.named_parameters():
+        if name.startswith("bert.visual_embedding.backbone."):
+            factor = 1 - 5e-4
+        else:
+            factor = 1.0 if p.ndim < 2 else 1 - 1e-2
+        torch.testing.assert_close(p.detach(), before[name] * factor, rtol=2e-6, atol=0.0, msg=name)
+
+
+def step_recorder(optimizers):
+    """[(optimizer class, lr of its first group, global gradient norm over all its parameters)] at each
+    step, recorded by a pre-step hook."""
+    seen = []
+
+    def hook(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        seen.append((type(optimizer).__name__, optimizer.param_groups[0]["lr"], norm))
+    for o in optimizers:
+        o.register_step_pre_hook(hook)
+    return seen
+
+
+def test_gradients_are_clipped_at_a_global_norm_of_10_over_both_optimizers(tmp_path):
+    """One norm over the CNN's and the transformer's gradients together: scaled down to 10 when above,
+    left alone below; the step returns the norm before clipping."""
+    trainer, model = tiny_trainer(tmp_path, amp="none")
+    assert trainer.cfg.grad_clip == 10.0
+    seen = step_recorder(trainer.optimizers)
+    stats = EpochStats()
+    for scale in (1000.0, 0.01):
+        trainer.micro_batch({"num_samples": 4}, stats)
+        with torch.no_grad():
+            for p in trainer.params:
+                p.grad.mul_(scale)
+        raw = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trainer.params]))
+        seen.clear()
+        grad_norm = trainer.optimizer_step(stats)
+        assert grad_norm.item() == pytest.approx(raw.item(), rel=1e-5)
+        assert [kind for kind, _, _ in seen] == ["AdamW", "SGD"]  # both step, on the clipped gradients
+        together = torch.linalg.vector_norm(torch.stack([norm for _, _, norm in seen])).item()
+        if scale > 1:
+            assert raw.item() > 10 and together == pytest.approx(10.0, rel=1e-4), (raw, seen)
+        else:
+            assert raw.item() < 10 and together == pytest.approx(raw.item(), rel=1e-4), (raw, seen)
+
+
+def test_the_lr_follows_warm_up_and_the_decay_epochs_in_optimizer_steps(tmp_path):
+    """A 4-epoch run of 2 optimizer steps an epoch (of 2 micro-batches each), warm-up over 2 steps from
+    lr/3, x0.1 at epochs 2 and 3: the lr each optimiser steps with, step by step."""
+    cfg = make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    model = PixelBertForPreTraining(cfg)
+    ids, images = torch.randint(5, 64, (2, 6)), torch.randn(2, 3, 32, 32)
+    step_fn = lambda m, batch, step: {"loss": m(ids, torch.ones_like(ids), images)[2].pow(2).mean()}  # noqa: E731
+    data = list(range(4))
+    train_cfg = make_train_config("pretrain", batch_size=1, grad_accum_steps=2, epochs=4, decay_epochs=(2, 3),
+                                  warmup_steps=2, lr=1e-3, num_workers=0, log_every=1, ckpt_every=1000)
+    trainer = Trainer(model, train_cfg, str(tmp_path), data, lambda idx: {"num_samples": len(idx)},
+                      epoch_batch_sampler(data, 1, 0), step_fn, DistInfo(), {})
+    seen = step_recorder(trainer.optimizers)
+    trainer.fit()
+    factors = [1 / 3, 2 / 3, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01]  # steps 0..7; epoch = step // 2
+    assert [lr for kind, lr, _ in seen if kind == "AdamW"] == pytest.approx([1e-3 * f for f in factors])
+    assert [lr for kind, lr, _ in seen if kind == "SGD"] == pytest.approx([1e-2 * f for f in factors])
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"kind": "train"' in line]
+    assert [r["step"] for r in logged] == list(range(1, 9))
+
+
+def test_fp16_loss_scale_calibration_never_stops_a_run(tmp_path):
+    """A loss scale far too high for fp16 overflows the gradients step after step while it backs off:
+    more overflows in a row than --max-nonfinite-steps allows for real non-finite steps, and the run
+    still finishes, logs them as calibration, and trains once the scale fits."""
+    cfg = make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                            hidden_dropout=0.0, attention_dropout=0.0)
+    model = PixelBertForPreTraining(cfg)
+    ids = torch.randint(5, 64, (4, 6))
+
+    def step_fn(m, batch, step):  # text only: the CNN's fp16 convolutions are slow on a CPU
+        _, mlm, itm = m(ids, torch.ones_like(ids))
+        return {"loss": mlm.float().logsumexp(-1).mean() + itm.float().pow(2).mean()}
+    data = list(range(4 * 16))
+    train_cfg = make_train_config("pretrain", batch_size=4, epochs=1, warmup_steps=0, num_workers=0, lr=1e-3,
+                                  amp="fp16", max_nonfinite_steps=1, log_every=1, ckpt_every=1000)
+    logs = []
+    trainer = Trainer(model, train_cfg, str(tmp_path), data, lambda idx: {"num_samples": len(idx)},
+                      epoch_batch_sampler(data, 4, 0), step_fn, DistInfo(), {}, log=logs.append)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)  # fp16's largest value is 65504
+    trainer.fit()
+    overflows = [line for line in logs if line.startswith("fp16 gradient overflow")]
+    assert len(overflows) > train_cfg.max_nonfinite_steps + 1, logs[:5]
+    assert trainer.step == 16 - len(overflows) > 0  # every other micro-batch took a step
+    assert not any("non-finite" in line for line in logs)
+    epoch = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"kind": "epoch"' in line][-1]
+    assert epoch["skipped_steps"] == len(overflows)

@@ -1,6 +1,8 @@
 """The fast paths give the same results as the plain ones: attention without a mask tensor when
 nothing is padded, channels_last CNN, CNN activation checkpointing, bf16 CNN under autocast, JPEG
 draft decoding and the sorted, tiled retrieval scoring."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -59,13 +61,20 @@ def test_unpadded_batch_attends_without_a_mask_tensor(tiny_config, monkeypatch):
 
 
 def test_channels_last_cnn_same_outputs_and_gradients(tiny_config):
-    tiny_config.channels_last = False
-    plain = PixelBertForPreTraining(tiny_config).train()
-    tiny_config.channels_last = True
-    nhwc = PixelBertForPreTraining(tiny_config).train()
+    """The NHWC CNN gives the NCHW one's loss and gradients. Each model has its own config (the flag is
+    also read at forward time, so a shared one would feed the "plain" model NHWC input too), and the
+    layout that reaches the first convolution is recorded for each."""
+    plain = PixelBertForPreTraining(dataclasses.replace(tiny_config, channels_last=False)).train()
+    nhwc = PixelBertForPreTraining(dataclasses.replace(tiny_config, channels_last=True)).train()
     nhwc.load_state_dict(plain.state_dict())
     conv = nhwc.bert.visual_embedding.backbone.stem[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert plain.bert.visual_embedding.backbone.stem[0].weight.is_contiguous()
+    layouts = {}
+    for key, m in (("plain", plain), ("nhwc", nhwc)):
+        m.bert.visual_embedding.backbone.stem[0].register_forward_pre_hook(
+            lambda _, inputs, key=key: layouts.__setitem__(key, (
+                inputs[0].is_contiguous(), inputs[0].is_contiguous(memory_format=torch.channels_last))))
     ids, mask = _text()
     images = torch.randn(3, 3, 64, 80)
     losses = []
@@ -74,11 +83,11 @@ def test_channels_last_cnn_same_outputs_and_gradients(tiny_config):
         loss = mlm.square().mean() + itm.sum()
         loss.backward()
         losses.append(loss.detach())
+    assert layouts == {"plain": (True, False), "nhwc": (False, True)}, layouts  # both paths really ran
     assert torch.allclose(losses[0], losses[1], rtol=1e-5)
-    for name in ("bert.visual_embedding.backbone.stem.0.weight", "bert.visual_embedding.proj.weight"):
-        g_plain = dict(plain.named_parameters())[name].grad
-        g_nhwc = dict(nhwc.named_parameters())[name].grad
-        assert torch.allclose(g_plain, g_nhwc, rtol=1e-4, atol=1e-6), name
+    grads = dict(plain.named_parameters())
+    for name, p in nhwc.named_parameters():  # every gradient, the CNN's and the transformer's
+        assert torch.allclose(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6), name
 
 
 def test_backbone_checkpointing_same_gradients(tiny_config):

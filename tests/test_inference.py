@@ -8,6 +8,7 @@ which `test_colour_words_look_at_their_shapes` asserts on a fixed held-out seed 
 that the measure detects localisation and is not biased.
 """
 import os
+import re
 import sys
 
 import numpy as np
@@ -51,6 +52,47 @@ def vqa_checkpoint(checkpoint, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("vqa") / "vqa.pt")
     save_model(model, path, extra={"task": "vqa", "answers": answers, "vocab": ckpt["vocab"]})
     return path
+
+
+def inputs_by_hand(predictor, images, texts):
+    """The model's inputs built without the predictor's `_images` / `_texts` (so a bug in its
+    preprocessing cannot hide in the expected values): the keep-ratio resize and the normalisation
+    written out, padding at the bottom and right to a multiple of the feature stride, and the
+    synthetic vocabulary's whole words (every word of the synthetic texts is one) looked up in the
+    checkpoint's own vocabulary list."""
+    cfg = predictor.config
+    mean, std = torch.tensor(cfg.image_mean).view(3, 1, 1), torch.tensor(cfg.image_std).view(3, 1, 1)
+    tensors = []
+    for img in images:
+        w, h = img.size
+        scale = min(cfg.image_short_side / min(w, h), cfg.image_long_side / max(w, h))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if size != img.size:
+            img = img.resize(size, Image.Resampling.BILINEAR)
+        rgb = torch.tensor(np.asarray(img.convert("RGB")), dtype=torch.float32).permute(2, 0, 1) / 255
+        tensors.append((rgb - mean) / std)
+    stride = cfg.feature_stride
+    height = -(-max(t.shape[1] for t in tensors) // stride) * stride
+    width = -(-max(t.shape[2] for t in tensors) // stride) * stride
+    pixels = torch.zeros(len(tensors), 3, height, width)
+    pixel_mask = torch.zeros(len(tensors), height, width, dtype=torch.bool)
+    for i, t in enumerate(tensors):
+        pixels[i, :, : t.shape[1], : t.shape[2]] = t
+        pixel_mask[i, : t.shape[1], : t.shape[2]] = True
+    index = {token: i for i, token in enumerate(read_checkpoint(predictor.source)["vocab"])}
+    words = [re.findall(r"\[[A-Z]+\]|[a-z0-9]+|[^\sa-z0-9]", text.lower().replace("[mask]", "[MASK]"))
+             for text in texts]  # BERT's split: words and single punctuation marks; [MASK] kept whole
+    rows = [[index["[CLS]"]] + [index[w] for w in text_words] + [index["[SEP]"]] for text_words in words]
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([r + [index["[PAD]"]] * (longest - len(r)) for r in rows])
+    mask = torch.tensor([[True] * len(r) + [False] * (longest - len(r)) for r in rows])
+    return ids, mask, pixels, pixel_mask
+
+
+def wide(image):
+    """A copy of a world image at 96x64: resized to 64x43 and padded to 64x64 in a batch, where its
+    bottom row of feature cells (rows 48-63) is padding only and masked."""
+    return image.resize((96, 64), Image.Resampling.BICUBIC)
 
 
 # ---- attention maps ------------------------------------------------------------------------------
@@ -111,14 +153,16 @@ def test_batched_equals_one_by_one(predictor, world, tmp_path):
 
 def test_match_probabilities(predictor, world):
     texts = [world.caption(i) for i in range(4)]
-    images = [world.image(i) for i in range(4)]
+    images = [world.image(i) for i in range(3)] + [wide(world.image(3))]  # one resized and padded
     paired = predictor.match(images, texts)
     assert paired.shape == (4,)
-    ids, mask = predictor._texts(texts)  # the probabilities are the ITM logits of eq. (8) through a sigmoid
-    pixels, pixel_mask, _ = predictor._images(images)
+    # the probabilities are the ITM logits of eq. (8) through a sigmoid, on inputs built by hand
+    ids, mask, pixels, pixel_mask = inputs_by_hand(predictor, images, texts)
+    assert not pixel_mask[3].all() and not mask.all()  # the batch really is padded, pixels and words
     with torch.no_grad():
         _, _, itm_logits = predictor.model(ids, mask, pixels, pixel_mask)
-    torch.testing.assert_close(paired, torch.sigmoid(itm_logits), atol=1e-5, rtol=1e-4)
+    # tight: an untrained model's outputs move little with its inputs (a lost pixel mask moves them 2e-5)
+    torch.testing.assert_close(paired, torch.sigmoid(itm_logits), atol=1e-6, rtol=1e-6)
     single = predictor.match(images[0], texts[0])
     assert isinstance(single, float) and single == pytest.approx(paired[0].item(), abs=1e-5)
     # one image with many texts: the CNN runs once, the scores are those of the pairs
@@ -134,13 +178,25 @@ def test_fill_mask_top_k(predictor, world):
     assert len(result) == 1 and len(result[0]) == 5
     words, probs = zip(*result[0])
     assert list(probs) == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
-    ids, mask = predictor._texts(["the red shape is a [MASK]"])  # the top 5 of the MLM softmax at [MASK]
-    pixels, pixel_mask, _ = predictor._images([world.image(0)])
+    # the top 5 of the MLM softmax at [MASK] (position 6: [CLS] the red shape is a [MASK]), inputs by hand
+    ids, mask, pixels, pixel_mask = inputs_by_hand(predictor, [world.image(0)], ["the red shape is a [MASK]"])
     with torch.no_grad():
         _, mlm_logits, _ = predictor.model(ids, mask, pixels, pixel_mask)
-    at_mask = mlm_logits[0, ids[0].tolist().index(predictor.tokenizer.mask_id)].softmax(-1).topk(5)
-    assert probs == pytest.approx(at_mask.values.tolist(), abs=1e-5)
-    assert all(w in predictor.tokenizer.vocab for w in words)
+    at_mask = mlm_logits[0, 6].softmax(-1).topk(5)
+    assert probs == pytest.approx(at_mask.values.tolist(), abs=1e-6)
+    vocab = read_checkpoint(predictor.source)["vocab"]
+    assert list(words) == [vocab[i] for i in at_mask.indices.tolist()]
+    # a padded pair of images and texts: each [MASK] of each text, in order
+    pair = predictor.fill_mask([world.image(1), wide(world.image(2))], ["a [MASK] [MASK]", "the [MASK] is red"],
+                               top_k=3)
+    ids, mask, pixels, pixel_mask = inputs_by_hand(predictor, [world.image(1), wide(world.image(2))],
+                                                   ["a [MASK] [MASK]", "the [MASK] is red"])
+    with torch.no_grad():
+        _, mlm_logits, _ = predictor.model(ids, mask, pixels, pixel_mask)
+    for got, (row, position) in zip([c for r in pair for c in r], [(0, 2), (0, 3), (1, 2)]):
+        top = mlm_logits[row, position].softmax(-1).topk(3)
+        assert [w for w, _ in got] == [vocab[i] for i in top.indices.tolist()]
+        assert [p for _, p in got] == pytest.approx(top.values.tolist(), abs=1e-6)
     two = predictor.fill_mask([world.image(0), world.image(1)], ["a [MASK] [MASK]", "the [MASK] is red"], top_k=3)
     assert [len(r) for r in two] == [2, 1] and all(len(c) == 3 for r in two for c in r)
     with pytest.raises(ValueError, match=r"no \[MASK\]"):
@@ -161,11 +217,21 @@ def test_answer_with_vqa_checkpoint(vqa_checkpoint, world):
     assert all(n in vqa.answers for n in names) and len(set(names)) == 4
     assert list(scores) == sorted(scores, reverse=True)
     # sigmoid scores (BCE training), not a softmax: they are the model's logits through a sigmoid
-    ids, mask = vqa._texts(["what colour is the circle ?"])
-    pixels, pixel_mask, _ = vqa._images([world.image(0)])
+    ids, mask, pixels, pixel_mask = inputs_by_hand(vqa, [world.image(0)], ["what colour is the circle ?"])
     with torch.no_grad():
         logits = vqa.model(ids, mask, pixels, pixel_mask)[0]
-    assert scores[0] == pytest.approx(torch.sigmoid(logits).max().item(), abs=1e-6)
+    top = torch.sigmoid(logits).topk(4)
+    assert list(scores) == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert list(names) == [vqa.answers[i] for i in top.indices.tolist()]
+    # a resized, padded image in a batch of two gets its own answers
+    batch = vqa.answer([world.image(1), wide(world.image(2))], ["which shape is red ?", "how many shapes are there ?"],
+                       top_k=2)
+    ids, mask, pixels, pixel_mask = inputs_by_hand(vqa, [world.image(1), wide(world.image(2))],
+                                                   ["which shape is red ?", "how many shapes are there ?"])
+    with torch.no_grad():
+        top = torch.sigmoid(vqa.model(ids, mask, pixels, pixel_mask)).topk(2)
+    assert [[a for a, _ in row] for row in batch] == [[vqa.answers[i] for i in r] for r in top.indices.tolist()]
+    assert [p for row in batch for _, p in row] == pytest.approx(top.values.flatten().tolist(), abs=1e-6)
     with pytest.raises(ValueError, match="ITM"):
         vqa.match(world.image(0), "a red circle")
     with pytest.raises(ValueError, match="MLM"):

@@ -1,4 +1,5 @@
 """The model's modules: shapes, masking, pixel sampling, attention paths, gradients (Sec. 3.2 of the paper)."""
+import dataclasses
 import math
 
 import pytest
@@ -8,6 +9,7 @@ from pixel_bert.config import make_model_config
 from pixel_bert.heads import (PixelBertForNLVR2, PixelBertForPreTraining, PixelBertForRetrieval,
                               PixelBertForVQA)
 from pixel_bert.model import PixelBert, TextEmbedding, VisualEmbedding
+from pixel_bert.model import TransformerBlock
 
 
 def _text(config, B=3, T=7):
@@ -136,7 +138,14 @@ def test_sdpa_equals_manual_attention(tiny_config):
     probs = manual.attentions[0]
     assert probs.shape == (3, tiny_config.num_heads, 43, 43)
     assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
-    assert (probs[..., ~manual.mask[0]][:1] == 0).all()  # no attention on padding
+    # no attention on padding, in every layer and head: sample 1 has padded words, sample 2 padded
+    # pixels (sample 0 has none, so it alone would check nothing)
+    padded = ~manual.mask
+    assert padded[1, :7].sum() == 3 and padded[2, 7:].sum() > 0 and not padded[0].any()
+    for layer_probs in manual.attentions:
+        for b in range(3):
+            assert (layer_probs[b][..., padded[b]] == 0).all(), f"sample {b} attends to padding"
+            assert (layer_probs[b][..., ~padded[b]] > 0).all()  # and to every real token
 
 
 def test_every_parameter_gets_a_gradient_in_pretraining(tiny_config):
@@ -149,23 +158,48 @@ def test_every_parameter_gets_a_gradient_in_pretraining(tiny_config):
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), name
+        # a parameter the loss reaches only through a zeroed path (say the visual tokens multiplied by
+        # 0) gets an all-zero gradient: that is no gradient either
+        assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
+    # row by row where the rows are known: the 7 text positions get gradients, the unused ones none;
+    # only token type 0 (s_w of eq. 4) is used
+    position = model.bert.text_embedding.position.weight.grad
+    assert (position[:7].abs().sum(1) > 0).all() and not position[7:].any()
+    token_type = model.bert.text_embedding.token_type.weight.grad
+    assert token_type[0].abs().sum() > 0 and not token_type[1:].any()
     assert model.mlm.decoder_weight is model.bert.text_embedding.word.weight  # tied
 
 
-def test_gradient_checkpointing_same_gradients(tiny_config):
+def test_gradient_checkpointing_same_gradients(tiny_config, monkeypatch):
+    """Recomputing the transformer blocks in backward changes no gradient. Each model has its own
+    config (the flag is read at forward time, so one shared config would switch both models), and
+    the checkpoint calls are counted: none for the plain model, one per layer for the other."""
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(function)
+        return real_checkpoint(function, *args, **kwargs)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     torch.manual_seed(1)
-    plain = PixelBertForPreTraining(tiny_config).train()
-    tiny_config.gradient_checkpointing = True
-    ckpt = PixelBertForPreTraining(tiny_config).train()
+    plain = PixelBertForPreTraining(dataclasses.replace(tiny_config, gradient_checkpointing=False)).train()
+    ckpt = PixelBertForPreTraining(dataclasses.replace(tiny_config, gradient_checkpointing=True)).train()
     ckpt.load_state_dict(plain.state_dict())
+    assert not plain.config.gradient_checkpointing and ckpt.config.gradient_checkpointing
     ids, mask = _text(tiny_config)
     images = torch.randn(3, 3, 96, 96)
+    counts = []
     for m in (plain, ckpt):
+        before = len(calls)
         _, mlm_logits, itm = m(ids, mask, images)
         (mlm_logits.square().mean() + itm.sum()).backward()
-    g1 = plain.bert.layers[0].attention.qkv.weight.grad
-    g2 = ckpt.bert.layers[0].attention.qkv.weight.grad
-    assert torch.allclose(g1, g2, atol=1e-6)
+        counts.append(len(calls) - before)
+    assert counts == [0, tiny_config.num_layers], counts
+    assert all(isinstance(f, TransformerBlock) for f in calls)
+    grads = dict(plain.named_parameters())
+    for name, p in ckpt.named_parameters():  # every gradient, not one weight's
+        assert p.grad is not None and grads[name].grad is not None, name
+        assert torch.allclose(grads[name].grad, p.grad, rtol=1e-5, atol=1e-7), name
 
 
 def test_task_heads_shapes(tiny_config):
@@ -223,8 +257,19 @@ def test_the_feature_grid_covers_every_input_pixel():
         for h, w in [(64, 64), (65, 130), (100, 167), (127, 129)]:
             grid = emb(torch.zeros(1, 3, h, w)).grid
             assert grid == (math.ceil(h / 64), math.ceil(w / 64)), (h, w, grid)
-    assert (math.ceil(800 / 64), math.ceil(1333 / 64)) == (13, 21)
     assert make_model_config("r50").feature_stride == 64
+
+
+def test_r50_trunk_gives_the_papers_13_by_21_grid_at_800_by_1333():
+    """The paper's R50 input size through the real ResNet-50 trunk, 1x1 projection and 2x2 ceil-mode
+    pool (random weights, one forward without gradients, a few seconds): 800x1333 -> 25x42 -> 13x21 =
+    273 feature pixels of width 768."""
+    cfg = make_model_config("r50", backbone_weights=None, bert_weights=None)
+    emb = VisualEmbedding(cfg).eval()
+    with torch.no_grad():
+        v = emb(torch.zeros(1, 3, 800, 1333))
+    assert v.grid == (13, 21)
+    assert v.embeddings.shape == (1, 273, 768) and v.mask.all()
 
 
 @pytest.mark.parametrize("backbone, stages, channels", [("resnet18", 2, 128), ("resnet50", 4, 2048)])

@@ -106,11 +106,31 @@ def test_vqa_accuracy_is_the_soft_score_of_the_matches_in_any_order(answers, pre
     assert accuracy == pytest.approx(metrics.vqa_soft_score(answers.count(prediction)), abs=1e-12)
 
 
+def brute_force_vqa_accuracy(prediction, answers):
+    """vqaEval.py's loop for one question written out literally, one annotator per string: clean the
+    whitespace; if the answers differ, normalise them and the prediction; then for each annotator left
+    out, min(1, the other annotators equal to the prediction / 3), averaged."""
+    clean = lambda text: text.replace("\n", " ").replace("\t", " ").strip()  # noqa: E731
+    gts, pred = [clean(a) for a in answers], clean(prediction)
+    if len(set(gts)) > 1:
+        gts, pred = [metrics.normalize_vqa_answer(a) for a in gts], metrics.normalize_vqa_answer(pred)
+    accs = [min(1, sum(other == pred for other in gts[:i] + gts[i + 1:]) / 3) for i in range(len(gts))]
+    return sum(accs) / len(accs)
+
+
+# Few distinct strings, with case, punctuation, article and whitespace variants, so that predictions
+# often match some annotators (a matching-free draw would score 0 whatever the code does).
+VARIANT = st.text(alphabet="aAb ,.-\t\n", max_size=5) | st.sampled_from(["yes", "Yes.", " the  yes", "two", "2", "a 2"])
+
+
 @PROPERTY
-@given(answers=st.lists(st.text(max_size=6), min_size=1, max_size=10), prediction=st.text(max_size=6),
-       order=st.randoms(use_true_random=False))
-def test_vqa_accuracy_of_any_strings_is_order_free_and_within_0_and_1(answers, prediction, order):
+@given(data=st.data(), order=st.randoms(use_true_random=False))
+def test_vqa_accuracy_of_any_strings_is_the_brute_force_leave_one_out_in_any_order(data, order):
+    pool = data.draw(st.lists(VARIANT | st.text(max_size=6), min_size=1, max_size=4))
+    answers = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=10))
+    prediction = data.draw(st.sampled_from(pool) | VARIANT)
     accuracy = metrics.vqa_question_accuracy(prediction, answers)
+    assert accuracy == pytest.approx(brute_force_vqa_accuracy(prediction, answers), abs=1e-12)
     shuffled = list(answers)
     order.shuffle(shuffled)
     assert metrics.vqa_question_accuracy(prediction, shuffled) == pytest.approx(accuracy, abs=1e-12)
@@ -160,8 +180,9 @@ def test_retrieval_recall_is_monotone_in_k_and_equals_brute_force_ranking(matrix
 @given(pairs_per_sentence=st.integers(1, 4),
        outcomes=st.lists(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=4, max_size=4),
                          min_size=1, max_size=6))
-def test_nlvr2_consistency_never_exceeds_accuracy_when_sentences_have_equal_pairs(pairs_per_sentence, outcomes):
-    """Every sentence with the same number of image pairs (as in NLVR2's balanced splits): a sentence
+def test_nlvr2_metrics_are_the_brute_force_counts_and_consistency_never_exceeds_accuracy(pairs_per_sentence,
+                                                                                      outcomes):
+    """Accuracy and consistency equal their brute-force counts. Every sentence with the same number of image pairs (as in NLVR2's balanced splits): a sentence
     counts as consistent only when all its pairs are right, so consistency <= accuracy."""
     labels, predictions = {}, {}
     for sentence, pairs in enumerate(outcomes):
@@ -169,8 +190,12 @@ def test_nlvr2_consistency_never_exceeds_accuracy_when_sentences_have_equal_pair
             labels[f"dev-{sentence}-{pair}-0"] = label
             predictions[f"dev-{sentence}-{pair}-0"] = prediction
     result = metrics.nlvr2_metrics(predictions, labels)
+    # brute force: a pair is right when its prediction is its label; a sentence when all its pairs are
+    right = [[label == prediction for label, prediction in pairs[:pairs_per_sentence]] for pairs in outcomes]
+    assert result["accuracy"] == pytest.approx(sum(map(sum, right)) / (len(outcomes) * pairs_per_sentence))
+    assert result["consistency"] == pytest.approx(sum(map(all, right)) / len(outcomes))
     assert 0.0 <= result["consistency"] <= result["accuracy"] <= 1.0
-    assert result["n_sentences"] == len(outcomes)
+    assert result["n_sentences"] == len(outcomes) and result["n"] == len(labels)
 
 
 def test_nlvr2_consistency_can_exceed_accuracy_when_sentences_have_unequal_pairs():

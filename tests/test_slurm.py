@@ -73,6 +73,11 @@ def test_two_nodes_train_to_identical_weights(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "weights identical on all 2 ranks: True" in proc.stdout, proc.stdout[-2000:]
     assert "2 process(es)" in proc.stdout and "2 nodes x 1 processes, rendezvous 127.0.0.1:" in proc.stdout
+    # identical weights alone would also hold if both nodes trained on the same samples: each node's
+    # share is half the 64 images (4 steps of 8, not 8), and tests/test_train.py's
+    # test_two_processes_with_half_the_batch_train_the_one_process_model checks that the shares are
+    # disjoint and together train the one-process model
+    assert "1 epochs x 4 steps, 8 per process x 1 accumulation x 2 processes = 16 samples per step" in proc.stdout
     log = (tmp_path / "slurm.log").read_text()
     assert "scontrol show hostnames node[1-2]" in log and "--kill-on-bad-exit=1" in log
     assert f"--rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:{env['RDZV_PORT']} --rdzv-id=4242" in log

@@ -123,7 +123,7 @@ def test_installing_adds_no_top_level_module_besides_pixel_bert(tmp_path):
         names = z.namelist()
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"pixel_bert"}
-    for script in ("train", "finetune", "evaluate"):
+    for script in ("train", "finetune", "evaluate", "export"):
         assert f"pixel-bert-{script} = pixel_bert.{script}:cli" in entry_points
     # the attention explorer's page ships inside the package (setup.py package_data)
     static = sorted(os.listdir(os.path.join(PACKAGE_DIR, "explore_static")))

@@ -12,6 +12,7 @@ import torch
 from pixel_bert import train
 from pixel_bert.config import make_model_config, make_train_config
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
+from pixel_bert.distributed import DistInfo
 from pixel_bert.losses import IGNORE_INDEX, make_itm_pairs, mask_tokens
 from pixel_bert.train import pretrain_step
 
@@ -115,6 +116,49 @@ def test_itm_negatives_never_from_the_same_image():
     _, _, labels = make_itm_pairs(ids[:3], mask[:3], ["a"] * 3, 1.0)
     assert labels.eq(1).all()
 
+
+
+def test_pretrain_losses_are_eq7_over_predicted_tokens_plus_weighted_eq8():
+    """L = L_MLM + itm_weight * L_ITM, written out: MLM cross-entropy averaged over the predicted tokens
+    only (the others carry large logits that would change any other average), ITM binary
+    cross-entropy on the logits; accuracies are argmax hits and logit > 0 hits; the reported figures
+    are detached."""
+    from pixel_bert.losses import pretrain_losses
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    logits[:, :, 2] += 30.0  # every token not predicted leans hard on token 2
+    labels = torch.full((3, 5), IGNORE_INDEX)
+    picked = [(0, 1, 4), (0, 3, 7), (2, 0, 10)]
+    for b, t, c in picked:
+        labels[b, t] = c
+        logits[b, t, 2] -= 30.0
+    logits[0, 1, 4] += 10.0  # predicted right
+    logits[2, 0, 10] += 10.0  # predicted right; (0, 3) is wrong
+    logits.requires_grad_(True)
+    itm_logits = torch.tensor([2.0, -1.0, 0.0, 0.5], requires_grad=True)
+    itm_labels = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    out = pretrain_losses(logits, labels, itm_logits, itm_labels, itm_weight=3.0)
+    mlm = sum(-torch.log_softmax(logits[b, t], -1)[c] for b, t, c in picked) / 3
+    p = torch.sigmoid(itm_logits)
+    itm = -(itm_labels * p.log() + (1 - itm_labels) * (1 - p).log()).mean()
+    torch.testing.assert_close(out["mlm_loss"], mlm.detach())
+    torch.testing.assert_close(out["itm_loss"], itm.detach())
+    torch.testing.assert_close(out["loss"].detach(), (mlm + 3.0 * itm).detach())
+    assert out["mlm_acc"].item() == pytest.approx(2 / 3)
+    assert out["itm_acc"].item() == pytest.approx(2 / 4)  # hits: 2.0 -> 1 and 0.0 -> 0 (a logit of 0 says "no")
+    assert out["loss"].requires_grad and not any(out[k].requires_grad for k in out if k != "loss")
+    out["loss"].backward()
+    grad = logits.grad
+    assert not grad[labels == IGNORE_INDEX].any() and grad[labels != IGNORE_INDEX].abs().sum() > 0
+    torch.testing.assert_close(itm_logits.grad, 3.0 * (p - itm_labels).detach() / 4)
+    # no token predicted: no MLM loss nor accuracy, but the logits stay in the graph (DDP needs every
+    # parameter to get a gradient, here an exact zero)
+    empty = torch.randn(2, 3, 11, requires_grad=True)
+    none = pretrain_losses(empty, torch.full((2, 3), IGNORE_INDEX), itm_logits[:2].detach(), itm_labels[:2])
+    assert none["mlm_loss"].item() == 0.0 and none["mlm_acc"].item() == 0.0
+    none["loss"].backward()
+    assert empty.grad is not None and not empty.grad.any()
+    torch.testing.assert_close(none["loss"], none["itm_loss"])
 
 def test_pixel_sampling_only_in_pretraining(monkeypatch):
     cfg = make_model_config("tiny", hidden_size=64, num_layers=1, num_heads=4, intermediate_size=64,
@@ -233,6 +277,8 @@ def test_two_process_torchrun_keeps_replicas_identical(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # identical replicas alone would also hold if both ranks trained on the same samples: the shares are
+    # checked in test_two_processes_with_half_the_batch_train_the_one_process_model below
     assert "weights identical on all 2 ranks: True" in proc.stdout, proc.stdout[-2000:]
     assert "2 process(es)" in proc.stdout and "16 samples per step" in proc.stdout
     result = json.load(open(out / "result.json"))
@@ -349,3 +395,131 @@ def test_coco_captions_with_val2014_images_warn_of_retrieval_leakage(split, tmp_
     assert len(records) == 1
     leak_warning = "pre-training on them leaks" in capsys.readouterr().err
     assert leak_warning == (split == "val2014")
+
+
+# -------------------------------------------------------------------------------------------------
+#                  Data parallelism: disjoint shards, and N processes x B/N = 1 process x B
+# -------------------------------------------------------------------------------------------------
+
+def test_epoch_batch_sampler_gives_each_rank_a_disjoint_share_of_the_one_process_batches():
+    """Two ranks of batch 4 each: in every step they hold different samples, together exactly the
+    one-process batch of 8 of that step (the same permutation on every rank); each epoch reshuffles,
+    and the shares of an epoch cover the dataset once (drop_last: the same step count on every rank)."""
+    from pixel_bert.batches import epoch_batch_sampler
+    data = list(range(50))
+    one = epoch_batch_sampler(data, 8, seed=3)
+    ranks = [epoch_batch_sampler(data, 4, seed=3, world_size=2, rank=r) for r in (0, 1)]
+    for epoch in (0, 1):
+        whole = list(one(epoch))
+        shares = [list(make(epoch)) for make in ranks]
+        assert len(whole) == len(shares[0]) == len(shares[1]) == 6  # 50 // 8: the last 2 samples dropped
+        for step, (a, b) in enumerate(zip(*shares)):
+            assert len(a) == len(b) == 4 and not set(a) & set(b), f"epoch {epoch} step {step}: ranks share samples"
+            assert sorted(a + b) == sorted(whole[step])
+        seen = [i for share in shares for batch in share for i in batch]
+        assert len(seen) == len(set(seen)) == 48
+    assert list(one(0)) != list(one(1))
+    # grouped by aspect ratio, the ranks still split the epoch's samples between them, in equal steps
+    groups = [i % 3 for i in data]
+    grouped = [list(epoch_batch_sampler(data, 4, 3, 2, r, groups)(0)) for r in (0, 1)]
+    first, second = ({i for batch in share for i in batch} for share in grouped)
+    assert len(first) == len(second) == 24 and not first & second
+    assert len(grouped[0]) == len(grouped[1]) == 6
+
+
+LAYOUT_SAMPLES, LAYOUT_GLOBAL_BATCH = 24, 8
+
+
+def train_layout(out_dir, info, batch_size, grad_accum_steps):
+    """Two epochs of a tiny VQA model on fixed random inputs, with `batch_size` per process x
+    `grad_accum_steps` x the processes = 8 samples per step. Deterministic: frozen BatchNorm, no
+    dropout, no pixel sampling, a per-sample mean loss. Returns (initial state dict, trained model,
+    [(step, sample indices) per micro-batch], [(epoch, micro-batch) at each DDP all-reduce])."""
+    from pixel_bert.batches import epoch_batch_sampler
+    from pixel_bert.trainer import Trainer
+    from pixel_bert.losses import vqa_loss
+    torch.manual_seed(0)
+    cfg = make_model_config("tiny", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, num_answers=6,
+                            freeze_backbone_bn=True)
+    model = PixelBertForVQA(cfg)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(LAYOUT_SAMPLES, 3, 32, 32, generator=g)
+    ids = torch.randint(5, 64, (LAYOUT_SAMPLES, 6), generator=g)
+    targets = torch.rand(LAYOUT_SAMPLES, 6, generator=g)
+    seen, syncs = [], []
+
+    def step_fn(m, batch, step):
+        idx = torch.tensor(batch["index"])
+        seen.append((step, batch["index"]))
+        logits = m(ids[idx], torch.ones(len(idx), 6, dtype=torch.bool), images[idx])
+        return {"loss": vqa_loss(logits, targets[idx])}
+    train_cfg = make_train_config("pretrain", batch_size=batch_size, grad_accum_steps=grad_accum_steps, epochs=2,
+                                  decay_epochs=(), warmup_steps=0, num_workers=0, lr=1e-3, log_every=1,
+                                  ckpt_every=1000, group_by_aspect_ratio=False)
+    data = list(range(LAYOUT_SAMPLES))
+    trainer = Trainer(model, train_cfg, out_dir, data, lambda idx: {"index": idx, "num_samples": len(idx)},
+                      epoch_batch_sampler(data, batch_size, 0, info.world_size, info.rank), step_fn, info, {})
+    if trainer.ddp is not None:  # record which micro-batches all-reduce their gradients
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def counting_allreduce(state, bucket):
+            syncs.append((trainer.epoch, trainer.batch_in_epoch))
+            return default_hooks.allreduce_hook(state, bucket)
+        trainer.ddp.register_comm_hook(None, counting_allreduce)
+    trainer.fit()
+    return initial, model, seen, sorted(set(syncs))
+
+
+LAYOUT_WORKER = """
+import json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+from pixel_bert.distributed import distributed, exit_after_distributed_run
+from test_train import train_layout
+with distributed("cpu") as info:
+    for batch, accum in ((4, 1), (2, 2)):  # 2 processes x 4, and 2 processes x 2 x 2 accumulation steps
+        out = f"{out}/b{{batch}}x{{accum}}"
+        _, _, seen, syncs = train_layout(out, info, batch, accum)
+        json.dump({{"seen": seen, "syncs": syncs}}, open(f"{{out}}/rank{{info.rank}}.json", "w"))
+exit_after_distributed_run()
+"""
+
+
+def test_two_processes_with_half_the_batch_train_the_one_process_model(tmp_path):
+    """DDP's promise, checked on the Trainer: 2 processes x batch 4 (and 2 x batch 2 x 2 accumulation
+    steps) end with the weights of 1 process x batch 8, within rounding. In every step the ranks
+    hold disjoint samples that together are the one-process batch of that step, and with accumulation
+    only the micro-batch that ends a step all-reduces its gradients (DDP's no_sync before it)."""
+    initial, ref_model, ref_seen, _ = train_layout(str(tmp_path / "one"), DistInfo(), LAYOUT_GLOBAL_BATCH, 1)
+    reference = {}
+    for step, idx in ref_seen:
+        reference.setdefault(step, []).extend(idx)
+    steps_per_epoch = LAYOUT_SAMPLES // LAYOUT_GLOBAL_BATCH
+    assert sorted(reference) == list(range(2 * steps_per_epoch))
+    script = tmp_path / "layouts.py"
+    script.write_text(LAYOUT_WORKER.format(root=ROOT, tests=os.path.dirname(os.path.abspath(__file__)),
+                                           out=str(tmp_path)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={port}", str(script)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("weights identical on all 2 ranks: True") == 2, proc.stdout[-2000:]
+    reference_weights = ref_model.state_dict()
+    for layout, accum in (("b4x1", 1), ("b2x2", 2)):
+        ranks = [json.load(open(tmp_path / layout / f"rank{r}.json")) for r in (0, 1)]
+        for step, expected in reference.items():
+            shares = [[i for s, idx in rank["seen"] if s == step for i in idx] for rank in ranks]
+            assert not set(shares[0]) & set(shares[1]), f"{layout} step {step}: both ranks trained on {shares}"
+            assert sorted(shares[0] + shares[1]) == sorted(expected), f"{layout} step {step}"
+        expected_syncs = [[epoch, k] for epoch in (0, 1) for k in range(steps_per_epoch * accum) if (k + 1) % accum == 0]
+        for rank in ranks:
+            assert rank["syncs"] == expected_syncs, f"{layout}: all-reduce at (epoch, micro-batch) {rank['syncs']}"
+        weights = torch.load(tmp_path / layout / "model.pt", map_location="cpu", weights_only=True)["model"]
+        assert weights.keys() == reference_weights.keys()
+        for name, value in reference_weights.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{layout}: {name}")
+    # the runs trained: a comparison of untouched models would prove nothing
+    assert max((reference_weights[k].float() - initial[k].float()).abs().max().item() for k in initial) > 1e-3
