@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pixel_bert import train
+from pixel_bert import synthetic, train
 from pixel_bert.config import make_model_config, make_train_config
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForVQA
 from pixel_bert.distributed import DistInfo
@@ -186,24 +186,40 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
+# Masking only the words the image decides (colours and shape kinds): every MLM gradient then asks the
+# model to read the pixels, so a short run shows it. 32x32 images, one ResNet stage: a 4x4 grid.
+SEEING = ["--image_short_side", "32", "--image_long_side", "32", "--backbone_stages", "1",
+          "--mlm_never_mask", ",".join(t for t in synthetic.vocab_tokens(None) if t != "," and
+                                       t not in synthetic.colour_words() + synthetic.shape_words())]
+
+
 def test_train_main_learns_on_synthetic_data(tmp_path):
+    """train.py end to end learns from the pixels: on held-out images, colour and shape words are
+    predicted better with the caption's own image than with another image of the batch (the demo's
+    evaluation). A model blind to the image (every image zeroed) has a gap of exactly 0, and one that
+    learns only the captions' word statistics none either, while its MLM loss falls all the same.
+    100 steps of 32; measured with this recipe on model seeds 0-3: gap 0.205 / 0.278 / 0.340
+    (min / median / max), and 0.000 with every image zeroed (seed 0)."""
     out = tmp_path / "run"
-    result = train.main(TINY + ["--output-dir", str(out), "--synthetic-images", "160", "--batch_size", "16",
-                                "--synthetic-eval-images", "32", "--epochs", "3", "--warmup_steps", "5",
-                                "--lr", "1e-3", "--resume", "none"])
-    assert result["steps"] == 30
+    result = train.main(TINY + SEEING + ["--output-dir", str(out), "--synthetic-images", "3200", "--batch_size", "32",
+                                         "--synthetic-eval-images", "100", "--epochs", "1", "--warmup_steps", "10",
+                                         "--lr", "1e-3", "--resume", "none"])
+    assert result["steps"] == 100
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     steps = [r for r in records if r["kind"] == "train"]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert len(steps) == 30 and len(epochs) == 3
-    assert epochs[-1]["mlm_loss"] < epochs[0]["mlm_loss"] - 0.3, [e["mlm_loss"] for e in epochs]
+    assert len(steps) == 100 and len(epochs) == 1
+    first, last = (sum(r["mlm_loss"] for r in part) / 10 for part in (steps[:10], steps[-10:]))
+    assert last < first - 0.3, (first, last)
     assert {"mlm_acc", "samples_per_s", "lr", "data_time"} <= set(steps[-1])
-    # the demo's ITM starts later than step 30: no ITM figure may be logged as if it meant something
+    # the demo's ITM starts later than step 100: no ITM figure may be logged as if it meant something
     assert not any("itm_loss" in r or "itm_acc" in r for r in records)
     config = json.load(open(out / "config.json"))
-    assert config["model"]["hidden_size"] == 64 and config["train"]["epochs"] == 3
+    assert config["model"]["hidden_size"] == 64 and config["train"]["epochs"] == 1
     assert os.path.isfile(out / "model.pt") and os.path.isfile(out / "result.json")
-    assert 0.0 <= result["itm_acc"] <= 1.0 and result["pairs"] == 32
+    assert result["pairs"] == 100 and result["probe_words"] > 150
+    gap = result["mlm_acc_true_image"] - result["mlm_acc_shuffled_image"]
+    assert gap > 0.1, f"held-out MLM gap {gap:.3f} (own image - shuffled) <= 0.1: {result}"
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
