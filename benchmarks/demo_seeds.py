@@ -1,12 +1,14 @@
 """How reliably does the synthetic demo learn? Runs it over seeds and CPU thread counts and prints
 the spread (min / median / max). Prints figures; asserts nothing (benchmarks are not tests).
 
-    python benchmarks/demo_seeds.py                          # stage 1: seeds 0 1 2 x 1 and 2 threads
+    python benchmarks/demo_seeds.py --parallel 2             # stage 1: the README's 16-run grid
     python benchmarks/demo_seeds.py --stage2                 # + the second stage (1-3 shapes) per seed
     python benchmarks/demo_seeds.py --stage2 --downstream vqa nlvr2 retrieval   # + the fine-tuning demos
 
-Each run is a fresh subprocess, exactly what a user types (``python train.py --seed S``), with
-OMP_NUM_THREADS set to the thread count, in ``--out-dir``/stage1-sS-tT/ (stage 2: stage2-sS/, from
+The default grid is the README's: model seeds 0-7 on the README's synthetic world (``python train.py
+--seed S``) and seeds 8-15 each on a world of its own (``python train.py --seed S --synthetic-seed S``,
+from ``--own-world-from``), at the default 2 threads. Each run is a fresh subprocess, exactly what a
+user types, with OMP_NUM_THREADS set to the thread count, in ``--out-dir``/stage1-sS-tT/ (stage 2: stage2-sS/, from
 the stage-1 run of seed S at ``--later-threads`` threads; downstream: TASK-sS/, from stage2-sS). A
 run folder that already holds a result.json is read, not run again (``--rerun`` runs it anyway).
 The table and the JSON (``--json``) hold each run's held-out figures (its result.json) and wall time.
@@ -49,9 +51,12 @@ DOWNSTREAM_ARGS = {"nlvr2": ["--synthetic-train", "2000"]}  # the README's NLVR2
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.py --seed values (default 0 1 2)")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                   help="OMP_NUM_THREADS values of the stage-1 grid (default 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(16)),
+                   help="train.py --seed values (default 0-15)")
+    p.add_argument("--own-world-from", type=int, default=8, help="seeds from this one on also get --synthetic-seed S, "
+                   "a synthetic world of their own (default 8; the seeds below it share the README's world 0)")
+    p.add_argument("--threads", type=int, nargs="+", default=[2],
+                   help="OMP_NUM_THREADS values of the stage-1 grid (default 2, train.py's default on 2 cores)")
     p.add_argument("--out-dir", default=os.path.join("runs", "demo-seeds"), help="folder of all run folders "
                    "(default runs/demo-seeds)")
     p.add_argument("--json", default=None, help="where to write every figure (default OUT_DIR/demo_seeds.json)")
@@ -113,7 +118,7 @@ def spread(values: List[float]) -> Dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def print_table(title: str, jobs: List[Dict], columns, keys=("seed", "threads")) -> Dict[str, Dict[str, float]]:
+def print_table(title: str, jobs: List[Dict], columns, keys=("seed", "world", "threads")) -> Dict[str, Dict[str, float]]:
     """One row per run, then min / median / max of each column; returns the spreads."""
     names = [c[0] for c in columns] + ["wall_s"]
     print(f"\n{title}")
@@ -129,13 +134,24 @@ def print_table(title: str, jobs: List[Dict], columns, keys=("seed", "threads"))
     return spreads
 
 
+def world_of(args, seed: int) -> int:
+    """The synthetic world (--synthetic-seed) a grid seed trains on: 0, the README's, below --own-world-from."""
+    return seed if seed >= args.own_world_from else 0
+
+
+def world_args(args, seed: int) -> List[str]:
+    return ["--synthetic-seed", str(seed)] if world_of(args, seed) != 0 else []
+
+
 def stage1_jobs(args, out: str) -> List[Dict]:
     """python train.py --seed S, for every seed and thread count (plus the thread count stage 2 starts from)."""
     def job(seed: int, threads: int) -> Dict:
-        run_dir = os.path.join(out, f"stage1-s{seed}-t{threads}")
-        return dict(name=f"stage1 seed {seed} threads {threads}", seed=seed, threads=threads, out_dir=run_dir,
+        world = world_of(args, seed)
+        run_dir = os.path.join(out, f"stage1-s{seed}-w{world}-t{threads}")
+        return dict(name=f"stage1 seed {seed} world {world} threads {threads}", seed=seed, world=world,
+                    threads=threads, out_dir=run_dir,
                     cmd=[sys.executable, os.path.join(ROOT, "train.py"), "--seed", str(seed), "--resume", "none",
-                         "--output-dir", run_dir] + args.train_args.split())
+                         "--output-dir", run_dir] + world_args(args, seed) + args.train_args.split())
 
     jobs = [job(s, t) for t in args.threads for s in args.seeds]
     if (args.stage2 or args.downstream) and args.later_threads not in args.threads:
@@ -148,11 +164,12 @@ def stage2_jobs(args, out: str) -> List[Dict]:
     jobs = []
     for s in args.seeds:
         run_dir = os.path.join(out, f"stage2-s{s}")
-        init = os.path.join(out, f"stage1-s{s}-t{args.later_threads}", "model.pt")
-        jobs.append(dict(name=f"stage2 seed {s}", seed=s, threads=args.later_threads, out_dir=run_dir,
+        init = os.path.join(out, f"stage1-s{s}-w{world_of(args, s)}-t{args.later_threads}", "model.pt")
+        jobs.append(dict(name=f"stage2 seed {s}", seed=s, world=world_of(args, s), threads=args.later_threads,
+                         out_dir=run_dir,
                          cmd=[sys.executable, os.path.join(ROOT, "train.py"), "--init", init,
                               "--synthetic-max-shapes", "3", "--itm_start_step", "0", "--seed", str(s),
-                              "--resume", "none", "--output-dir", run_dir]))
+                              "--resume", "none", "--output-dir", run_dir] + world_args(args, s)))
     return jobs
 
 
@@ -162,7 +179,8 @@ def downstream_jobs(args, out: str, task: str) -> List[Dict]:
     for s in args.seeds:
         run_dir = os.path.join(out, f"{task}-s{s}")
         init = os.path.join(out, f"stage2-s{s}", "model.pt")
-        jobs.append(dict(name=f"{task} seed {s}", seed=s, threads=args.later_threads, out_dir=run_dir,
+        jobs.append(dict(name=f"{task} seed {s}", seed=s, world=world_of(args, s), threads=args.later_threads,
+                         out_dir=run_dir,
                          cmd=[sys.executable, os.path.join(ROOT, "finetune.py"), "--task", task, "--init", init,
                               "--seed", str(s), "--resume", "none", "--output-dir", run_dir]
                          + DOWNSTREAM_ARGS.get(task, [])))
@@ -172,7 +190,7 @@ def downstream_jobs(args, out: str, task: str) -> List[Dict]:
 def main(argv: Optional[List[str]] = None):
     args = get_args_parser().parse_args(argv)
     out = os.path.abspath(args.out_dir)
-    report = {"seeds": args.seeds, "threads": args.threads, "later_threads": args.later_threads,
+    report = {"seeds": args.seeds, "own_world_from": args.own_world_from, "threads": args.threads, "later_threads": args.later_threads,
               "train_args": args.train_args, "cpu_count": os.cpu_count()}
     stages = [("stage1", "stage 1 (python train.py --seed S), held-out one-shape images",
                stage1_jobs(args, out), STAGE_COLUMNS)]
@@ -184,7 +202,7 @@ def main(argv: Optional[List[str]] = None):
                        downstream_jobs(args, out, task), DOWNSTREAM_COLUMNS[task]))
     for key, title, jobs, columns in stages:  # in order: each stage starts from the previous one's models
         run_all(jobs, args.parallel, args.rerun)
-        report[key] = [{k: j[k] for k in ("seed", "threads", "result")} for j in jobs]
+        report[key] = [{k: j[k] for k in ("seed", "world", "threads", "result")} for j in jobs]
         report[f"{key}_spread"] = print_table(title, jobs, columns)
 
     path = args.json or os.path.join(out, "demo_seeds.json")

@@ -11,7 +11,7 @@ Only torch is needed: copy this file out beside model.py and heads.py and it wor
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,13 @@ def make_itm_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Sequence[int],
-                vocab_size: int, mask_id: int, probability: float = 0.15,
+                vocab_size: int, mask_id: int, probability: Union[float, torch.Tensor] = 0.15,
                 replace_probs: Tuple[float, float] = (0.8, 0.1), predict: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None, min_one: bool = False):
     """Eq. (7) inputs: BERT's masking [choice].
 
     Each real token not in ``special_ids`` is chosen independently with ``probability`` (the paper's
-    15%: a short caption often has none). ``min_one`` forces one chosen token into every caption
+    15%: a short caption often has none; a (B, T) tensor gives each position its own rate). ``min_one`` forces one chosen token into every caption
     that drew none, which raises the rate of short captions far above ``probability``. A chosen
     token becomes [MASK] (80%), a random non-special token (10%) or stays (10%). ``predict`` (B,)
     bool limits the labels to some captions (matched pairs only); the masking itself is applied to
@@ -61,7 +61,8 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
     special[list(special_ids)] = True
     special = special.to(device)
     candidate = attention_mask.bool() & ~special[input_ids]                  # (B, T)
-    chosen = (torch.rand(input_ids.shape, generator=generator).to(device) < probability) & candidate
+    chosen = (torch.rand(input_ids.shape, generator=generator).to(device) < torch.as_tensor(probability).to(device)) \
+        & candidate
     if min_one:  # where a caption drew none, take one random candidate
         fallback = torch.rand(input_ids.shape, generator=generator).to(device).masked_fill(~candidate, -1.0)
         fallback = F.one_hot(fallback.argmax(dim=1), input_ids.shape[1]).bool() & candidate

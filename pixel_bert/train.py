@@ -31,6 +31,7 @@ from pixel_bert.config import (PRETRAIN_RECIPES, ModelConfig, TrainConfig, confi
                                make_train_config)
 from pixel_bert.device_decode import EncodedCaptionCollator, EncodedCaptionDataset, decode_batch
 from pixel_bert.distributed import all_reduce_mean, distributed, exit_after_distributed_run, unwrap
+from pixel_bert.errors import UserError
 from pixel_bert.factory import create_model, model_from_state
 from pixel_bert.images import ImageTransform
 from pixel_bert.losses import IGNORE_INDEX, make_itm_pairs, mask_tokens, pretrain_losses
@@ -179,15 +180,29 @@ def build_datasets(args, model_cfg: ModelConfig, train_cfg: TrainConfig):
 #                       The pre-training step: MLM, eq. (7), and ITM, eq. (8)
 # -------------------------------------------------------------------------------------------------
 
+def masking_rates(ids: torch.Tensor, tokenizer, train_cfg: TrainConfig, itm: bool):
+    """Each token's MLM masking rate: mlm_probability, or while MLM runs alone (before
+    itm_start_step) mlm_probability_before_itm, for the words in mlm_words_before_itm if any are
+    named (the others keep mlm_probability). Returns a float or a (B, T) tensor."""
+    if itm or train_cfg.mlm_probability_before_itm is None:
+        return train_cfg.mlm_probability
+    if not train_cfg.mlm_words_before_itm:
+        return train_cfg.mlm_probability_before_itm
+    focus_ids = [tokenizer.token_to_id(w) for w in train_cfg.mlm_words_before_itm]
+    if None in focus_ids:
+        unknown = [w for w, i in zip(train_cfg.mlm_words_before_itm, focus_ids) if i is None]
+        raise UserError(f"--mlm-words-before-itm names words the vocabulary does not hold: {unknown}")
+    focus = torch.isin(ids, torch.tensor(focus_ids))
+    return torch.where(focus, train_cfg.mlm_probability_before_itm, train_cfg.mlm_probability)
+
+
 def prepare_pretrain_batch(batch: dict, tokenizer, train_cfg: TrainConfig, vocab_size: int, itm: bool = True):
     """Caption batch (pixel_bert.batches.CaptionCollator) -> model inputs with ITM pairs and MLM labels,
     plus the effective masking rate (predicted tokens / maskable tokens of the labelled captions).
     ``itm=False``: no mismatched pairs (MLM alone, see TrainConfig.itm_start_step)."""
     ids, mask, itm_labels = make_itm_pairs(batch["input_ids"], batch["attention_mask"], batch["image_keys"],
                                            train_cfg.itm_negative_ratio if itm else 0.0)
-    probability = train_cfg.mlm_probability
-    if not itm and train_cfg.mlm_probability_before_itm is not None:
-        probability = train_cfg.mlm_probability_before_itm
+    probability = masking_rates(ids, tokenizer, train_cfg, itm)
     never = [tokenizer.token_to_id(t) for t in train_cfg.mlm_never_mask]
     predict = itm_labels.bool() if train_cfg.mlm_on_matched_only else torch.ones_like(itm_labels, dtype=torch.bool)
     masked_ids, mlm_labels = mask_tokens(ids, mask, never, vocab_size, tokenizer.mask_id, probability,

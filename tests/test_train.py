@@ -97,6 +97,33 @@ def test_masking_rate_is_what_the_config_says(words):
     assert abs(rates[True].item() - forced) < 0.015
 
 
+class FocusTok(Tok):
+    """Tok with two named words (ids 10 and 11) for mlm_words_before_itm."""
+    @staticmethod
+    def token_to_id(token):
+        return {"red": 10, "circle": 11}.get(token) if token in ("red", "circle", "blue") else Tok.token_to_id(token)
+
+
+def test_the_named_words_are_masked_at_the_early_rate_and_the_others_at_the_paper_rate():
+    """mlm_words_before_itm: while MLM runs alone those words are masked at mlm_probability_before_itm
+    and every other word at mlm_probability; once ITM joins every word is back at mlm_probability."""
+    from pixel_bert.train import prepare_pretrain_batch
+    ids, mask = _captions(6000, 12)
+    batch = dict(input_ids=ids, attention_mask=mask, image_keys=[str(i) for i in range(len(ids))])
+    cfg = make_train_config("pretrain", mlm_probability_before_itm=0.6, mlm_words_before_itm=("red", "circle"))
+    focus, other = mask & ((ids == 10) | (ids == 11)), mask & (ids > 4) & (ids != 10) & (ids != 11)
+    for itm, focus_rate in ((False, 0.6), (True, 0.15)):
+        _, _, labels, itm_labels, _ = prepare_pretrain_batch(batch, FocusTok, cfg, 64, itm=itm)
+        rows = itm_labels.bool()[:, None]  # matched rows keep their own caption and carry the labels
+        chosen = labels != IGNORE_INDEX
+        assert abs(chosen[focus & rows].float().mean().item() - focus_rate) < 0.03, itm
+        assert abs(chosen[other & rows].float().mean().item() - 0.15) < 0.015, itm
+    with pytest.raises(ValueError, match=r"does not hold: \['blue'\]"):
+        prepare_pretrain_batch(batch, FocusTok, make_train_config("pretrain", mlm_probability_before_itm=0.6,
+                                                                  mlm_words_before_itm=("red", "blue")),
+                               64, itm=False)
+
+
 def test_itm_negatives_never_from_the_same_image():
     ids = torch.arange(12)[:, None].repeat(1, 3)  # caption i = token i, to trace the donor
     mask = torch.ones(12, 3, dtype=torch.bool)
