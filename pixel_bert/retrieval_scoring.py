@@ -189,7 +189,8 @@ def score_rows(model, cache: VisualCache, input_ids: torch.Tensor, attention_mas
     text_lengths = attention_mask.sum(1).cpu()                                   # (n_cap,)
     image_lengths = torch.tensor(cache.lengths, dtype=torch.long)               # (n_rows,)
     caption_order, image_order = text_lengths.argsort(stable=True), image_lengths.argsort(stable=True)
-    caps_per_tile = min(n_cap, max(1, math.isqrt(pairs_per_batch)))
+    # about sqrt(pairs) of each; fewer images than that (a score block, one image): more captions
+    caps_per_tile = min(n_cap, max(1, pairs_per_batch // max(1, min(n_rows, math.isqrt(pairs_per_batch)))))
     imgs_per_tile = min(n_rows, max(1, pairs_per_batch // caps_per_tile))
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     caption_order_dev, image_order_dev = caption_order.to(device), image_order.to(device)
