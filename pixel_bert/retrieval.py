@@ -227,10 +227,14 @@ class RetrievalConfig:
                                           # pairs above unmatched ones), so ranking starts from what ITM
                                           # learned; False: a new layer [choice: the paper does not say]
     retrieval_eval_pairs: int = 1024      # image-caption pairs scored per forward pass in retrieval evaluation
+    retrieval_val_images: int = 1000      # finetune.py's evaluation scores the first N val images x their captions
+                                          # (COCO val: 1,000 x 5,000 pairs, not 5,000 x 25,000: minutes, not
+                                          # hours; Flickr30K val: 1,000 of its 1,014); 0: every val image
 
     ALLOWED: ClassVar[Dict[str, Any]] = {  # see pixel_bert.model.allowed_values
         "retrieval_negatives": (1, None), "retrieval_hard_negatives": (1, None),
-        "retrieval_negative_kind": NEGATIVE_KINDS, "retrieval_loss": RETRIEVAL_LOSSES, "retrieval_eval_pairs": (1, None)}
+        "retrieval_negative_kind": NEGATIVE_KINDS, "retrieval_loss": RETRIEVAL_LOSSES, "retrieval_eval_pairs": (1, None),
+        "retrieval_val_images": (0, None)}
 
     def __post_init__(self):
         check_fields(self)
