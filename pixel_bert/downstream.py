@@ -38,7 +38,8 @@ class DownstreamConfig:
 
 @dataclass
 class EvalSettings:
-    """How to run an evaluation: batch sizes, workers, subsets, the retrieval feature cache."""
+    """How to run an evaluation: batch sizes, workers, subsets, the retrieval feature cache, protocol
+    and score blocks."""
     batch_size: int = 64
     pairs_per_batch: int = 1024
     num_workers: int = 0
@@ -46,7 +47,11 @@ class EvalSettings:
     max_captions: Optional[int] = None
     feature_cache: Optional[str] = None
     checkpoint: Optional[str] = None
-    fold_size: int = 1000
+    fold_size: Optional[int] = None  # COCO 1K fold size; None: 1000, or n_images / 5 under protocol "1k"
+    protocol: str = "5k"             # retrieval: "5k" the whole matrix, "1k" only the COCO 1K fold blocks
+    score_blocks: str = "auto"       # retrieval: folder of the resumable score blocks; "auto":
+                                     # FEATURE_CACHE/score_blocks or OUT_DIR/retrieval_blocks; "none": in memory
+    images_per_block: int = 16       # retrieval: image rows per score block (what a kill loses, per rank)
     max_bad_fraction: float = 0.0  # share of the items that may be unreadable (answered blind, counted);
                                    # 0: none, the rule of retrieval evaluation: a score is of every item
 

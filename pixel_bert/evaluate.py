@@ -26,6 +26,8 @@ caption_ids, caption_image).
 
 Under torchrun the work is sharded across ranks (questions / examples / image rows) and gathered
 on rank 0, which writes the files. Metrics go to stdout and to ``metrics_{task}_{split}.json``.
+Retrieval writes its score blocks as they finish: a killed run resumes when the same command is run
+again, and ``--protocol 1k`` scores only COCO 1K's five fold blocks (docs/retrieval.md).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from pixel_bert.cli import add_debug_argument, int_at_least, run_cli
 from pixel_bert.distributed import distributed, exit_after_distributed_run, share_cpu_threads
 from pixel_bert.downstream import EvalSettings, evaluate_split
 from pixel_bert.files import write_json
+from pixel_bert.retrieval_scoring import PROTOCOLS
 from pixel_bert.saved_model import load_saved_model
 from pixel_bert.tasks import TASKS
 
@@ -104,8 +107,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "and reuses them on the next run of the same checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward pass "
                    "(worth it for a long evaluation: the first batches pay for the compilation)")
-    p.add_argument("--fold-size", type=int_at_least(1), default=1000, help="retrieval: COCO 1K protocol fold size (the 1K "
-                   "figures are reported when the split has exactly 5 folds of images)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="5k", help="retrieval: 5k scores the whole "
+                   "matrix (COCO 5K; Flickr30K's 1K test is its whole matrix) and reports the COCO 1K folds from it "
+                   "when the split has 5 folds; 1k scores only the 5 diagonal fold blocks of the COCO 1K protocol "
+                   "(a fifth of the pairs) and reports their mean (default 5k)")
+    p.add_argument("--fold-size", type=int_at_least(1), default=None, help="retrieval: COCO 1K protocol fold size "
+                   "(default 1000, and n_images / 5 with --protocol 1k; with 5k the 1K figures are reported when "
+                   "the split has exactly 5 folds of images)")
+    p.add_argument("--score-blocks", default="auto", help="retrieval: folder where each rank writes its finished "
+                   "score blocks, which the same command run again reuses (a killed evaluation resumes); auto: "
+                   "FEATURE_CACHE/score_blocks with --feature-cache, else OUTPUT_DIR/retrieval_blocks; none: "
+                   "keep them in memory only (default auto)")
+    p.add_argument("--images-per-block", type=int_at_least(1), default=16, help="retrieval: image rows per score "
+                   "block, the most a kill loses per rank (default 16)")
     data = p.add_argument_group("data (the official layouts, docs/paper.md#data-formats)")
     for task in TASKS.values():
         task.add_data_arguments(data)
@@ -133,7 +147,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     saved = load_saved_model(args.checkpoint, task=args.task)
     tokenizer, model = saved.tokenizer(), saved.model
     settings = EvalSettings(args.batch_size, args.pairs_per_batch, args.num_workers, args.max_examples,
-                            args.max_captions, args.feature_cache, args.checkpoint, args.fold_size)
+                            args.max_captions, args.feature_cache, args.checkpoint, args.fold_size, args.protocol,
+                            args.score_blocks, args.images_per_block)
     out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     with distributed(args.device) as info:
         share_cpu_threads(info)

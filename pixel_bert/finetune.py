@@ -238,9 +238,22 @@ def final_evaluation(args, task: DownstreamTask, trainer, tokenizer, eval_split,
     if args.no_eval:
         return {}
     pairs = getattr(task_cfg, "retrieval_eval_pairs", 1024)
-    settings = EvalSettings(eval_cfg.eval_batch_size, pairs, train_cfg.num_workers, args.max_eval)
+    settings = EvalSettings(eval_cfg.eval_batch_size, pairs, train_cfg.num_workers,
+                            evaluated_items(args, task_cfg, log))
     return {"eval": evaluate_split(task, unwrap(trainer.model), tokenizer, args, eval_split, info, out_dir,
                                    extra.get("answers"), settings, log)}
+
+
+def evaluated_items(args, task_cfg, log) -> Optional[int]:
+    """How many items the final evaluation takes: --max-eval, and for retrieval at most
+    RetrievalConfig.retrieval_val_images images (0: all), so that scoring every val image against
+    every val caption does not follow a COCO epoch with hours of scoring."""
+    val_images = getattr(task_cfg, "retrieval_val_images", 0)
+    limits = [n for n in (args.max_eval, val_images) if n]
+    if val_images:
+        log(f"final evaluation: at most the first {min(limits)} val images x their captions "
+            f"(--retrieval-val-images {val_images}; 0 scores every val image)")
+    return min(limits, default=None)
 
 
 def cli():

@@ -304,10 +304,9 @@ class PixelBertPredictor:
         visual = encode_images(self.model, images, range(len(images)), _AsMatchReadsThem(self.transform),
                                self.device, image_batch_size, log=lambda *_: None)
         ids, mask = self._texts(texts)
-        # score_rows tiles images x captions at about sqrt(pairs) each; with one image, all its
-        # tile's pairs are captions, so ask for pairs_per_batch captions per tile
-        tile = pairs_per_batch ** 2 if len(images) == 1 else pairs_per_batch
-        scores = to_score(score_rows(scorer, visual, ids, mask, self.device, tile)).flatten()
+        # score_rows tiles images x captions at about sqrt(pairs) each, and gives a single image's
+        # tile all pairs_per_batch pairs as captions
+        scores = to_score(score_rows(scorer, visual, ids, mask, self.device, pairs_per_batch)).flatten()
         order = scores.argsort(descending=True, stable=True)[:top_k]
         return [(int(i), float(scores[i])) for i in order]
 

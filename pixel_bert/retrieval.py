@@ -194,9 +194,11 @@ def _detach(v: VisualTokens) -> VisualTokens:
 # -------------------------------------------------------------------------------------------------
 
 
-def retrieval_metrics(scores: np.ndarray, caption_image: np.ndarray, fold_size: int = 1000) -> Dict[str, Any]:
+def retrieval_metrics(scores: np.ndarray, caption_image: np.ndarray,
+                      fold_size: Optional[int] = None) -> Dict[str, Any]:
     """R@1/5/10 both ways on the whole matrix (COCO 5K, Flickr30K 1K), plus the COCO 1K protocol
-    (mean over 5 folds of ``fold_size`` images) when the matrix has exactly 5 folds of images."""
+    (mean over 5 folds of ``fold_size`` images, default 1000) when the matrix has exactly 5 folds."""
+    fold_size = fold_size or 1000
     out: Dict[str, Any] = {"recall": metrics.retrieval_recall(scores, caption_image)}
     if scores.shape[0] == 5 * fold_size:
         out["recall_1k_folds"] = metrics.coco_1k_recall(scores, caption_image, n_folds=5, fold_size=fold_size)
@@ -225,10 +227,14 @@ class RetrievalConfig:
                                           # pairs above unmatched ones), so ranking starts from what ITM
                                           # learned; False: a new layer [choice: the paper does not say]
     retrieval_eval_pairs: int = 1024      # image-caption pairs scored per forward pass in retrieval evaluation
+    retrieval_val_images: int = 1000      # finetune.py's evaluation scores the first N val images x their captions
+                                          # (COCO val: 1,000 x 5,000 pairs, not 5,000 x 25,000: minutes, not
+                                          # hours; Flickr30K val: 1,000 of its 1,014); 0: every val image
 
     ALLOWED: ClassVar[Dict[str, Any]] = {  # see pixel_bert.model.allowed_values
         "retrieval_negatives": (1, None), "retrieval_hard_negatives": (1, None),
-        "retrieval_negative_kind": NEGATIVE_KINDS, "retrieval_loss": RETRIEVAL_LOSSES, "retrieval_eval_pairs": (1, None)}
+        "retrieval_negative_kind": NEGATIVE_KINDS, "retrieval_loss": RETRIEVAL_LOSSES, "retrieval_eval_pairs": (1, None),
+        "retrieval_val_images": (0, None)}
 
     def __post_init__(self):
         check_fields(self)
@@ -317,16 +323,53 @@ class Retrieval(DownstreamTask):
         out = evaluate_retrieval(model, data, tokenizer, ImageTransform.from_config(cfg), cfg.max_text_len,
                                  info, settings.batch_size, settings.pairs_per_batch, settings.num_workers,
                                  settings.feature_cache, settings.checkpoint,
-                                 log=log if info.is_main else (lambda *_: None))
+                                 log=log if info.is_main else (lambda *_: None), protocol=settings.protocol,
+                                 fold_size=settings.fold_size, images_per_block=settings.images_per_block,
+                                 blocks_dir=score_blocks_folder(settings, out_dir, split))
         if not info.is_main:
             return {}
-        path = metrics.save_score_matrix(os.path.join(out_dir, f"retrieval_{split}_scores.npz"), out["scores"],
-                                         data.image_ids, data.caption_ids, data.caption_image)
-        result = retrieval_metrics(out["scores"], data.caption_image, settings.fold_size)
-        result.update(out["stats"], scores_file=path, chance_r1=100.0 / len(data.image_paths))
-        r = result["recall"]
-        log(f"retrieval {split} ({len(data.image_paths)} images x {len(data.captions)} captions, "
-            f"{out['stats']['pairs_per_second']:.0f} pairs/s): TR R@1/5/10 {r['tr_r1']:.1f}/{r['tr_r5']:.1f}/"
-            f"{r['tr_r10']:.1f}  IR R@1/5/10 {r['ir_r1']:.1f}/{r['ir_r5']:.1f}/{r['ir_r10']:.1f}  "
-            f"(chance R@1 {result['chance_r1']:.1f}), wrote {path}")
+        stats = out["stats"]
+        if settings.protocol == "1k":
+            result = fold_results(out["segments"], data, out_dir, split)
+        else:
+            path = metrics.save_score_matrix(os.path.join(out_dir, f"retrieval_{split}_scores.npz"), out["scores"],
+                                             data.image_ids, data.caption_ids, data.caption_image)
+            result = retrieval_metrics(out["scores"], data.caption_image, settings.fold_size)
+            result.update(scores_file=path, chance_r1=100.0 / len(data.image_paths))
+        result.update(stats)
+        r = result["recall"] if settings.protocol == "5k" else result["recall_1k_folds"]
+        shape = (f"{len(data.image_paths)} images x {len(data.captions)} captions" if settings.protocol == "5k" else
+                 f"COCO 1K protocol: 5 folds of {result['fold_size']} images x their captions")
+        log(f"retrieval {split} ({shape}, {stats['pairs_per_second']:.0f} pairs/s, {stats['blocks_reused']} of "
+            f"{stats['blocks']} score blocks reused): TR R@1/5/10 {r['tr_r1']:.1f}/{r['tr_r5']:.1f}/{r['tr_r10']:.1f}"
+            f"  IR R@1/5/10 {r['ir_r1']:.1f}/{r['ir_r5']:.1f}/{r['ir_r10']:.1f}  (chance R@1 "
+            f"{result['chance_r1']:.1f}), wrote {result.get('scores_file') or result['scores_files'][0] + ' ...'}")
         return result
+
+
+def score_blocks_folder(settings: EvalSettings, out_dir: str, split: str) -> Optional[str]:
+    """Where the resumable score blocks of ``split`` go (EvalSettings.score_blocks), None for in memory."""
+    if settings.score_blocks == "none":
+        return None
+    if settings.score_blocks != "auto":
+        return os.path.join(settings.score_blocks, split)
+    if settings.feature_cache:
+        return os.path.join(settings.feature_cache, "score_blocks", split)
+    return os.path.join(out_dir, "retrieval_blocks", split)
+
+
+def fold_results(segments, data: RetrievalSplit, out_dir: str, split: str) -> Dict[str, Any]:
+    """The COCO 1K protocol from its 5 fold blocks alone (Sec. 4.2): R@K averaged over the folds, each
+    fold's R@K, and each fold's score matrix saved (``retrieval_<split>_fold<f>_scores.npz``)."""
+    folds, paths = [], []
+    for f, (segment, scores) in enumerate(segments):
+        caption_image = data.caption_image[segment.columns] - segment.rows.start
+        folds.append((scores, caption_image))
+        image_ids = [data.image_ids[i] for i in segment.rows]
+        caption_ids = [data.caption_ids[j] for j in segment.columns]
+        paths.append(metrics.save_score_matrix(os.path.join(out_dir, f"retrieval_{split}_fold{f}_scores.npz"),
+                                               scores, image_ids, caption_ids, caption_image))
+    fold_size = len(segments[0][0].rows)
+    return {"recall_1k_folds": metrics.mean_fold_recall(folds),
+            "recall_folds": [metrics.retrieval_recall(scores, ci) for scores, ci in folds],
+            "fold_size": fold_size, "scores_files": paths, "chance_r1": 100.0 / fold_size}
