@@ -49,8 +49,9 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
     """Eq. (7) inputs: BERT's masking [choice].
 
     Each real token not in ``special_ids`` is chosen independently with ``probability`` (the paper's
-    15%: a short caption often has none; a (B, T) tensor gives each position its own rate). ``min_one`` forces one chosen token into every caption
-    that drew none, which raises the rate of short captions far above ``probability``. A chosen
+    15%: a short caption often has none; a (B, T) tensor gives each position its own rate).
+    ``min_one`` forces one chosen token into every caption that drew none, which raises the rate of
+    short captions far above ``probability``. A chosen
     token becomes [MASK] (80%), a random non-special token (10%) or stays (10%). ``predict`` (B,)
     bool limits the labels to some captions (matched pairs only); the masking itself is applied to
     every caption, so it carries no hint of which pairs match.

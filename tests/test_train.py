@@ -566,3 +566,50 @@ def test_two_processes_with_half_the_batch_train_the_one_process_model(tmp_path)
             torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{layout}: {name}")
     # the runs trained: a comparison of untouched models would prove nothing
     assert max((reference_weights[k].float() - initial[k].float()).abs().max().item() for k in initial) > 1e-3
+
+
+def test_the_loss_functions_defaults_are_the_papers():
+    """Called with their defaults, as a reader copying them out would: mask_tokens masks at BERT's 15%
+    without forcing a mask into every caption, hard_negative_loss is the "hard6" form, and
+    pretrain_losses reports the ITM accuracy of the logits' signs (mutants of these defaults and of the
+    accuracy's comparison survived the other tests: benchmarks/mutation.py)."""
+    from pixel_bert.losses import hard_negative_loss, pretrain_losses
+    ids = torch.cat([torch.full((4000, 1), 2), torch.randint(5, 64, (4000, 3)), torch.full((4000, 1), 3)], 1)
+    _, labels = mask_tokens(ids, torch.ones_like(ids, dtype=torch.bool), SPECIAL, 64, 4)
+    rate = (labels != IGNORE_INDEX).float().sum() / (4000 * 3)
+    assert abs(rate.item() - 0.15) < 0.015  # min_one=True would give about 0.35 on 3-word captions
+    pos, neg = torch.tensor([2.0, 0.0]), torch.tensor([[1.0, 3.0, -1.0, 0.5, 0.2, 0.1, -2.0],
+                                                      [0.0, 0.0, 1.0, 1.0, -1.0, 2.0, 0.3]])
+    default, _ = hard_negative_loss(pos, neg, 5)
+    assert torch.allclose(default, hard_negative_loss(pos, neg, 5, form="hard6")[0])
+    assert not torch.allclose(default, hard_negative_loss(pos, neg, 5, form="all21")[0])
+    itm_logits, itm_labels = torch.tensor([2.0, -1.0, 0.5, -0.3]), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    out = pretrain_losses(torch.zeros(1, 8), torch.full((1,), IGNORE_INDEX), itm_logits, itm_labels)
+    assert out["itm_acc"].item() == 0.75  # right on 0, 1 and 3; wrong on 2
+
+
+def test_masking_and_itm_pairs_follow_the_generator_they_are_given():
+    """With a generator, the masking and the ITM pairs depend on it alone, not on the global RNG (a
+    data-loader worker or a resumed run reproduces them from its own seed)."""
+    ids, mask = _captions(256, 12)
+    keys = [str(i // 2) for i in range(256)]
+    outputs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        masked = mask_tokens(ids, mask, SPECIAL, 64, 4, 0.3, generator=torch.Generator().manual_seed(7),
+                             min_one=True)
+        pairs = make_itm_pairs(ids, mask, keys, generator=torch.Generator().manual_seed(7))
+        outputs.append([*masked, *pairs])
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+
+
+def test_itm_pairs_take_half_negatives_by_default_from_donors_drawn_per_row():
+    """The default negative_ratio is the paper's half, and each mismatched row draws its own donor
+    image (one shared random order would give nearly every row the same donor)."""
+    B = 2000
+    rows = torch.arange(B)[:, None]  # each caption is its row number, so the output names its donor
+    donors, _, labels = make_itm_pairs(rows, torch.ones_like(rows, dtype=torch.bool), [str(i) for i in range(B)])
+    assert abs(labels.mean().item() - 0.5) < 0.04
+    negative = labels == 0
+    assert (donors[negative, 0] != rows[negative, 0]).all()
+    assert len(set(donors[negative, 0].tolist())) > 0.5 * negative.sum().item()
