@@ -118,3 +118,20 @@ def test_scaling_efficiency_is_the_rate_over_n_times_the_one_process_rate(monkey
     assert [r["processes"] for r in result["rows"]] == [1, 2, 4]
     assert [r["efficiency"] for r in result["rows"]] == pytest.approx([1.0, 0.75, 0.5])
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == result["rows"]
+
+
+def test_demo_seeds_runs_its_grid_with_a_world_per_seed_from_own_world_from(tmp_path):
+    """benchmarks/demo_seeds.py (the README's 16-run table), at its smallest: two seeds, the second
+    past --own-world-from, so it trains on a world of its own; each run is train.py as a user types it."""
+    out = tmp_path / "grid"
+    stdout = _run("demo_seeds.py", "--seeds", "0", "9", "--own-world-from", "8", "--threads", "1", "--out-dir",
+                  str(out), "--train-args", "--max-steps 2 --synthetic-images 64 --synthetic-eval-images 16 "
+                  "--itm-start-step 1 --log_every 1", timeout=600)
+    report = json.loads((out / "demo_seeds.json").read_text())
+    assert [(r["seed"], r["world"]) for r in report["stage1"]] == [(0, 0), (9, 9)]
+    for run in report["stage1"]:
+        result = run["result"]
+        assert result["steps"] == 2 and 0 <= result["itm_acc"] <= 1 and result["pairs"] == 16
+        config = json.loads((out / f"stage1-s{run['seed']}-w{run['world']}-t1" / "config.json").read_text())
+        assert config["train"]["seed"] == run["seed"] and config["data"]["synthetic_seed"] == run["world"]
+    assert "min" in stdout and "median" in stdout and "max" in stdout

@@ -320,13 +320,16 @@ def test_untrained_model_scores_about_one(predictor):
     assert abs(result.per_layer[0] - 1.0) < 0.1
 
 
-def test_demo_learns_both_objectives_on_another_seed(trained_checkpoint):
-    """The demo recipe on a seed other than the default: held-out ITM well above chance (0.5) and
-    colour/shape words predicted far better with the caption's own image than with another's."""
+def test_demo_learns_both_objectives_on_a_seed_and_world_outside_the_readme_grid(trained_checkpoint):
+    """The demo recipe on a model seed and a synthetic world the README's table does not show: the
+    colour/shape words predicted at least 0.25 better with the caption's own image than with another's
+    (the lowest of the README's runs: 0.379), and held-out ITM far from chance (0.5). The ITM bar is
+    the one every run of the README's table clears, not 0.85: on some seeds ITM leaves chance late
+    (docs/demo.md)."""
     _, result = trained_checkpoint
     assert result["pairs"] == 300 and result["steps"] > 0
-    assert result["itm_acc"] > 0.75, result
-    assert result["mlm_acc_true_image"] > result["mlm_acc_shuffled_image"] + 0.15, result
+    assert result["itm_acc"] >= 0.75, result
+    assert result["mlm_acc_true_image"] - result["mlm_acc_shuffled_image"] >= 0.25, result
 
 
 def test_colour_words_look_at_their_shapes(trained_checkpoint):
