@@ -3,7 +3,6 @@ from its 5 diagonal fold blocks alone (evaluate.py --protocol 1k), and finetune.
 subset of the val images (--retrieval-val-images). Synthetic split: 10 test images x 3 captions,
 5 folds of 2 images, two of them twice as wide (a CNN batch that holds one pads the others, which
 changes their visual tokens at the border); score blocks of 2 images, CNN batches of 4."""
-import contextlib
 import glob
 import json
 import os
@@ -24,6 +23,7 @@ from pixel_bert.config import make_model_config
 from pixel_bert.errors import UserError
 from pixel_bert.heads import PixelBertForPreTraining, PixelBertForRetrieval
 from pixel_bert.saved_model import save_model
+from test_faults import one_thread  # in-process runs on one thread, as the subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 32
@@ -64,22 +64,6 @@ def eval_args(ckpt, data, out, protocol="5k"):
     return ["--task", "retrieval", "--checkpoint", ckpt, "--karpathy-json", data, "--split", "test",
             "--output-dir", str(out), "--pairs-per-batch", "4", "--batch-size", "4", "--num-workers", "0",
             "--images-per-block", "2", "--protocol", protocol, "--device", "cpu"]
-
-
-@contextlib.contextmanager
-def one_thread():
-    """In-process runs on one thread, as the subprocesses (OMP_NUM_THREADS=1): the same float sums."""
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        if env is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = env
 
 
 def scores_of(out, split="test"):
