@@ -54,12 +54,17 @@ class MLMHead(nn.Module):
 
 
 class ITMHead(nn.Module):
-    """Eq. (8): the matching score S_θ(w, I) = sigmoid(w^T h_[CLS] + b); returns the logit."""
+    """Eq. (8): the matching score S_θ(w, I) = sigmoid(w^T h_[CLS] + b); returns the logit.
+
+    w starts at std ``itm_init_std`` (default 1/sqrt(H)): the LayerNorm'd h_[CLS] has unit scale, so
+    the logit does too. The [CLS] state gets no gradient before ITM joins, and ITM's first gradient into
+    the transformer is proportional to w; at BERT's 0.02 it is weak and w's direction wanders under
+    Adam's steps, so ITM waited at chance for up to 300 steps on some seeds (docs/demo.md)."""
 
     def __init__(self, config: PixelBertConfig):
         super().__init__()
         self.classifier = nn.Linear(config.hidden_size, 1)
-        init_bert_style(self, config.initializer_range)
+        init_bert_style(self, config.itm_init_std or config.hidden_size ** -0.5)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
         return self.classifier(cls).squeeze(-1)  # (B,)

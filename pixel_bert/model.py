@@ -116,6 +116,9 @@ class PixelBertConfig:
     num_answers: int = 3129               # VQA answer vocabulary size [choice: community standard]
     classifier_expansion: int = 2         # the VQA and NLVR2 MLPs: Linear(in, k*h) -> GELU -> LayerNorm ->
                                           # Linear(k*h, out) with k this [choice: UNITER's and ViLT's 2]
+    itm_init_std: Optional[float] = None  # the ITM classifier's initial std; None = 1/sqrt(hidden_size), so the
+                                          # matching logit of eq. (8) starts at unit scale: at BERT's 0.02 ITM
+                                          # waits at chance for a seed-dependent time (docs/demo.md) [choice]
 
     ALLOWED: ClassVar[Dict[str, Any]] = {  # see allowed_values
         "backbone": BACKBONES, "backbone_stages": (1, 4), "backbone_frozen_stages": (0, 5), "visual_proj_kernel": (1, None),
@@ -124,7 +127,7 @@ class PixelBertConfig:
         "intermediate_size": (1, None), "hidden_act": tuple(ACTIVATIONS), "hidden_dropout": (0, 1),
         "attention_dropout": (0, 1), "max_position_embeddings": (2, None), "type_vocab_size": (1, None),
         "layer_norm_eps": (0, None), "initializer_range": (0, None), "attention_impl": ATTENTION_IMPLS,
-        "num_answers": (1, None), "classifier_expansion": (1, None)}
+        "num_answers": (1, None), "classifier_expansion": (1, None), "itm_init_std": (0, None)}
 
     @property
     def feature_stride(self) -> int:
