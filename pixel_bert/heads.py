@@ -57,9 +57,9 @@ class ITMHead(nn.Module):
     """Eq. (8): the matching score S_θ(w, I) = sigmoid(w^T h_[CLS] + b); returns the logit.
 
     w starts at std ``itm_init_std`` (default 1/sqrt(H)): the LayerNorm'd h_[CLS] has unit scale, so
-    the logit does too. The [CLS] state gets no gradient before ITM joins, and ITM's first gradient into
-    the transformer is proportional to w; at BERT's 0.02 it is weak and w's direction wanders under
-    Adam's steps, so ITM waited at chance for up to 300 steps on some seeds (docs/demo.md)."""
+    the logit does too. No other loss trains h_[CLS], so ITM must first route the words' match signal
+    into it, and its gradient into the transformer is proportional to w, which BERT's 0.02 keeps
+    weak (w even shrinks while ITM is at chance; docs/demo.md)."""
 
     def __init__(self, config: PixelBertConfig):
         super().__init__()

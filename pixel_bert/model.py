@@ -117,8 +117,8 @@ class PixelBertConfig:
     classifier_expansion: int = 2         # the VQA and NLVR2 MLPs: Linear(in, k*h) -> GELU -> LayerNorm ->
                                           # Linear(k*h, out) with k this [choice: UNITER's and ViLT's 2]
     itm_init_std: Optional[float] = None  # the ITM classifier's initial std; None = 1/sqrt(hidden_size), so the
-                                          # matching logit of eq. (8) starts at unit scale: at BERT's 0.02 ITM
-                                          # waits at chance for a seed-dependent time (docs/demo.md) [choice]
+                                          # matching logit of eq. (8) of a LayerNorm'd [CLS] starts at unit
+                                          # scale, as the visual tokens do (docs/demo.md) [choice]
 
     ALLOWED: ClassVar[Dict[str, Any]] = {  # see allowed_values
         "backbone": BACKBONES, "backbone_stages": (1, 4), "backbone_frozen_stages": (0, 5), "visual_proj_kernel": (1, None),

@@ -331,8 +331,11 @@ def run(args, info, init, model_cfg: ModelConfig, train_cfg: TrainConfig, out_di
     def announce_itm(trainer):
         if trainer.step < train_cfg.itm_start_step:
             early = train_cfg.mlm_probability_before_itm or train_cfg.mlm_probability
-            trainer.log(f"itm: starts at step {train_cfg.itm_start_step} (MLM alone until then, {early:.0%} of the "
-                        f"words masked; no ITM figures are logged before it)")
+            which = (f"{early:.0%} of the {len(train_cfg.mlm_words_before_itm)} words of --mlm-words-before-itm "
+                     f"masked, {train_cfg.mlm_probability:.0%} of the others" if train_cfg.mlm_words_before_itm
+                     else f"{early:.0%} of the words masked")
+            trainer.log(f"itm: starts at step {train_cfg.itm_start_step} (MLM alone until then, {which}; "
+                        f"no ITM figures are logged before it)")
 
     def evaluate(trainer):
         return {} if held_out is None else evaluate_held_out(trainer, held_out, tokenizer, collate, train_cfg, info)

@@ -135,3 +135,20 @@ def test_demo_seeds_runs_its_grid_with_a_world_per_seed_from_own_world_from(tmp_
         config = json.loads((out / f"stage1-s{run['seed']}-w{run['world']}-t1" / "config.json").read_text())
         assert config["train"]["seed"] == run["seed"] and config["data"]["synthetic_seed"] == run["world"]
     assert "min" in stdout and "median" in stdout and "max" in stdout
+
+
+def test_itm_switch_probes_every_summary_of_a_trained_model(trained_checkpoint, tmp_path):
+    """benchmarks/itm_switch.py on the grounded test model: every probe's accuracy is written, and the
+    words' summaries tell a mismatch (a model that reads the pixels) better than chance."""
+    model, _ = trained_checkpoint
+    out = tmp_path / "switch.json"
+    stdout = _run("itm_switch.py", "--model", model, "--synthetic-seed", "17", "--pairs", "512", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["pairs"] == 512
+    for name in ("cls", "mean_words", "colour_word"):
+        for kind in ("linear", "mlp"):
+            assert 0.0 <= result[f"match_{name}_{kind}"] <= 1.0
+    # trained to the end, the words carry the comparison of caption and pixels
+    assert result["match_colour_word_linear"] > 0.65, result
+    assert result["image_colour_from_mismatched_colour_word"] > 0.8, result
+    assert "[CLS] (what eq. (8) reads)" in stdout

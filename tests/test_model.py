@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pixel_bert.config import make_model_config
-from pixel_bert.heads import (PixelBertForNLVR2, PixelBertForPreTraining, PixelBertForRetrieval,
+from pixel_bert.heads import (ITMHead, PixelBertForNLVR2, PixelBertForPreTraining, PixelBertForRetrieval,
                               PixelBertForVQA)
 from pixel_bert.model import PixelBert, TextEmbedding, VisualEmbedding
 from pixel_bert.model import TransformerBlock
@@ -282,3 +283,18 @@ def test_visual_projection_starts_at_fan_in_scale(backbone, stages, channels):
     assert abs(weight.std().item() * channels ** 0.5 - 1) < 0.05
     fixed = PixelBert(make_model_config("tiny", backbone=backbone, backbone_stages=stages, visual_proj_init_std=0.02))
     assert abs(fixed.visual_embedding.proj.weight.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("hidden", [128, 768])
+def test_itm_classifier_starts_at_unit_logit_scale(hidden):
+    """The ITM classifier of eq. (8) starts at std 1/sqrt(H) (itm_init_std=None), so the logit of a
+    unit-scale [CLS] state has std about 1; a given std overrides it; its bias starts at 0."""
+    torch.manual_seed(0)
+    cfg = make_model_config("tiny", hidden_size=hidden, num_heads=4, intermediate_size=2 * hidden)
+    head = ITMHead(cfg)
+    assert abs(head.classifier.weight.std().item() * hidden ** 0.5 - 1) < 0.25  # BERT's 0.02 would be 0.77 off at H=128
+    assert (head.classifier.bias == 0).all()
+    cls = F.layer_norm(torch.randn(4096, hidden), (hidden,))
+    assert 0.7 < head(cls).std().item() < 1.3
+    fixed = ITMHead(make_model_config("tiny", hidden_size=hidden, num_heads=4, itm_init_std=0.02))
+    assert abs(fixed.classifier.weight.std().item() - 0.02) < 0.004

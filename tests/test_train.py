@@ -220,7 +220,7 @@ SEEING = ["--image_short_side", "32", "--image_long_side", "32", "--backbone_sta
                                        t not in synthetic.colour_words() + synthetic.shape_words())]
 
 
-def test_train_main_learns_on_synthetic_data(tmp_path):
+def test_train_main_learns_on_synthetic_data(tmp_path, capsys):
     """train.py end to end learns from the pixels: on held-out images, colour and shape words are
     predicted better with the caption's own image than with another image of the batch (the demo's
     evaluation). A model blind to the image (every image zeroed) has a gap of exactly 0, and one that
@@ -241,6 +241,8 @@ def test_train_main_learns_on_synthetic_data(tmp_path):
     assert {"mlm_acc", "samples_per_s", "lr", "data_time"} <= set(steps[-1])
     # the demo's ITM starts later than step 100: no ITM figure may be logged as if it meant something
     assert not any("itm_loss" in r or "itm_acc" in r for r in records)
+    assert ("itm: starts at step 400 (MLM alone until then, 60% of the 12 words of --mlm-words-before-itm masked, "
+            "15% of the others;") in capsys.readouterr().out
     config = json.load(open(out / "config.json"))
     assert config["model"]["hidden_size"] == 64 and config["train"]["epochs"] == 1
     assert os.path.isfile(out / "model.pt") and os.path.isfile(out / "result.json")
